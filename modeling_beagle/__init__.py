@@ -1,0 +1,43 @@
+"""Beagle: a cross-attention draft model for lossless speculative decoding with HuggingFace transformers.
+
+Importing this package registers Beagle with the Auto classes, so `AutoModel.from_pretrained(beagle_dir)` works
+without remote code. The same folder ships next to every checkpoint as its remote code.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache_beagle import BeagleCache
+from .configuration_beagle import BeagleConfig, BeagleConfigError
+from .masking_beagle import (
+    context_causal_mask,
+    inverse_block_mask,
+    key_padding_mask,
+    to_attention_mask,
+    tree_ancestor_mask,
+    window_draft_mask,
+    window_starts,
+)
+from .modeling_beagle import BeagleCheckpointError, BeagleModel, BeagleOutput, BeaglePreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register("beagle", BeagleConfig, exist_ok=True)
+AutoModel.register(BeagleConfig, BeagleModel, exist_ok=True)
+AutoModelForCausalLM.register(BeagleConfig, BeagleModel, exist_ok=True)
+
+__all__ = [
+    "BeagleCache",
+    "BeagleCheckpointError",
+    "BeagleConfig",
+    "BeagleConfigError",
+    "BeagleModel",
+    "BeagleOutput",
+    "BeaglePreTrainedModel",
+    "context_causal_mask",
+    "inverse_block_mask",
+    "key_padding_mask",
+    "to_attention_mask",
+    "tree_ancestor_mask",
+    "window_draft_mask",
+    "window_starts",
+]

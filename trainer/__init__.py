@@ -1,0 +1,1 @@
+"""Beagle training: the data pipeline, BeagleTrainer (both training stages) and the `beagle` command."""

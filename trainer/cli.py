@@ -1,0 +1,62 @@
+"""The `beagle` command. Subcommands grow with the project: `env`, `inspect`."""
+
+import argparse
+import json
+import sys
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    import modeling_beagle
+
+    info = {
+        "beagle": modeling_beagle.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from modeling_beagle import BeagleModel
+
+    model = BeagleModel.from_pretrained(args.checkpoint)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary = {
+        "checkpoint": args.checkpoint,
+        "target": model.config.target_model_name_or_path,
+        "target_model_type": model.config.target_model_type,
+        "hidden_size": model.config.hidden_size,
+        "heads": [model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim],
+        "vocab_size": model.config.vocab_size,
+        "draft_vocab_size": model.config.draft_vocab_size,
+        "carry_target_embeddings": model.config.carry_target_embeddings,
+        "trainable_parameters": n_params,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beagle", description="Beagle speculative decoding: tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_env = sub.add_parser("env", help="print the versions Beagle runs with")
+    p_env.set_defaults(func=_cmd_env)
+    p_inspect = sub.add_parser("inspect", help="load a Beagle checkpoint folder and print a summary")
+    p_inspect.add_argument("checkpoint", help="path of a saved Beagle checkpoint folder")
+    p_inspect.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
