@@ -621,12 +621,10 @@ class BeagleModel(BeaglePreTrainedModel):
             raise BeagleCheckpointError("BeagleModel.from_pretrained: `ignore_mismatched_sizes` expected False, found "
                                         "True (a draft with re-initialised tensors would be silently wrong).")
         want_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
-        except RuntimeError as error:
-            if "size mismatch" in str(error) or "mismatch" in str(error).lower():
-                raise BeagleCheckpointError(f"checkpoint {pretrained_model_name_or_path}: {error}") from error
-            raise
+        # Load permissively to collect every problem with its shapes, then refuse the model if there is any.
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
         problems = []
         for key, found, expected in sorted(info.get("mismatched_keys", [])):
             problems.append(f"tensor {key!r}: shape expected {tuple(expected)}, found {tuple(found)}")
