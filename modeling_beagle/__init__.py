@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_beagle import BeagleCache
 from .configuration_beagle import BeagleConfig, BeagleConfigError
+from .generation_beagle import BeagleCandidateGenerator, BeagleGenerationError, BeagleGenerationStats
 from .masking_beagle import (
     context_causal_mask,
     inverse_block_mask,
@@ -26,6 +27,9 @@ AutoModel.register(BeagleConfig, BeagleModel, exist_ok=True)
 AutoModelForCausalLM.register(BeagleConfig, BeagleModel, exist_ok=True)
 
 __all__ = [
+    "BeagleCandidateGenerator",
+    "BeagleGenerationError",
+    "BeagleGenerationStats",
     "BeagleCache",
     "BeagleCheckpointError",
     "BeagleConfig",

@@ -111,6 +111,12 @@ class BeagleConfig(PreTrainedConfig):
         smooth_l1_weight (`float`, defaults to 10.0): lambda_v, the weight of the SmoothL1 state-regression loss.
         grad_through_draft_states (`bool`, defaults to `False`): stage 2 back-propagates through the draft-state
             buffer across simulation steps instead of detaching it.
+        num_draft_tokens (`int`, defaults to 4): draft tokens in the first round (and every round when fixed).
+        max_draft_tokens (`int`, defaults to 8): upper bound of the adaptive draft length.
+        draft_schedule (`"adaptive" | "fixed"`): adaptive grows the draft by one after a fully accepted round and
+            shrinks it by one otherwise.
+        draft_confidence_threshold (`float`, defaults to 0.1): a round stops drafting early once the draft's
+            probability of its own token falls below this.
     """
 
     model_type = "beagle"
@@ -154,6 +160,12 @@ class BeagleConfig(PreTrainedConfig):
     smooth_l1_weight: float = 10.0
     grad_through_draft_states: bool = False
 
+    # --- drafting at inference (defaults a checkpoint can ship; overridable per call) ---
+    num_draft_tokens: int = 4
+    max_draft_tokens: int = 8
+    draft_schedule: Literal["adaptive", "fixed"] = "adaptive"
+    draft_confidence_threshold: float = 0.1
+
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
@@ -170,11 +182,19 @@ class BeagleConfig(PreTrainedConfig):
         """Raise `BeagleConfigError` naming the first field that is out of range."""
         where = "BeagleConfig"
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                    "head_dim", "max_position_embeddings", "stage1_window", "stage2_steps")
+                    "head_dim", "max_position_embeddings", "stage1_window", "stage2_steps", "num_draft_tokens",
+                    "max_draft_tokens")
         for field in positive:
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise _mismatch(field, "a positive integer", value, where)
+        if self.max_draft_tokens < self.num_draft_tokens:
+            raise _mismatch("max_draft_tokens", f">= num_draft_tokens={self.num_draft_tokens}", self.max_draft_tokens,
+                            where)
+        if self.draft_schedule not in ("adaptive", "fixed"):
+            raise _mismatch("draft_schedule", "one of 'adaptive', 'fixed'", self.draft_schedule, where)
+        if not 0.0 <= self.draft_confidence_threshold < 1.0:
+            raise _mismatch("draft_confidence_threshold", "a float in [0, 1)", self.draft_confidence_threshold, where)
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise _mismatch(
                 "num_attention_heads", f"a multiple of num_key_value_heads={self.num_key_value_heads}",

@@ -24,6 +24,16 @@ from transformers.utils import ModelOutput
 
 from .cache_beagle import BeagleCache
 from .configuration_beagle import BeagleConfig, BeagleConfigError
+from .generation_beagle import (
+    BeagleCandidateGenerator,
+    BeagleGenerationError,
+    BeagleHookUnavailableError,
+    attach_to_target,
+    check_generation_config,
+    detach_from_target,
+    install_generate_hook,
+    unavailable_message,
+)
 from .masking_beagle import context_causal_mask, to_attention_mask
 
 
@@ -600,6 +610,52 @@ class BeagleModel(BeaglePreTrainedModel):
         logits = self.compute_logits(hidden_states) if return_logits else None
         return BeagleOutput(last_hidden_state=hidden_states, logits=logits, past_key_values=past_key_values)
 
+    # ------------------------------------------------------------------------------------------- generation
+    def beagle_check_generation(self, target_model, generation_mode, generation_config) -> None:
+        """Called by the generation hook before `target.generate` starts: refuse what Beagle cannot honour."""
+        check_generation_config(generation_config)
+        if generation_mode != "assisted_generation":
+            raise BeagleGenerationError(
+                f"generation mode expected greedy or sampling (assisted generation) with a Beagle assistant, found "
+                f"{generation_mode!r}: drop the flags that select it (num_beams, penalty_alpha, constraints, dola_layers)."
+            )
+        self.ensure_bound_to(target_model)
+
+    def beagle_candidate_generator(self, target_model, generation_config, logits_processor) -> BeagleCandidateGenerator:
+        """Called by the generation hook when this Beagle is passed as `assistant_model` to `target.generate`."""
+        check_generation_config(generation_config)
+        self.ensure_bound_to(target_model)
+        return BeagleCandidateGenerator(self, generation_config, logits_processor)
+
+    def ensure_bound_to(self, target_model: PreTrainedModel) -> None:
+        """Bind `target_model` unless it is already the bound target (a target that does not match is refused)."""
+        refs = self._target_refs
+        if refs is None or refs.embed_tokens is not target_model.get_input_embeddings():
+            self.bind_target(target_model)
+
+    def attach(self, target_model: PreTrainedModel) -> "BeagleModel":
+        """Bind `target_model` and make only that instance dispatch `generate(..., assistant_model=beagle)` to Beagle.
+
+        Patches nothing global: the alternative to the import-time hook (disable it with
+        BEAGLE_DISABLE_GENERATE_HOOK=1).
+        """
+        self.bind_target(target_model)
+        attach_to_target(target_model)
+        return self
+
+    def detach(self, target_model: PreTrainedModel) -> None:
+        detach_from_target(target_model)
+
+    def generate(self, *args, **kwargs):
+        raise BeagleHookUnavailableError(unavailable_message())
+
+    def __getattr__(self, name: str):
+        # transformers' stock assisted decoding reads `assistant_model.generation_config` first: reaching it means
+        # the hook did not dispatch to Beagle, which deserves an explanation rather than a bare AttributeError.
+        if name == "generation_config":
+            raise BeagleHookUnavailableError(unavailable_message())
+        return super().__getattr__(name)
+
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save config (with `auto_map` for AutoConfig, AutoModel and AutoModelForCausalLM), safetensors weights
@@ -645,3 +701,6 @@ __all__ = ["BeagleModel", "BeaglePreTrainedModel", "BeagleOutput", "BeagleCheckp
 # `auto_map`, so `AutoModel.from_pretrained(dir, trust_remote_code=True)` works anywhere.
 BeagleConfig.register_for_auto_class()
 BeagleModel.register_for_auto_class("AutoModel")
+
+# `target.generate(ids, assistant_model=beagle)` dispatches to Beagle's candidate generator (idempotent, guarded).
+install_generate_hook()

@@ -56,3 +56,48 @@ def llama_target():
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+def briefly_train(beagle, target, steps: int = 500, batch: int = 16, length: int = 40, seed: int = 0):
+    """A few hundred offset-1 steps on the target's own sampled text: enough for the draft to agree with the
+    target often, so speculative rounds accept multi-token drafts (a random draft almost never does)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = target.config.vocab_size
+    with torch.no_grad():
+        prompts = torch.randint(1, vocab, (64, 4), generator=g)
+        torch.manual_seed(seed)
+        texts = target.generate(prompts, do_sample=True, max_new_tokens=length - 4, min_new_tokens=length - 4,
+                                pad_token_id=0, eos_token_id=None)
+        out = target(texts, output_hidden_states=True)
+        states, soft = out.hidden_states[-1], out.logits.softmax(-1)
+    optimizer = torch.optim.AdamW([p for p in beagle.parameters() if p.requires_grad], lr=3e-3)
+    beagle.train()
+    for _ in range(steps):
+        rows = torch.randint(0, texts.shape[0], (batch,), generator=g)
+        pred = beagle(input_ids=texts[rows], context_states=states[rows]).logits
+        loss = -(soft[rows] * pred.log_softmax(-1)).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return beagle.eval()
+
+
+_TRAINED = {}
+
+
+def trained_pair(family: str = "llama", **beagle_overrides):
+    """(target, briefly trained Beagle) for a peaky tiny target; cached per process."""
+    key = (family, tuple(sorted(beagle_overrides.items())))
+    if key not in _TRAINED:
+        from modeling_beagle import BeagleModel
+
+        target = make_target(family, initializer_range=0.2)
+        with torch.no_grad():  # damp the layers: the next token then depends mostly, not only, on the current one
+            for name, param in target.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    param.mul_(0.05)
+        target.generation_config.pad_token_id = 0
+        torch.manual_seed(1)
+        beagle = BeagleModel.from_target(target, attn_implementation="eager", noise_type="none", **beagle_overrides)
+        _TRAINED[key] = (target, briefly_train(beagle, target))
+    return _TRAINED[key]

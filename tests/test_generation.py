@@ -1,0 +1,296 @@
+"""Lossless speculative generation through `target.generate(ids, assistant_model=beagle)`."""
+
+import io
+import string
+import os
+import subprocess
+import sys
+import textwrap
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+from conftest import briefly_train, make_target, trained_pair
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedTokenizerFast,
+    TemperatureLogitsWarper,
+    TextStreamer,
+    TopKLogitsWarper,
+)
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+from modeling_beagle import BeagleModel
+from modeling_beagle.generation_beagle import BeagleCandidateGenerator
+
+
+def fixed_chain(beagle, k=4):
+    beagle.config.draft_schedule = "fixed"
+    beagle.config.num_draft_tokens = k
+    beagle.config.draft_confidence_threshold = 0.0
+    return beagle
+
+
+def tiny_tokenizer(vocab_size=96):
+    """A character-level tokenizer over 96 symbols (one character per token id)."""
+    chars = (string.ascii_letters + string.digits + string.punctuation + "éü")[:vocab_size]
+    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars)}, unk_token=chars[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=chars[0], unk_token=chars[0])
+
+
+def test_greedy_identity_over_many_prompts():
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(11)
+    total_accepted = 0
+    for i in range(60):
+        fixed_chain(beagle, k=int(torch.randint(1, 7, (1,), generator=g)))
+        length = int(torch.randint(1, 24, (1,), generator=g))
+        new = int(torch.randint(1, 40, (1,), generator=g))  # lands mid-draft for most draft lengths
+        ids = torch.randint(1, 96, (1, length), generator=g)
+        ref = target.generate(ids, do_sample=False, max_new_tokens=new)
+        out = target.generate(ids, do_sample=False, max_new_tokens=new, assistant_model=beagle)
+        assert torch.equal(out, ref), f"prompt {i}: speculative output differs from plain greedy"
+        total_accepted += sum(beagle.generation_stats.accepted)
+    assert total_accepted > 100, "the draft never got accepted: the test would not exercise multi-token rounds"
+
+
+def test_greedy_identity_with_eos_inside_drafts():
+    target, beagle = trained_pair()
+    fixed_chain(beagle, k=5)
+    g = torch.Generator().manual_seed(5)
+    stopped_early = 0
+    for _ in range(20):
+        ids = torch.randint(1, 96, (1, int(torch.randint(2, 12, (1,), generator=g))), generator=g)
+        free = target.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=None)
+        eos = int(free[0, ids.shape[1] + int(torch.randint(3, 30, (1,), generator=g))])
+        ref = target.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=eos)
+        out = target.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=eos, assistant_model=beagle)
+        assert torch.equal(out, ref)
+        stopped_early += ref.shape[1] < ids.shape[1] + 40
+    assert stopped_early >= 15
+
+
+def test_greedy_identity_with_logits_processors():
+    target, beagle = trained_pair()
+    fixed_chain(beagle, k=4)
+    g = torch.Generator().manual_seed(2)
+    for settings in (
+        dict(repetition_penalty=1.3),
+        dict(min_new_tokens=25, eos_token_id=int(target.generate(torch.tensor([[3]]), max_new_tokens=3)[0, -1])),
+        dict(no_repeat_ngram_size=2),
+        dict(max_length=30),
+    ):
+        for _ in range(4):
+            ids = torch.randint(1, 96, (1, 6), generator=g)
+            kwargs = {"max_new_tokens": 32, **settings}
+            if "max_length" in kwargs:
+                kwargs.pop("max_new_tokens")
+            ref = target.generate(ids, do_sample=False, **kwargs)
+            out = target.generate(ids, do_sample=False, assistant_model=beagle, **kwargs)
+            assert torch.equal(out, ref), settings
+
+
+def test_greedy_identity_with_stop_strings_and_streamer():
+    target, beagle = trained_pair()
+    fixed_chain(beagle, k=4)
+    tokenizer = tiny_tokenizer()
+    ids = torch.tensor([[5, 17, 33]])
+    free = target.generate(ids, do_sample=False, max_new_tokens=30)
+    stop = tokenizer.decode(free[0, 12:14])  # two generated words, reached mid-generation
+    printed = []
+    for assistant in (None, beagle):
+        buffer = io.StringIO()
+        with redirect_stdout(buffer):
+            out = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer,
+                                  streamer=TextStreamer(tokenizer), assistant_model=assistant)
+        printed.append((out, buffer.getvalue()))
+    (ref, ref_text), (spec, spec_text) = printed
+    assert torch.equal(spec, ref) and ref.shape[1] < free.shape[1]
+    assert spec_text == ref_text and stop in spec_text
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_greedy_identity_other_families(family):
+    target, beagle = trained_pair(family)
+    fixed_chain(beagle, k=3)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(6):
+        ids = torch.randint(1, 96, (1, int(torch.randint(1, 10, (1,), generator=g))), generator=g)
+        ref = target.generate(ids, do_sample=False, max_new_tokens=24)
+        assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=beagle), ref)
+
+
+def test_adaptive_defaults_are_lossless_and_record_statistics():
+    target, beagle = trained_pair()
+    beagle.config.draft_schedule = "adaptive"
+    beagle.config.num_draft_tokens = 4
+    beagle.config.draft_confidence_threshold = 0.1
+    ids = torch.tensor([[7, 8, 9]])
+    ref = target.generate(ids, do_sample=False, max_new_tokens=48)
+    out = target.generate(ids, do_sample=False, max_new_tokens=48, assistant_model=beagle)
+    assert torch.equal(out, ref)
+    stats = beagle.generation_stats
+    # The prefill round yields one token; each drafted round yields its accepted drafts plus one bonus token; a last
+    # round with no room to draft yields one.
+    produced = out.shape[1] - ids.shape[1]
+    assert produced - 1 - sum(a + 1 for a in stats.accepted) in (0, 1)
+    assert all(0 <= a <= d for a, d in zip(stats.accepted, stats.drafted))
+    rates = stats.acceptance_per_position()
+    assert len(rates) == max(stats.drafted) and all(0 <= r <= 1 for r in rates)
+    assert stats.draft_time_s > 0 and stats.verify_time_s > 0 and stats.tau >= 1
+
+
+def test_remote_code_beagle_in_generate(tmp_path):
+    target, beagle = trained_pair()
+    fixed_chain(beagle, k=4).save_pretrained(tmp_path)
+    # The class as remote code defines it: a second copy of BeagleModel, imported from the checkpoint folder.
+    remote_cls = get_class_from_dynamic_module("modeling_beagle.BeagleModel", tmp_path)
+    assert remote_cls is not BeagleModel  # the hook dispatches by duck typing, not isinstance
+    remote = remote_cls.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[4, 40, 12, 9]])
+    ref = target.generate(ids, do_sample=False, max_new_tokens=30)
+    assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=30, assistant_model=remote), ref)
+    assert remote.generation_stats.rounds > 0
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; cells with expected count < 5 are pooled."""
+    n = counts.sum()
+    expected = probs * n
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum()[None]]).double()
+    expected = torch.cat([expected[~small], expected[small].sum()[None]]).double()
+    keep = expected > 0
+    stat = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), stat / 2))
+
+
+def _exact_joint_of_tokens_2_and_3(target, prompt, processors):
+    """P(t2, t3) of the target's own sampling, marginalising t1 (exact enumeration over a tiny vocabulary)."""
+    vocab = target.config.vocab_size
+
+    def next_probs(ids):
+        with torch.no_grad():
+            logits = target(ids).logits[:, -1].float()
+        return processors(ids, logits).softmax(-1)
+
+    joint = torch.zeros(vocab, vocab, dtype=torch.double)
+    p1 = next_probs(prompt)[0]
+    for t1 in range(vocab):
+        s1 = torch.cat([prompt, torch.tensor([[t1]])], dim=1)
+        p2 = next_probs(s1)[0]
+        s2 = torch.cat([s1.expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)
+        p3 = next_probs(s2)
+        joint += p1[t1].double() * p2.double()[:, None] * p3.double()
+    return joint.flatten()
+
+
+def _sample_tokens_2_and_3(target, beagle, prompt, n):
+    """Counts of (t2, t3) over n speculative generations; both are drafted in the first speculative round."""
+    counts = torch.zeros(target.config.vocab_size**2)
+    accepted = torch.zeros(3)
+    torch.manual_seed(2024)
+    for _ in range(n):
+        out = target.generate(prompt, do_sample=True, temperature=0.8, top_k=6, max_new_tokens=4,
+                              assistant_model=beagle)
+        t2, t3 = out[0, prompt.shape[1] + 1 : prompt.shape[1] + 3].tolist()
+        counts[t2 * target.config.vocab_size + t3] += 1
+        accepted[min(beagle.generation_stats.accepted[0], 2)] += 1
+    return counts, accepted
+
+
+def test_speculative_sampling_matches_target_distribution(monkeypatch):
+    target = make_target("llama", vocab_size=8, initializer_range=0.2, eos_token_id=None, bos_token_id=None,
+                         pad_token_id=0)
+    torch.manual_seed(0)
+    beagle = BeagleModel.from_target(target, attn_implementation="eager", noise_type="none")
+    beagle = fixed_chain(briefly_train(beagle, target, steps=60), k=3)  # close to the target, but not equal
+    prompt = torch.tensor([[1, 5, 2, 7]])
+    processors = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(6)])
+    exact = _exact_joint_of_tokens_2_and_3(target, prompt, processors)
+    n = 1500
+    counts, accepted = _sample_tokens_2_and_3(target, beagle, prompt, n)
+    assert accepted.min() > n / 20, f"rounds accepting 0/1/2 drafts: {accepted.tolist()} (all paths must be exercised)"
+    p_value = _chi_square_p_value(counts, exact)
+    assert p_value > 1e-3, f"speculative sampling deviates from the target's distribution (p={p_value:.2e})"
+
+    # The same test rejects a biased rule: verifying against a distribution other than the one the drafts were
+    # sampled from (here: the processed draft logits sharpened once more, as if temperature were applied twice).
+    # (Treating a sampled draft as one-hot is *not* such a rule: it is lossless, with lower acceptance.)
+    original = BeagleCandidateGenerator._draft
+
+    def misreported_draft(self, *args, **kwargs):
+        sequence, logits = original(self, *args, **kwargs)
+        return sequence, None if logits is None else logits * 2.0
+
+    monkeypatch.setattr(BeagleCandidateGenerator, "_draft", misreported_draft)
+    biased, _ = _sample_tokens_2_and_3(target, beagle, prompt, n)
+    assert _chi_square_p_value(biased, exact) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_generation_settings_are_refused():
+    target, beagle = trained_pair()
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        target.generate(ids, do_sample=True, num_return_sequences=2, max_new_tokens=5, assistant_model=beagle)
+    with pytest.raises(ValueError, match="num_beams|beam"):
+        target.generate(ids, num_beams=2, max_new_tokens=5, assistant_model=beagle)
+    with pytest.raises(ValueError, match="[Ss]tatic"):
+        target.generate(ids, max_new_tokens=5, cache_implementation="static", assistant_model=beagle)
+
+
+def test_mismatched_beagle_is_refused_in_generate():
+    target, _ = trained_pair()
+    other = make_target("llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+    beagle = BeagleModel.from_target(other)
+    with pytest.raises(ValueError, match="hidden_size"):
+        target.generate(torch.tensor([[3, 4]]), max_new_tokens=5, assistant_model=beagle)
+
+
+def test_other_assistants_fall_through_to_transformers():
+    target, _ = trained_pair()
+    ids = torch.tensor([[3, 4, 5, 3, 4]])
+    ref = target.generate(ids, do_sample=False, max_new_tokens=10)
+    assistant = make_target("llama", initializer_range=0.2)
+    assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=10, assistant_model=assistant), ref)
+    assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=10, prompt_lookup_num_tokens=3), ref)
+
+
+ATTACH_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from conftest import make_target
+    from transformers.generation import GenerationMixin
+    from modeling_beagle import BeagleModel, BeagleGenerationError
+    from modeling_beagle.generation_beagle import HOOK_MARKER
+    assert not getattr(GenerationMixin._get_candidate_generator, HOOK_MARKER, False), "global hook installed"
+    target, bystander = make_target("llama"), make_target("llama", seed=1)
+    beagle = BeagleModel.from_target(target).eval()
+    ids = torch.tensor([[3, 4, 5]])
+    try:
+        target.generate(ids, max_new_tokens=4, assistant_model=beagle)
+        raise SystemExit("expected a clear error without the hook")
+    except BeagleGenerationError as err:
+        assert "attach" in str(err), err
+    beagle.attach(target)
+    ref = target.generate(ids, do_sample=False, max_new_tokens=12)
+    out = target.generate(ids, do_sample=False, max_new_tokens=12, assistant_model=beagle)
+    assert torch.equal(out, ref) and beagle.generation_stats.rounds > 0
+    assert "_get_candidate_generator" not in vars(bystander)
+    print("ok")
+    """
+)
+
+
+def test_attach_without_global_hook():
+    env = dict(os.environ, BEAGLE_DISABLE_GENERATE_HOOK="1")
+    result = subprocess.run([sys.executable, "-c", ATTACH_SCRIPT, os.path.dirname(__file__)], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
