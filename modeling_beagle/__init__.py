@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_beagle import BeagleCache
 from .configuration_beagle import BeagleConfig, BeagleConfigError
+from .decoding_beagle import TreeShape, auto_tree_shape, beagle_generate, draft_tree, measure_verification_cost
 from .generation_beagle import BeagleCandidateGenerator, BeagleGenerationError, BeagleGenerationStats
 from .masking_beagle import (
     context_causal_mask,
@@ -27,6 +28,11 @@ AutoModel.register(BeagleConfig, BeagleModel, exist_ok=True)
 AutoModelForCausalLM.register(BeagleConfig, BeagleModel, exist_ok=True)
 
 __all__ = [
+    "TreeShape",
+    "auto_tree_shape",
+    "beagle_generate",
+    "draft_tree",
+    "measure_verification_cost",
     "BeagleCandidateGenerator",
     "BeagleGenerationError",
     "BeagleGenerationStats",

@@ -8,6 +8,7 @@
 draft states from earlier steps of the same round. See `method.md` §1.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from transformers.utils import ModelOutput
 
 from .cache_beagle import BeagleCache
 from .configuration_beagle import BeagleConfig, BeagleConfigError
+from .decoding_beagle import beagle_generate
 from .generation_beagle import (
     BeagleCandidateGenerator,
     BeagleGenerationError,
@@ -35,6 +37,26 @@ from .generation_beagle import (
     unavailable_message,
 )
 from .masking_beagle import context_causal_mask, to_attention_mask
+
+
+# Written into every saved checkpoint as `custom_generate/generate.py`, so that
+# `target.generate(ids, custom_generate=<beagle folder>, assistant_model=beagle, trust_remote_code=True)` runs Beagle's
+# own decoding loop (trees, batches). The loop itself ships with the model's remote code.
+CUSTOM_GENERATE_SOURCE = '''"""Beagle's speculative decoding loop (draft trees, batches), for transformers' `custom_generate`."""
+
+
+def generate(model, *args, assistant_model=None, **kwargs):
+    loop = getattr(assistant_model, "beagle_decoding_loop", None)
+    if loop is None:
+        raise ValueError(
+            "custom_generate from a Beagle checkpoint expected `assistant_model=<the Beagle model>`, found "
+            f"{type(assistant_model).__name__}."
+        )
+    # transformers hands a custom_generate callable only the arguments it does not know itself: pass the streamer on.
+    streamer = kwargs.pop("streamer", None)
+    return model.generate(*args, custom_generate=loop, beagle=assistant_model, streamer=streamer,
+                          beagle_streamer=streamer, **kwargs)
+'''
 
 
 class BeagleCheckpointError(ValueError):
@@ -646,6 +668,9 @@ class BeagleModel(BeaglePreTrainedModel):
     def detach(self, target_model: PreTrainedModel) -> None:
         detach_from_target(target_model)
 
+    # Beagle's own loop (trees, batches), for `target.generate(..., custom_generate=...)`.
+    beagle_decoding_loop = staticmethod(beagle_generate)
+
     def generate(self, *args, **kwargs):
         raise BeagleHookUnavailableError(unavailable_message())
 
@@ -667,7 +692,12 @@ class BeagleModel(BeaglePreTrainedModel):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoModelForCausalLM", f"{module}.{type(self).__name__}")
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        custom_generate = os.path.join(save_directory, "custom_generate")
+        os.makedirs(custom_generate, exist_ok=True)
+        with open(os.path.join(custom_generate, "generate.py"), "w") as handle:
+            handle.write(CUSTOM_GENERATE_SOURCE)
+        return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -1,0 +1,242 @@
+"""Beagle's own decoding loop (custom_generate): draft trees, batches, losslessness, tree verification."""
+
+import io
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+from conftest import briefly_train, make_target, trained_pair
+from test_generation import _chi_square_p_value, _exact_joint_of_tokens_2_and_3, tiny_tokenizer
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TextStreamer, TopKLogitsWarper
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from modeling_beagle import BeagleCache, BeagleGenerationError, BeagleModel, TreeShape, beagle_generate, draft_tree
+from modeling_beagle.decoding_beagle import _keep_cache_rows, auto_tree_shape
+from modeling_beagle.masking_beagle import to_attention_mask, tree_ancestor_mask
+
+SHAPES = ["chain", TreeShape(depth=4, top_k=3, total_tokens=10), TreeShape(depth=3, top_k=2, total_tokens=6),
+          TreeShape(depth=6, top_k=4, total_tokens=24), TreeShape(depth=1, top_k=1, total_tokens=1)]
+
+
+def spec(target, beagle, ids, shape, **kwargs):
+    return target.generate(ids, custom_generate=beagle_generate, beagle=beagle, tree_shape=shape, **kwargs)
+
+
+def test_greedy_identity_trees_and_chains_over_many_prompts():
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(21)
+    accepted = 0
+    for i in range(60):
+        shape = SHAPES[i % len(SHAPES)]
+        ids = torch.randint(3, 96, (1, int(torch.randint(1, 20, (1,), generator=g))), generator=g)
+        new = int(torch.randint(1, 40, (1,), generator=g))
+        ref = target.generate(ids, do_sample=False, max_new_tokens=new)
+        out = spec(target, beagle, ids, shape, do_sample=False, max_new_tokens=new)
+        assert torch.equal(out, ref), f"prompt {i} with {shape}: output differs from plain greedy"
+        accepted += sum(beagle.generation_stats.accepted)
+    assert accepted > 100
+
+
+def padded_batch(g, batch, vocab=96, pad=0):
+    lengths = torch.randint(1, 14, (batch,), generator=g)
+    width = int(lengths.max())
+    ids = torch.full((batch, width), pad)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        ids[b, width - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[b, width - n :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("shape", ["chain", TreeShape(depth=4, top_k=3, total_tokens=10)], ids=["chain", "tree"])
+def test_greedy_identity_batches_of_mixed_lengths(shape):
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(4)
+    per_round_differs = False
+    for _ in range(8):
+        ids, mask = padded_batch(g, int(torch.randint(2, 6, (1,), generator=g)))
+        new = int(torch.randint(5, 30, (1,), generator=g))
+        ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new)
+        out = spec(target, beagle, ids, shape, attention_mask=mask, do_sample=False, max_new_tokens=new)
+        assert torch.equal(out, ref)
+        # rows accepted different numbers of tokens in the same round
+        rows = ids.shape[0]
+        accepted = torch.tensor(beagle.generation_stats.accepted[: rows * (len(beagle.generation_stats.accepted) // rows)])
+        per_round_differs |= bool((accepted.view(-1, rows).max(1).values != accepted.view(-1, rows).min(1).values).any())
+    assert per_round_differs
+
+
+def test_greedy_identity_batches_with_eos_inside_drafts():
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(8)
+    for _ in range(6):
+        ids, mask = padded_batch(g, 3)
+        free = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30, eos_token_id=None)
+        eos = int(free[0, ids.shape[1] + int(torch.randint(2, 25, (1,), generator=g))])
+        for shape in ("chain", TreeShape(depth=5, top_k=2, total_tokens=8)):
+            kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+            assert torch.equal(spec(target, beagle, ids, shape, **kwargs), target.generate(ids, **kwargs))
+
+
+def test_greedy_identity_with_processors_streamer_and_dict_output():
+    target, beagle = trained_pair()
+    tokenizer = tiny_tokenizer()
+    ids = torch.tensor([[5, 17, 33, 8]])
+    texts = []
+    for use_beagle in (False, True):
+        buffer = io.StringIO()
+        streamer = TextStreamer(tokenizer)
+        kwargs = dict(do_sample=False, max_new_tokens=25, repetition_penalty=1.2, streamer=streamer,
+                      return_dict_in_generate=True)
+        with redirect_stdout(buffer):
+            if use_beagle:
+                out = spec(target, beagle, ids, TreeShape(3, 3, 8), beagle_streamer=streamer, **kwargs)
+            else:
+                out = target.generate(ids, **kwargs)
+        texts.append((out, buffer.getvalue()))
+    (ref, ref_text), (out, out_text) = texts
+    assert isinstance(out, GenerateDecoderOnlyOutput)
+    assert torch.equal(out.sequences, ref.sequences) and out_text == ref_text
+
+
+def test_custom_generate_from_checkpoint_folder(tmp_path):
+    target, beagle = trained_pair()
+    beagle.save_pretrained(tmp_path)
+    assert (tmp_path / "custom_generate" / "generate.py").is_file()
+    ids = torch.tensor([[9, 3, 44, 12]])
+    ref = target.generate(ids, do_sample=False, max_new_tokens=20)
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        out = target.generate(ids, custom_generate=str(tmp_path), assistant_model=beagle, trust_remote_code=True,
+                              do_sample=False, max_new_tokens=20, tree_shape="chain",
+                              streamer=TextStreamer(tiny_tokenizer()))
+    assert torch.equal(out, ref) and beagle.generation_stats.rounds > 0
+    assert buffer.getvalue() == tiny_tokenizer().decode(ref[0]) + "\n"
+
+
+def test_auto_tree_shape_is_valid():
+    target, _ = trained_pair()
+    shape = auto_tree_shape(target)
+    assert shape.total_tokens >= 4 and shape.depth >= 3
+    assert shape.total_tokens <= shape.top_k + (shape.depth - 1) * shape.top_k**2
+
+
+# ------------------------------------------------------------------------------------------ tree machinery
+def _prefix_cache(target, prefix):
+    cache = DynamicCache(config=target.config)
+    with torch.no_grad():
+        target(prefix, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_tree_verified_in_one_forward_equals_each_branch_alone():
+    target = make_target("llama", initializer_range=0.2)
+    prefix = torch.randint(3, 96, (1, 9))
+    # root (index 0) and nodes 1..7; parents precede children
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 2, 3, 5]])
+    tokens = torch.randint(3, 96, (1, 8))
+    depth = torch.tensor([[0, 1, 1, 2, 2, 2, 3, 3]])
+    mask = torch.cat([torch.ones(1, 8, 9, dtype=torch.bool), tree_ancestor_mask(parents)], dim=-1)
+    for attn in ("eager", "sdpa"):
+        target.set_attn_implementation(attn)
+        cache = _prefix_cache(target, prefix)
+        with torch.no_grad():
+            tree_logits = target(tokens, position_ids=9 + depth, past_key_values=cache, use_cache=True,
+                                 attention_mask=to_attention_mask(mask, attn, torch.float32)).logits
+        for leaf in (4, 6, 7):
+            branch, node = [], leaf
+            while node >= 0:
+                branch.insert(0, node)
+                node = int(parents[0, node])
+            with torch.no_grad():
+                alone = target(tokens[:, branch], past_key_values=_prefix_cache(target, prefix), use_cache=True).logits
+            torch.testing.assert_close(tree_logits[:, branch], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_gather_keeps_only_the_accepted_path():
+    target = make_target("llama", initializer_range=0.2)
+    prefix = torch.randint(3, 96, (1, 6))
+    parents = torch.tensor([[-1, 0, 0, 1, 2, 4]])
+    tokens = torch.randint(3, 96, (1, 6))
+    depth = torch.tensor([[0, 1, 1, 2, 2, 3]])
+    mask = torch.cat([torch.ones(1, 6, 6, dtype=torch.bool), tree_ancestor_mask(parents)], dim=-1)
+    cache = _prefix_cache(target, prefix)
+    with torch.no_grad():
+        target(tokens, position_ids=6 + depth, past_key_values=cache, use_cache=True,
+               attention_mask=to_attention_mask(mask, "sdpa", torch.float32))
+    path = [0, 2, 4, 5]
+    _keep_cache_rows(cache, 6, torch.tensor([path]))
+    assert cache.get_seq_length() == 6 + len(path)
+    nxt = torch.tensor([[7]])
+    with torch.no_grad():
+        after = target(nxt, past_key_values=cache, use_cache=True).logits
+        direct = target(torch.cat([prefix, tokens[:, path], nxt], dim=1)).logits[:, -1:]
+    torch.testing.assert_close(after, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_draft_tree_structure():
+    target, beagle = trained_pair()
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        states = target(ids, output_hidden_states=True).hidden_states[-1]
+    cache = BeagleCache()
+    beagle.append_context(cache, states[:, :6], torch.arange(6).expand(2, -1))
+    shape = TreeShape(depth=4, top_k=3, total_tokens=12)
+    tokens, parents, depths = draft_tree(beagle, cache, ids[:, 6], torch.tensor([6, 6]), shape)
+    assert tokens.shape == parents.shape == depths.shape == (2, 12)
+    for b in range(2):
+        for i in range(12):
+            p = int(parents[b, i])
+            assert p < i and (p == -1) == (depths[b, i] == 1)
+            if p >= 0:
+                assert depths[b, i] == depths[b, p] + 1
+    # depth-1 nodes are Beagle's top choices for the root
+    assert cache.num_draft > 0
+    cache.discard_drafts()
+    with torch.no_grad():
+        first = beagle(input_ids=ids[:, 6:], position_ids=torch.tensor([[6], [6]]), past_key_values=cache).logits
+    top = first[:, 0].topk(3).indices
+    for b in range(2):
+        assert set(tokens[b][depths[b] == 1].tolist()) <= set(top[b].tolist())
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def test_tree_sampling_matches_target_distribution():
+    target = make_target("llama", vocab_size=8, initializer_range=0.2, eos_token_id=None, bos_token_id=None,
+                         pad_token_id=0)
+    torch.manual_seed(0)
+    beagle = briefly_train(BeagleModel.from_target(target, attn_implementation="eager", noise_type="none"), target,
+                           steps=60)
+    prompt = torch.tensor([[1, 5, 2, 7]])
+    exact = _exact_joint_of_tokens_2_and_3(target, prompt,
+                                           LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(6)]))
+    counts = torch.zeros(64)
+    accepted = 0
+    torch.manual_seed(7)
+    for _ in range(1200):
+        out = spec(target, beagle, prompt, TreeShape(depth=2, top_k=2, total_tokens=4), do_sample=True,
+                   temperature=0.8, top_k=6, max_new_tokens=3)
+        t2, t3 = out[0, 5:7].tolist()
+        counts[t2 * 8 + t3] += 1
+        accepted += sum(beagle.generation_stats.accepted)
+    assert accepted > 300, "tree branches were rarely accepted: the test would not exercise the descent"
+    assert _chi_square_p_value(counts, exact) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_to_the_loop():
+    target, beagle = trained_pair()
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(BeagleGenerationError, match="output_scores"):
+        spec(target, beagle, ids, "chain", output_scores=True, return_dict_in_generate=True, max_new_tokens=4)
+    with pytest.raises(BeagleGenerationError, match="tree_shape"):
+        spec(target, beagle, ids, "bushy", max_new_tokens=4)
+    with pytest.raises(BeagleGenerationError, match="total_tokens"):
+        TreeShape(depth=2, top_k=2, total_tokens=50)
+    with pytest.raises(BeagleGenerationError, match="beagle"):
+        target.generate(ids, custom_generate=beagle_generate, max_new_tokens=4)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        spec(target, beagle, ids, "chain", do_sample=True, num_return_sequences=2, max_new_tokens=4)
+    other = BeagleModel.from_target(make_target("llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="hidden_size"):
+        spec(target, other, ids, "chain", max_new_tokens=4)
