@@ -1,0 +1,194 @@
+"""Two-Stage Block-Attention Training: masks, the stage-2 exactness check, the trainer."""
+
+import datasets
+import pytest
+import torch
+from conftest import make_target, target_states
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from modeling_beagle import BeagleCache, BeagleModel, inverse_block_mask, window_draft_mask, window_starts
+from trainer import BeagleTrainer, BeagleTrainingArguments
+from trainer.objectives import soft_labels_from_states, stage1_forward, stage2_step
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+def reference_window_start(p: int, k: int, eps: int) -> int:
+    """Largest eps + w*k <= p over all integers w (written independently of the library)."""
+    start = eps
+    while start > p:
+        start -= k
+    while start + k <= p:
+        start += k
+    return start
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_stage_masks_match_brute_force(k):
+    length = 13
+    offsets = torch.arange(k)  # one sequence per offset value
+    positions = torch.arange(length).expand(k, -1)
+    starts = window_starts(positions, k, offsets)
+    stage1 = inverse_block_mask(positions, positions, starts)
+    for b, eps in enumerate(offsets.tolist()):
+        for p in range(length):
+            s = reference_window_start(p, k, eps)
+            assert starts[b, p] == s
+            for j in range(length):
+                assert stage1[b, p, j] == (j < s)
+            for step in range(1, k + 1):
+                draft = window_draft_mask(positions, positions, starts, step)
+                for m in range(length):
+                    expected = s <= m < p and (m - s + 1) < step
+                    assert draft[b, p, m] == expected, (eps, p, m, step)
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+def test_stage2_equals_inference_draft_steps():
+    """With the same weights and tokens, the stage-2 output of the query at offset t (step t) equals the inference
+    draft output at draft step t when the drafted tokens are the true tokens."""
+    target = make_target("llama", initializer_range=0.2)
+    beagle = BeagleModel.from_target(target, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in beagle.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(3, 96, (2, 14))
+    h = target_states(target, ids)
+    steps, offsets = 4, torch.tensor([1, 3])
+    labels = soft_labels_from_states(beagle, h.flatten(0, 1))
+    loss_mask = torch.ones_like(ids, dtype=torch.bool)
+    draft = torch.zeros_like(h)
+    simulated = torch.zeros_like(h)
+    with torch.no_grad():
+        for t in range(1, steps + 1):
+            _, _, _, states, at_step = stage2_step(beagle, ids, h, draft, h, labels, loss_mask, torch.ones_like(ids),
+                                                   steps, offsets, t, 10.0)
+            draft = torch.where(at_step[..., None], states, draft)
+            simulated = torch.where(at_step[..., None], states, simulated)
+    positions = torch.arange(14).expand(2, -1)
+    starts = window_starts(positions, steps, offsets)
+    checked = 0
+    for b in range(2):
+        for s in sorted(set(starts[b].tolist())):
+            if s < 0:
+                continue
+            cache = BeagleCache()
+            beagle.append_context(cache, h[b : b + 1, :s], torch.arange(s)[None])
+            parent = None
+            for t in range(1, steps + 1):
+                p = s + t - 1
+                if p >= 14:
+                    break
+                kwargs = {} if parent is None else dict(draft_states=parent, draft_position_ids=torch.tensor([[p - 1]]))
+                with torch.no_grad():
+                    out = beagle(input_ids=ids[b : b + 1, p : p + 1], position_ids=torch.tensor([[p]]),
+                                 past_key_values=cache, **kwargs)
+                parent = out.last_hidden_state
+                torch.testing.assert_close(out.last_hidden_state[0, 0], simulated[b, p], rtol=1e-5, atol=1e-5)
+                checked += 1
+    assert checked > 20
+
+
+def test_reduced_vocabulary_equals_full_when_it_is_the_whole_vocabulary():
+    target = make_target("llama", initializer_range=0.2)
+    torch.manual_seed(0)
+    full = BeagleModel.from_target(target, attn_implementation="eager").eval()
+    reduced = BeagleModel.from_target(target, attn_implementation="eager", draft_vocab_size=96).eval()
+    reduced.load_state_dict({**full.state_dict(), "draft_to_target": torch.arange(96)})
+    reduced.set_draft_vocabulary(torch.arange(96))
+    ids = torch.randint(3, 96, (2, 12))
+    h = target_states(target, ids)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    losses = []
+    for model in (full, reduced):
+        labels = soft_labels_from_states(model, h[mask])
+        loss, _ = stage1_forward(model, ids, h, h, labels, mask, torch.ones_like(ids), 3, torch.tensor([0, 2]), 10.0)
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+def tiny_dataset(target, rows=64, prompt=4, answer=28, seed=0):
+    torch.manual_seed(seed)
+    ids = target.generate(torch.randint(3, 96, (rows, prompt)), do_sample=True, max_new_tokens=answer,
+                          min_new_tokens=answer, pad_token_id=0, eos_token_id=None)
+    return datasets.Dataset.from_list(
+        [{"input_ids": r.tolist(), "loss_mask": [0] * prompt + [1] * answer} for r in ids]
+    )
+
+
+def make_trainer(tmp_path, target, dataset, init_seed=0, **overrides):
+    torch.manual_seed(init_seed)
+    beagle = BeagleModel.from_target(target, attn_implementation="sdpa", noise_type="none")
+    settings = dict(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=8, learning_rate=3e-3,
+                    logging_steps=10, report_to=[], stage1_window=3, stage2_steps=3, save_strategy="no",
+                    noise_type="none", seed=0, data_seed=0)
+    settings.update(overrides)
+    args = BeagleTrainingArguments(**settings)
+    return BeagleTrainer(model=beagle, args=args, target_model=target, train_dataset=dataset.select(range(56)),
+                         eval_dataset=dataset.select(range(56, 64)))
+
+
+def test_training_lowers_loss_and_raises_agreement(tmp_path):
+    target = make_target("llama", initializer_range=0.2)
+    with torch.no_grad():  # a target whose next token depends mostly on the current one: learnable in seconds
+        for name, param in target.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.mul_(0.05)
+    trainer = make_trainer(tmp_path, target, tiny_dataset(target), max_steps=120)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_ce_offset_1"] < before["eval_ce_offset_1"] - 0.2
+    assert after["eval_alpha_step_1"] > before["eval_alpha_step_1"] + 0.1
+    history = [log for log in trainer.state.log_history if "stage" in log and "loss" in log]
+    assert {log["stage"] for log in history} == {1, 2}
+    assert any(k.startswith("stage2_agree_") for log in history for k in log)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    target = make_target("llama", initializer_range=0.2)
+    data = tiny_dataset(target)
+    common = dict(max_steps=24, save_strategy="steps", save_steps=10, logging_steps=5)
+    straight = make_trainer(tmp_path / "a", target, data, **common)
+    straight.train()
+    interrupted = make_trainer(tmp_path / "b", target, data, **common)
+    interrupted.add_callback(StopAt(10))  # stage 1 ends at step 12: stop mid-stage-1, resume through stage 2
+    interrupted.train()
+    # A different initialisation: only a real resume (weights, optimizer, schedule, RNG, data order) ends equal.
+    resumed = make_trainer(tmp_path / "b", target, data, init_seed=123, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed.state.global_step == 24
+
+
+def test_saved_checkpoint_records_training_settings(tmp_path):
+    target = make_target("llama", initializer_range=0.2)
+    trainer = make_trainer(tmp_path, target, tiny_dataset(target), max_steps=4, stage2_steps=2, stage1_window=4)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = BeagleModel.from_pretrained(tmp_path / "final")
+    assert loaded.config.stage2_steps == 2 and loaded.config.stage1_window == 4
+    assert not any(k.startswith(("embed", "lm_head")) for k in load_file(tmp_path / "final" / "model.safetensors"))
+    assert (tmp_path / "final" / "custom_generate" / "generate.py").is_file()
+
+
+def test_trainer_refuses_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="stage1_ratio"):
+        BeagleTrainingArguments(output_dir=str(tmp_path), stage1_ratio=1.5, report_to=[])
+    with pytest.raises(ValueError, match="noise_type"):
+        BeagleTrainingArguments(output_dir=str(tmp_path), noise_type="laplace", report_to=[])
+    target = make_target("llama")
+    with pytest.raises(ValueError, match="target_model"):
+        BeagleTrainer(model=BeagleModel.from_target(target), args=BeagleTrainingArguments(output_dir=str(tmp_path),
+                                                                                        report_to=[]))

@@ -1,0 +1,131 @@
+"""Two-Stage Block-Attention Training (method.md §3): the losses, and one forward (stage 1) or one simulation step
+(stage 2) of the Beagle block. Both stages and inference run the same block; they differ only in the mask and in
+which context states the keys come from.
+
+Shapes: `input_ids`, `loss_mask`, `attention_mask` are `(batch, T)`; `context_states` are the target states the keys
+read (`(batch, T, hidden * len(target_layer_ids))`); `target_states` the top post-norm states ĥ regresses
+(`(batch, T, hidden)`); soft labels hold the target's distribution at the supervised positions only, in row-major
+order (`loss_mask` True), so the full-vocabulary distribution is never materialised for unsupervised tokens.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from modeling_beagle.masking_beagle import inverse_block_mask, window_draft_mask, window_starts
+
+
+@dataclass
+class SoftLabels:
+    """The target's next-token distribution at supervised positions, over the draft vocabulary.
+
+    Either full (`probs` over the draft vocabulary) or sparse top-k (`indices` into the draft vocabulary and their
+    `probs`, renormalised), as precomputed in an offline cache.
+    """
+
+    probs: torch.Tensor
+    indices: torch.Tensor | None = None
+
+    def cross_entropy(self, draft_logits: torch.Tensor) -> torch.Tensor:
+        """Per-position CE(P, softmax(draft_logits))."""
+        log_q = draft_logits.float().log_softmax(-1)
+        if self.indices is not None:
+            log_q = log_q.gather(-1, self.indices)
+        return -(self.probs.float() * log_q).sum(-1)
+
+    def argmax(self) -> torch.Tensor:
+        top = self.probs.argmax(-1)
+        return top if self.indices is None else self.indices.gather(-1, top[..., None])[..., 0]
+
+    def select(self, rows: torch.Tensor) -> "SoftLabels":
+        return SoftLabels(self.probs[rows], None if self.indices is None else self.indices[rows])
+
+
+def soft_labels_from_states(beagle, target_states: torch.Tensor) -> SoftLabels:
+    """P_p = softmax(lm_head(h_p)), restricted to the draft vocabulary (and renormalised) when it is reduced.
+
+    The target's head is applied to the (cached or freshly computed) top states; full-vocabulary logits are never
+    stored.
+    """
+    with torch.no_grad():
+        logits = beagle.compute_logits(target_states)
+    return SoftLabels(logits.float().softmax(-1))
+
+
+def window_offsets(positions: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Offset i = p - s(p) + 1 of each query inside its window (1..k)."""
+    return positions - starts + 1
+
+
+def draw_window_offsets(batch: int, offset_range: int, device, generator=None) -> torch.Tensor:
+    """ε per sequence, uniform in [0, offset_range)."""
+    return torch.randint(0, offset_range, (batch,), device=device, generator=generator)
+
+
+def position_losses(beagle, hidden: torch.Tensor, target_states: torch.Tensor, labels: SoftLabels):
+    """CE and SmoothL1 per supervised position (`hidden`, `target_states` already gathered to those positions)."""
+    logits = beagle.compute_logits(hidden)
+    ce = labels.cross_entropy(logits)
+    regression = F.smooth_l1_loss(hidden.float(), target_states.float(), reduction="none").mean(-1)
+    agree = logits.argmax(-1) == labels.argmax()
+    return ce, regression, agree
+
+
+def _windows(input_ids: torch.Tensor, window: int, offsets: torch.Tensor):
+    batch, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
+    return positions, window_starts(positions, window, offsets)
+
+
+def stage1_forward(beagle, input_ids, context_states, target_states, labels: SoftLabels, loss_mask, attention_mask,
+                   window: int, offsets: torch.Tensor, smooth_l1_weight: float, forward=None):
+    """Stage 1: one forward with the inverse block mask (query p reads true keys j < s(p) only); every supervised
+    query gets a loss, uniform weights. `forward` is the (possibly DDP-wrapped) module to call, default `beagle`.
+
+    Returns the mean loss over supervised positions and per-offset sums (CE, SmoothL1, top-1 agreement, count).
+    """
+    positions, starts = _windows(input_ids, window, offsets)
+    out = (forward or beagle)(input_ids=input_ids, position_ids=positions, context_states=context_states,
+                              context_valid=attention_mask.bool(),
+                              attention_mask=inverse_block_mask(positions, positions, starts), return_logits=False)
+    supervised = loss_mask.bool()
+    ce, regression, agree = position_losses(beagle, out.last_hidden_state[supervised], target_states[supervised],
+                                            labels)
+    loss = (ce + smooth_l1_weight * regression).sum() / supervised.sum().clamp(min=1)
+    return loss, _per_offset(window_offsets(positions, starts)[supervised], window, ce, regression, agree)
+
+
+def stage2_step(beagle, input_ids, context_states, draft_buffer, target_states, labels: SoftLabels, loss_mask,
+                attention_mask, window: int, offsets: torch.Tensor, step: int, smooth_l1_weight: float,
+                forward=None):
+    """Stage 2, simulation step `step` (1..S): keys are [true states; draft buffer D], the queries never change.
+
+    Query p reads true keys j < s(p) and the draft states of the earlier offsets of its own window. Returns the
+    summed loss of the supervised queries at offset `step` (the caller weights it by β_t), their number, their
+    statistics, the new states of every query and the mask of queries at offset `step` (whose states the caller
+    writes into D in place).
+    """
+    positions, starts = _windows(input_ids, window, offsets)
+    mask = torch.cat([inverse_block_mask(positions, positions, starts),
+                      window_draft_mask(positions, positions, starts, step)], dim=-1)
+    out = (forward or beagle)(input_ids=input_ids, position_ids=positions, context_states=context_states,
+                              context_valid=attention_mask.bool(), draft_states=draft_buffer,
+                              draft_position_ids=positions, attention_mask=mask, return_logits=False)
+    at_step = window_offsets(positions, starts) == step
+    supervised = at_step & loss_mask.bool()
+    label_rows = (loss_mask.long().flatten().cumsum(0) - 1).view_as(loss_mask)[supervised]
+    ce, regression, agree = position_losses(beagle, out.last_hidden_state[supervised], target_states[supervised],
+                                            labels.select(label_rows))
+    loss_sum = (ce + smooth_l1_weight * regression).sum()
+    stats = _per_offset(torch.full_like(ce, step, dtype=torch.long), window, ce, regression, agree)
+    return loss_sum, supervised.sum(), stats, out.last_hidden_state, at_step
+
+
+def _per_offset(offsets, window, ce, regression, agree) -> dict:
+    index = (offsets - 1).clamp(0, window - 1)
+
+    def by_offset(values):
+        return torch.zeros(window, device=values.device).index_add_(0, index, values.float().detach())
+    return {"ce": by_offset(ce), "smooth_l1": by_offset(regression), "agree": by_offset(agree),
+            "count": by_offset(torch.ones_like(ce))}
