@@ -1,4 +1,4 @@
-"""The `beagle` command. Subcommands grow with the project: `env`, `inspect`."""
+"""The `beagle` command: `env`, `inspect`, `train`."""
 
 import argparse
 import json
@@ -42,6 +42,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import main as train_main
+
+    train_main(args.train_args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beagle", description="Beagle speculative decoding: tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_inspect = sub.add_parser("inspect", help="load a Beagle checkpoint folder and print a summary")
     p_inspect.add_argument("checkpoint", help="path of a saved Beagle checkpoint folder")
     p_inspect.set_defaults(func=_cmd_inspect)
+    p_train = sub.add_parser("train", help="prepare data and train both stages (`beagle train --help` for options)",
+                             add_help=False)
+    p_train.add_argument("train_args", nargs=argparse.REMAINDER,
+                         help="BeagleModelArguments, BeagleDataArguments and BeagleTrainingArguments, or one YAML/JSON file")
+    p_train.set_defaults(func=_cmd_train)
     return parser
 
 

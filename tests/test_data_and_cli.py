@@ -1,0 +1,124 @@
+"""The data pipeline (ShareGPT / chat messages / text, assistant-only loss mask) and `beagle train` end to end."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+from conftest import make_target
+from test_generation import tiny_tokenizer
+
+from modeling_beagle import BeagleModel
+from trainer.data import BeagleDataError, DataReport, build_dataset, read_records
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}|{% endfor %}"
+            "{% if add_generation_prompt %}<a>{% endif %}")
+
+
+def chat_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def sharegpt(n):
+    return [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}x"},
+                                             {"from": "gpt", "value": f"ANS{i}yz"},
+                                             {"from": "human", "value": "more"},
+                                             {"from": "gpt", "value": f"B{i}"}]} for i in range(n)]
+
+
+def test_truncated_json_array_keeps_every_complete_record(tmp_path):
+    text = json.dumps(sharegpt(3))
+    path = tmp_path / "cut.json"
+    path.write_text(text[: text.rindex('{"id"') + 20])  # cut inside the third record
+    report = DataReport()
+    records = read_records(path, report)
+    assert len(records) == 2 and report.truncated_file
+    assert report.skipped["incomplete record at the end of the file"] == 1
+    dataset, report = build_dataset(path, chat_tokenizer(), report=report)
+    assert len(dataset) == 2 and "cut off" in report.summary()
+
+
+def test_loss_mask_covers_assistant_tokens_only(tmp_path):
+    tokenizer = chat_tokenizer()
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(sharegpt(2)))
+    dataset, report = build_dataset(path, tokenizer)
+    row = dataset[0]
+    supervised = tokenizer.decode([t for t, m in zip(row["input_ids"], row["loss_mask"]) if m])
+    # each assistant turn is supervised with its end-of-turn marker, nothing of the user turns or role headers
+    assert supervised == "ANS0yz|B0|"
+    assert report.supervised_tokens == sum(sum(r["loss_mask"]) for r in dataset)
+
+
+def test_formats_jsonl_messages_text_and_datasets(tmp_path):
+    tokenizer = chat_tokenizer()
+    lines = [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}),
+             json.dumps({"text": "plain words"}),
+             "{not json",
+             json.dumps({"conversations": [{"from": "human", "value": "only a question"}]}),
+             json.dumps({"conversations": [{"from": "gpt", "value": 3}]})]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines))
+    dataset, report = build_dataset(path, tokenizer)
+    assert len(dataset) == 2
+    assert report.skipped == {"unparsable JSONL lines": 1, "conversations without an assistant turn": 1,
+                              "malformed records": 1}
+    text_row = dataset[1]
+    assert all(text_row["loss_mask"])  # plain text: every token is supervised
+    from_hf = datasets.Dataset.from_list([{"conversations": c["conversations"]} for c in sharegpt(3)])
+    dataset, _ = build_dataset(from_hf, tokenizer)
+    assert len(dataset) == 3
+
+
+def test_truncation_and_no_template_fallback(tmp_path, caplog):
+    tokenizer = tiny_tokenizer()  # no chat template
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(sharegpt(2)))
+    with caplog.at_level(logging.WARNING):
+        dataset, _ = build_dataset(path, tokenizer, max_length=12)
+    assert "no chat template" in caplog.text
+    assert all(len(r["input_ids"]) <= 12 for r in dataset)
+
+
+def test_dataset_without_assistant_tokens_is_refused(tmp_path):
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "q"}]}] * 3))
+    with pytest.raises(BeagleDataError, match="no assistant tokens"):
+        build_dataset(path, chat_tokenizer())
+    with pytest.raises(BeagleDataError, match="existing JSON"):
+        build_dataset(tmp_path / "missing.json", chat_tokenizer())
+
+
+def test_beagle_train_end_to_end(tmp_path):
+    target = make_target("llama", initializer_range=0.2)
+    target.save_pretrained(tmp_path / "target")
+    chat_tokenizer().save_pretrained(tmp_path / "target")
+    data = tmp_path / "sharegpt.json"
+    text = json.dumps(sharegpt(40))
+    data.write_text(text[:-30])  # truncated, as the real ShareGPT copy is
+    config = {"target_model": str(tmp_path / "target"), "dataset": str(data), "output_dir": str(tmp_path / "run"),
+              "max_steps": 6, "per_device_train_batch_size": 4, "stage1_window": 3, "stage2_steps": 2,
+              "eval_records": 4, "draft_vocab_size": 48, "report_to": [], "save_strategy": "no",
+              "logging_steps": 2, "learning_rate": 1e-3}
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    command = [shutil.which("beagle")] if shutil.which("beagle") else [sys.executable, "-m", "trainer.cli"]
+    result = subprocess.run(command + ["train", str(tmp_path / "train.json")], capture_output=True, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "39 of 39 records kept" in result.stdout and "held-out alpha per draft step" in result.stdout
+    saved = tmp_path / "run" / "beagle"
+    assert f"saved the Beagle checkpoint to {saved}" in result.stdout
+    beagle = BeagleModel.from_pretrained(saved)
+    assert beagle.config.draft_vocab_size == 48 and beagle.config.stage2_steps == 2
+    beagle.bind_target(target)
+    ids = torch.tensor([[5, 6, 7]])
+    ref = target.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0,
+                                       assistant_model=beagle), ref)

@@ -1,0 +1,197 @@
+"""Training data: conversations (ShareGPT or chat messages) or plain text, tokenized with the target's chat template,
+with a loss mask over assistant tokens only.
+
+Records are read from a local JSON array, a JSONL file or a `datasets.Dataset`. A JSON array cut off mid-record (the
+ShareGPT copy available here is) is decoded element by element and every complete record is kept. Malformed or empty
+records are skipped and counted, never a crash mid-run.
+"""
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bard": "assistant", "bing": "assistant", "system": "system"}
+
+
+class BeagleDataError(ValueError):
+    """The training data cannot be used, and why."""
+
+
+@dataclass
+class DataReport:
+    """What loading and tokenization kept and skipped, by reason."""
+
+    records: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    truncated_file: bool = False
+    supervised_tokens: int = 0
+    tokens: int = 0
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+        cut = " (the file was cut off mid-record; every complete record before the cut was kept)" \
+            if self.truncated_file else ""
+        return (f"{self.kept} of {self.records} records kept{cut}; skipped: {skipped}; "
+                f"{self.tokens} tokens, {self.supervised_tokens} supervised (assistant) tokens")
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def read_records(source, report: DataReport | None = None) -> list:
+    """Records from a JSON/JSONL file path or a `datasets.Dataset` (rows as dicts)."""
+    report = report if report is not None else DataReport()
+    if isinstance(source, datasets.Dataset):
+        return list(source)
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise BeagleDataError(f"dataset path expected an existing JSON or JSONL file, found {path!r}.")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        return _decode_json_array(stripped, report)
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            report.skipped["unparsable JSONL lines"] += 1
+    return records
+
+
+def _decode_json_array(text: str, report: DataReport) -> list:
+    """Decode `[rec, rec, ...` element by element, keeping every complete element even if the array is cut off."""
+    decoder = json.JSONDecoder()
+    records, index = [], 1
+    while True:
+        while index < len(text) and text[index] in " \t\r\n,":
+            index += 1
+        if index >= len(text):
+            report.truncated_file = True
+            break
+        if text[index] == "]":
+            break
+        try:
+            record, index = decoder.raw_decode(text, index)
+        except json.JSONDecodeError:
+            report.truncated_file = True
+            report.skipped["incomplete record at the end of the file"] += 1
+            break
+        records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ normalising
+def to_messages(record) -> list[dict] | str | None:
+    """A record as chat messages (`[{"role", "content"}]`) or plain text; None if it is malformed."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, list):
+        turns = record
+    elif isinstance(record, dict):
+        if "conversations" in record:
+            turns = record["conversations"]
+        elif "messages" in record:
+            turns = record["messages"]
+        elif isinstance(record.get("text"), str):
+            return record["text"]
+        else:
+            return None
+    else:
+        return None
+    if not isinstance(turns, list):
+        return None
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return None
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        role = SHAREGPT_ROLES.get(role, None) if role not in ("user", "assistant", "system") else role
+        if role is None or not isinstance(content, str):
+            return None
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+# ------------------------------------------------------------------------------------------------ tokenizing
+def tokenize_messages(tokenizer, messages: list[dict], max_length: int, use_template: bool):
+    """Token ids and a loss mask that is 1 exactly on the tokens of assistant turns."""
+    if not use_template:
+        ids, mask = [], []
+        for message in messages:
+            piece = tokenizer(f"{message['role']}: {message['content']}\n", add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [int(message["role"] == "assistant")] * len(piece)
+        return ids[:max_length], mask[:max_length]
+    ids = _render(tokenizer, messages)
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(_render(tokenizer, messages[: i + 1]))
+        for j in range(start, min(end, len(ids))):
+            mask[j] = 1
+        if start >= max_length:
+            break
+    return ids[:max_length], mask[:max_length]
+
+
+def _render(tokenizer, messages, add_generation_prompt=False) -> list[int]:
+    if not messages:
+        return []
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def build_dataset(source, tokenizer, max_length: int = 2048, max_records: int | None = None,
+                  report: DataReport | None = None) -> tuple[datasets.Dataset, DataReport]:
+    """Read, normalise and tokenize `source` into a Dataset of `input_ids` and `loss_mask` (assistant tokens)."""
+    report = report if report is not None else DataReport()
+    records = read_records(source, report)
+    if max_records is not None:
+        records = records[:max_records]
+    report.records = len(records)
+    use_template = getattr(tokenizer, "chat_template", None) is not None
+    if not use_template:
+        logger.warning("The tokenizer has no chat template: conversations are rendered as plain 'role: text' lines.")
+    rows = []
+    for record in records:
+        messages = to_messages(record)
+        if messages is None:
+            report.skipped["malformed records"] += 1
+            continue
+        if isinstance(messages, str):
+            if not messages.strip():
+                report.skipped["empty records"] += 1
+                continue
+            ids = tokenizer(messages, add_special_tokens=True)["input_ids"][:max_length]
+            mask = [1] * len(ids)
+        else:
+            if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+                report.skipped["conversations without an assistant turn"] += 1
+                continue
+            ids, mask = tokenize_messages(tokenizer, messages, max_length, use_template)
+        if sum(mask) == 0:
+            report.skipped["records with no assistant token within max_length"] += 1
+            continue
+        rows.append({"input_ids": ids, "loss_mask": mask})
+        report.tokens += len(ids)
+        report.supervised_tokens += sum(mask)
+    report.kept = len(rows)
+    if not rows:
+        raise BeagleDataError(f"the dataset has no assistant tokens to train on: {report.summary()}.")
+    logger.info(report.summary())
+    return datasets.Dataset.from_list(rows), report
