@@ -21,6 +21,11 @@ from .objectives import (
 )
 
 
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+
+
 @dataclass
 class BeagleTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the two-stage schedule and the method's options (method.md §3-4)."""
@@ -39,7 +44,14 @@ class BeagleTrainingArguments(TrainingArguments):
     max_grad_norm: float = 0.5
     remove_unused_columns: bool = False
 
+    # Every Beagle parameter takes part in every forward: no extra autograd traversal under DDP.
+    ddp_find_unused_parameters: bool | None = False
+
     def __post_init__(self):
+        if not self.use_cpu and not _has_accelerator():
+            # On a CPU-only machine, torchrun / accelerate launch should give CPU data parallelism (gloo), which
+            # transformers enables only with use_cpu=True.
+            self.use_cpu = True
         super().__post_init__()
         if not 0.0 <= self.stage1_ratio <= 1.0:
             raise ValueError(f"`stage1_ratio` expected a float in [0, 1], found {self.stage1_ratio}.")
