@@ -122,3 +122,43 @@ def test_beagle_train_end_to_end(tmp_path):
     ref = target.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
     assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0,
                                        assistant_model=beagle), ref)
+
+
+def test_regenerate_writes_target_replies_and_resumes(tmp_path, monkeypatch):
+    from trainer import regenerate as regen
+
+    target = make_target("llama", initializer_range=0.2)
+    target.save_pretrained(tmp_path / "target")
+    tokenizer = chat_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "target")
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps(sharegpt(7)))
+    out = tmp_path / "regen.jsonl"
+    calls = {"n": 0}
+    original = type(target).generate
+
+    def flaky_generate(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # interrupted during the second batch
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(target), "generate", flaky_generate)
+    with pytest.raises(KeyboardInterrupt):
+        regen.regenerate(target, tokenizer, data, str(out), batch_size=3, max_new_tokens=6, progress=False)
+    assert len(out.read_text().splitlines()) == 3
+    with open(out, "a") as handle:
+        handle.write('{"messages": [{"role": "us')  # a torn line from a crash mid-write
+    calls["n"] = 10
+    report = regen.regenerate(target, tokenizer, data, str(out), batch_size=3, max_new_tokens=6, progress=False)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 7 and report.kept + report.skipped["empty replies"] == 4
+    # every reply is the target's own greedy continuation of the prompt
+    first = lines[0]["messages"]
+    prompt = tokenizer.apply_chat_template(first[:-1], add_generation_prompt=True, return_tensors="pt")
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    expected = original(target, prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
+                        pad_token_id=0)
+    assert first[-1]["content"] == tokenizer.decode(expected[0, prompt.shape[1] :], skip_special_tokens=True)
+    dataset, _ = build_dataset(out, tokenizer)
+    assert 0 < len(dataset) <= 7

@@ -1,4 +1,4 @@
-"""The `beagle` command: `env`, `inspect`, `train`."""
+"""The `beagle` command: `env`, `inspect`, `train`, `regenerate`."""
 
 import argparse
 import json
@@ -49,6 +49,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_regenerate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+    from .regenerate import RegenerateArguments, regenerate
+
+    (options,) = HfArgumentParser(RegenerateArguments).parse_args_into_dataclasses(args=args.regenerate_args)
+    load = dict(gguf_file=options.gguf_file) if options.gguf_file else {}
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.target_dtype]
+    tokenizer = AutoTokenizer.from_pretrained(options.target_model, **load)
+    target = AutoModelForCausalLM.from_pretrained(options.target_model, dtype=dtype, **load).eval()
+    report = regenerate(target, tokenizer, options.dataset, options.output, options.batch_size,
+                        options.max_new_tokens, options.max_prompt_tokens, options.max_records, options.temperature)
+    print(f"[beagle regenerate] {report.summary()}; written to {options.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beagle", description="Beagle speculative decoding: tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("train_args", nargs=argparse.REMAINDER,
                          help="BeagleModelArguments, BeagleDataArguments and BeagleTrainingArguments, or one YAML/JSON file")
     p_train.set_defaults(func=_cmd_train)
+    p_regen = sub.add_parser("regenerate", help="rewrite the assistant turns of a dataset with the target itself",
+                             add_help=False)
+    p_regen.add_argument("regenerate_args", nargs=argparse.REMAINDER,
+                         help="RegenerateArguments (`beagle regenerate --help`)")
+    p_regen.set_defaults(func=_cmd_regenerate)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""Regenerate the assistant turns of a conversation dataset with the target itself.
+
+Training the draft on the target's own outputs raises acceptance (EAGLE-3, SpecForge): the draft learns what the target
+says, not what ChatGPT said. Prompts are generated in left-padded batches; every finished conversation is appended to
+a JSONL file at once, so an interrupted run resumes where it stopped (the file's complete lines are kept and skipped).
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import DataReport, read_records, to_messages
+
+
+@dataclass
+class RegenerateArguments:
+    target_model: str = field(metadata={"help": "target model: a local folder or a Hub id"})
+    dataset: str = field(metadata={"help": "JSON/JSONL conversations (ShareGPT or chat messages)"})
+    output: str = field(metadata={"help": "JSONL file to write (appended to when resuming)"})
+    gguf_file: str | None = field(default=None, metadata={"help": "a GGUF file inside `target_model`"})
+    target_dtype: str = field(default="bfloat16", metadata={"help": "float32 or bfloat16"})
+    batch_size: int = field(default=16, metadata={"help": "prompts generated together"})
+    max_new_tokens: int = field(default=256, metadata={"help": "length limit of each regenerated turn"})
+    max_prompt_tokens: int = field(default=1024, metadata={"help": "longer prompts are skipped"})
+    max_records: int | None = field(default=None, metadata={"help": "regenerate at most this many conversations"})
+    temperature: float = field(default=0.0, metadata={"help": "0 for greedy, else sampling temperature"})
+
+
+def _completed_lines(path: str) -> int:
+    """Number of complete JSON lines already written; a torn last line is cut off."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as handle:
+        data = handle.read()
+    complete = data.split(b"\n")[:-1]  # the last piece is empty or a torn line
+    good = 0
+    for line in complete:
+        try:
+            json.loads(line)
+            good += 1
+        except json.JSONDecodeError:
+            break
+    keep = sum(len(line) + 1 for line in complete[:good])
+    if keep != len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(keep)
+    return good
+
+
+@torch.no_grad()
+def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max_new_tokens: int = 256,
+               max_prompt_tokens: int = 1024, max_records: int | None = None, temperature: float = 0.0,
+               progress: bool = True) -> DataReport:
+    """Replace the first assistant turn of every conversation in `source` by the target's own reply.
+
+    Each output line is `{"messages": [...system/user turns..., {"role": "assistant", "content": reply}]}`.
+    Returns what was kept and skipped.
+    """
+    report = DataReport()
+    prompts = []
+    for record in read_records(source, report)[:max_records]:
+        messages = to_messages(record)
+        if not isinstance(messages, list):
+            report.skipped["malformed or plain-text records"] += 1
+            continue
+        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+        if first is None or first == 0:
+            report.skipped["conversations without a prompt before an assistant turn"] += 1
+            continue
+        if len(tokenizer.apply_chat_template(messages[:first], add_generation_prompt=True)) > max_prompt_tokens:
+            report.skipped["prompts longer than max_prompt_tokens"] += 1
+            continue
+        prompts.append(messages[:first])
+    report.records = len(prompts)
+    done = _completed_lines(output)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    bar = tqdm(total=len(prompts), initial=done, desc="regenerating", disable=not progress)
+    with open(output, "a", encoding="utf-8") as handle:
+        for start in range(done, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            encoded = {k: v.to(target.device) for k, v in encoded.items()}
+            sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+            out = target.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  **sampling)
+            replies = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            for prompt, reply in zip(batch, replies):
+                if not reply.strip():  # kept as a line (so resuming stays aligned); training skips it
+                    record = {"messages": prompt, "skipped": "empty reply"}
+                    report.skipped["empty replies"] += 1
+                else:
+                    record = {"messages": prompt + [{"role": "assistant", "content": reply}]}
+                    report.kept += 1
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            bar.update(len(batch))
+    bar.close()
+    return report
