@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from modeling_beagle import BeagleCache, BeagleModel, inverse_block_mask, window_draft_mask, window_starts
-from trainer import BeagleTrainer, BeagleTrainingArguments
+from trainer import BeagleTrainer, BeagleTrainingArguments, SpeculativeEvalCallback
 from trainer.objectives import soft_labels_from_states, stage1_forward, stage2_step
 
 
@@ -135,10 +135,17 @@ def test_training_lowers_loss_and_raises_agreement(tmp_path):
         for name, param in target.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 param.mul_(0.05)
-    trainer = make_trainer(tmp_path, target, tiny_dataset(target), max_steps=120)
+    data = tiny_dataset(target)
+    trainer = make_trainer(tmp_path, target, data, max_steps=120)
+    prompts = [torch.tensor(row["input_ids"][:4]) for row in data.select(range(56, 60))]
+    trainer.add_callback(SpeculativeEvalCallback(trainer, prompts, max_new_tokens=24))
     before = trainer.evaluate()
+    tau_before = trainer.state.log_history[-1]["eval_tau"]
     trainer.train()
     after = trainer.evaluate()
+    tau_after = trainer.state.log_history[-1]
+    assert tau_after["eval_greedy_identical"] == 1.0
+    assert tau_after["eval_tau"] > tau_before
     assert after["eval_ce_offset_1"] < before["eval_ce_offset_1"] - 0.2
     assert after["eval_alpha_step_1"] > before["eval_alpha_step_1"] + 0.1
     history = [log for log in trainer.state.log_history if "stage" in log and "loss" in log]

@@ -1,5 +1,6 @@
 """Beagle training: the data pipeline, BeagleTrainer (both training stages) and the `beagle` command."""
 
 from .beagle_trainer import BeagleDataCollator, BeagleTrainer, BeagleTrainingArguments
+from .callbacks import SpeculativeEvalCallback
 
-__all__ = ["BeagleDataCollator", "BeagleTrainer", "BeagleTrainingArguments"]
+__all__ = ["BeagleDataCollator", "BeagleTrainer", "BeagleTrainingArguments", "SpeculativeEvalCallback"]
