@@ -2,5 +2,7 @@
 
 from .beagle_trainer import BeagleDataCollator, BeagleTrainer, BeagleTrainingArguments
 from .callbacks import SpeculativeEvalCallback
+from .offline_cache import BeagleCacheError, OfflineCache, OfflineCollator, build_offline_cache
 
-__all__ = ["BeagleDataCollator", "BeagleTrainer", "BeagleTrainingArguments", "SpeculativeEvalCallback"]
+__all__ = ["BeagleCacheError", "BeagleDataCollator", "BeagleTrainer", "BeagleTrainingArguments", "OfflineCache",
+           "OfflineCollator", "SpeculativeEvalCallback", "build_offline_cache"]

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .offline_cache import OfflineCache, OfflineCollator
+
 from .objectives import (
+    SoftLabels,
     draw_window_offsets,
     soft_labels_from_states,
     stage1_forward,
@@ -105,10 +108,15 @@ class BeagleTrainer(Trainer):
         if args is not None and not isinstance(args, BeagleTrainingArguments):
             raise ValueError(f"BeagleTrainer: `args` expected BeagleTrainingArguments, found {type(args).__name__}.")
         pad = getattr(target_model.config.get_text_config(), "pad_token_id", None)
-        data_collator = data_collator or BeagleDataCollator(pad_token_id=pad if pad is not None else 0)
+        pad = pad if pad is not None else 0
+        offline = [d for d in (kwargs.get("train_dataset"), kwargs.get("eval_dataset")) if isinstance(d, OfflineCache)]
+        if data_collator is None:
+            data_collator = OfflineCollator(pad_token_id=pad) if offline else BeagleDataCollator(pad_token_id=pad)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         self.target_model = target_model.eval().requires_grad_(False).to(self.args.device)
         self.beagle.bind_target(self.target_model)
+        for cache in offline:  # states cached for another target, layer set or draft vocabulary are refused
+            cache.check_target(self.target_model, self.beagle)
         self.beagle.config.update(self.args.method_options())
         self._train_stats: dict[str, torch.Tensor] = {}
 
@@ -123,7 +131,13 @@ class BeagleTrainer(Trainer):
 
     @torch.no_grad()
     def target_features(self, inputs: dict):
-        """Online target states: the keys' context states, the top post-norm states and the soft labels."""
+        """The keys' context states, the top post-norm states and the soft labels: read from an offline cache
+        batch when present, else computed by the frozen target (online)."""
+        if "context_states" in inputs:
+            dtype = self.beagle.dtype
+            supervised = inputs["loss_mask"].bool() & inputs["attention_mask"].bool()
+            labels = SoftLabels(probs=inputs["topk_probs"], indices=inputs["topk_ids"])
+            return inputs["context_states"].to(dtype), inputs["target_states"].to(dtype), labels, supervised
         layer_ids = list(self.beagle.config.target_layer_ids)
         out = self.target_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                 output_hidden_states=sorted(set(layer_ids + [-1])))
