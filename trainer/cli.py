@@ -51,16 +51,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_regenerate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+    from transformers import HfArgumentParser
 
+    from .assets import load_target, resolve_dataset_arg
     from .regenerate import RegenerateArguments, regenerate
 
     (options,) = HfArgumentParser(RegenerateArguments).parse_args_into_dataclasses(args=args.regenerate_args)
-    load = dict(gguf_file=options.gguf_file) if options.gguf_file else {}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.target_dtype]
-    tokenizer = AutoTokenizer.from_pretrained(options.target_model, **load)
-    target = AutoModelForCausalLM.from_pretrained(options.target_model, dtype=dtype, **load).eval()
-    report = regenerate(target, tokenizer, options.dataset, options.output, options.batch_size,
+    target, tokenizer = load_target(options.target_model, dtype, gguf_file=options.gguf_file)
+    report = regenerate(target, tokenizer, resolve_dataset_arg(options.dataset), options.output, options.batch_size,
                         options.max_new_tokens, options.max_prompt_tokens, options.max_records, options.temperature)
     print(f"[beagle regenerate] {report.summary()}; written to {options.output}")
     return 0
@@ -87,8 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASS_THROUGH = {"train": "train_args", "regenerate": "regenerate_args"}  # parsed by HfArgumentParser, not argparse
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv and argv[0] in PASS_THROUGH:
+        # argparse's REMAINDER refuses a remainder that starts with an option (`beagle train --target_model ...`).
+        args = parser.parse_args(argv[:1])
+        setattr(args, PASS_THROUGH[argv[0]], argv[1:])
+        return args.func(args)
+    args = parser.parse_args(argv)
     return args.func(args)
 
 

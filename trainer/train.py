@@ -7,10 +7,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
 from modeling_beagle import BeagleModel
 
+from .assets import load_target, resolve_dataset_arg
 from .beagle_trainer import BeagleTrainer, BeagleTrainingArguments
 from .data import build_dataset
 
@@ -62,11 +63,9 @@ def main(argv: list[str] | None = None) -> str:
     model_args, data_args, training_args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model_args.target_dtype]
-    load = dict(gguf_file=model_args.gguf_file) if model_args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_args.target_model, **load)
-    target = AutoModelForCausalLM.from_pretrained(model_args.target_model, dtype=dtype, **load)
+    target, tokenizer = load_target(model_args.target_model, dtype, gguf_file=model_args.gguf_file)
 
-    dataset, report = build_dataset(data_args.dataset, tokenizer, data_args.max_length, data_args.max_records)
+    dataset, report = build_dataset(resolve_dataset_arg(data_args.dataset), tokenizer, data_args.max_length, data_args.max_records)
     print(f"[beagle train] data: {report.summary()}")
     eval_size = min(data_args.eval_records, max(len(dataset) // 10, 1)) if len(dataset) > 1 else 0
     split = dataset.train_test_split(test_size=eval_size, seed=training_args.seed) if eval_size else None
