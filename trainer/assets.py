@@ -270,10 +270,12 @@ def resolve_model(name: str, prefer_hub: bool = True) -> Path:
     return folder
 
 
-def load_target(name: str, dtype=None, device=None, gguf_file: str | None = None):
+def load_target(name: str, dtype=None, device=None, gguf_file: str | None = None,
+                attn_implementation: str | None = None):
     """(model, tokenizer) for a target named by Hub id or folder, through `resolve_model`, in eval mode.
 
-    `gguf_file` loads that GGUF file inside the folder `name` instead (dequantized by transformers at every load).
+    `attn_implementation="auto"` picks eager on CPU (for padded batches: sdpa's masked CPU path is several times
+    slower there) and transformers' default elsewhere. `gguf_file` loads that GGUF file inside the folder `name` instead (dequantized by transformers at every load).
     The model's `name_or_path` stays the name asked for (the Hub id), so what a draft or cache records is portable.
     """
     import torch
@@ -282,6 +284,11 @@ def load_target(name: str, dtype=None, device=None, gguf_file: str | None = None
     folder = name if gguf_file else resolve_model(name)
     load = dict(gguf_file=gguf_file) if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **load)
+    if attn_implementation == "auto":
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        attn_implementation = "eager" if on_cpu else None
+    if attn_implementation:
+        load["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **load).eval()
     if device is not None:
         model.to(device)

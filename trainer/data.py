@@ -133,13 +133,13 @@ def tokenize_messages(tokenizer, messages: list[dict], max_length: int, use_temp
             ids += piece
             mask += [int(message["role"] == "assistant")] * len(piece)
         return ids[:max_length], mask[:max_length]
-    ids = _render(tokenizer, messages)
+    ids = render_chat(tokenizer, messages)
     mask = [0] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(_render(tokenizer, messages[: i + 1]))
+        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(render_chat(tokenizer, messages[: i + 1]))
         for j in range(start, min(end, len(ids))):
             mask[j] = 1
         if start >= max_length:
@@ -147,7 +147,8 @@ def tokenize_messages(tokenizer, messages: list[dict], max_length: int, use_temp
     return ids[:max_length], mask[:max_length]
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> list[int]:
+def render_chat(tokenizer, messages, add_generation_prompt=False) -> list[int]:
+    """Token ids of `messages` through the chat template (transformers 5 may return a BatchEncoding: unwrapped)."""
     if not messages:
         return []
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataReport, read_records, to_messages
+from .data import DataReport, read_records, render_chat, to_messages
 
 
 @dataclass
@@ -27,6 +27,9 @@ class RegenerateArguments:
     max_prompt_tokens: int = field(default=1024, metadata={"help": "longer prompts are skipped"})
     max_records: int | None = field(default=None, metadata={"help": "regenerate at most this many conversations"})
     temperature: float = field(default=0.0, metadata={"help": "0 for greedy, else sampling temperature"})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "the target's attention kernel; auto: eager on CPU (left-padded batches run ~5x faster than with "
+                "sdpa's masked CPU path, measured with SmolLM2-135M), transformers' default elsewhere"})
 
 
 def _completed_lines(path: str) -> int:
@@ -70,7 +73,7 @@ def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max
         if first is None or first == 0:
             report.skipped["conversations without a prompt before an assistant turn"] += 1
             continue
-        if len(tokenizer.apply_chat_template(messages[:first], add_generation_prompt=True)) > max_prompt_tokens:
+        if len(render_chat(tokenizer, messages[:first], add_generation_prompt=True)) > max_prompt_tokens:
             report.skipped["prompts longer than max_prompt_tokens"] += 1
             continue
         prompts.append(messages[:first])
