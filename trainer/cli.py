@@ -1,4 +1,4 @@
-"""The `beagle` command: `env`, `assets`, `inspect`, `train`, `regenerate`, `bench`, `card`, `push`."""
+"""The `beagle` command: `env`, `assets`, `demo`, `inspect`, `train`, `regenerate`, `bench`, `card`, `push`."""
 
 import argparse
 import json
@@ -42,6 +42,12 @@ def _cmd_assets(args: argparse.Namespace) -> int:
         print(f"beagle assets: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -136,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_assets.add_argument("names", nargs="*", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct, sharegpt, mt-bench, "
                                                    "humaneval")
     p_assets.set_defaults(func=_cmd_assets)
+    p_demo = sub.add_parser("demo", help="answer an MT-bench question with and without the shipped Beagle; print "
+                                         "the speedup and tau")
+    from .demo import add_arguments as demo_arguments
+
+    demo_arguments(p_demo)
+    p_demo.set_defaults(func=_cmd_demo)
     p_inspect = sub.add_parser("inspect", help="load a Beagle checkpoint folder and print a summary")
     p_inspect.add_argument("checkpoint", help="path of a saved Beagle checkpoint folder")
     p_inspect.set_defaults(func=_cmd_inspect)

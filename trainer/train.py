@@ -2,7 +2,9 @@
 
 import logging
 import os
+import platform
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -14,6 +16,8 @@ from modeling_beagle import BeagleModel
 from .assets import load_target, resolve_dataset_arg
 from .beagle_trainer import BeagleTrainer, BeagleTrainingArguments
 from .data import build_dataset
+from .offline_cache import build_offline_cache
+from .regenerate import regenerate
 
 logger = logging.getLogger("beagle.train")
 
@@ -36,6 +40,17 @@ class BeagleDataArguments:
     max_length: int = field(default=1024, metadata={"help": "truncate tokenized conversations to this length"})
     max_records: int | None = field(default=None, metadata={"help": "use at most this many records"})
     eval_records: int = field(default=32, metadata={"help": "held-out records for the α-per-position evaluation"})
+    regenerate: bool = field(default=False, metadata={
+        "help": "first rewrite the first assistant turn of each conversation with the target itself (greedy, "
+                "batched, resumable) into <output_dir>/regenerated.jsonl, and train on that"})
+    regenerate_records: int | None = field(default=None, metadata={"help": "conversations to regenerate"})
+    regenerate_batch_size: int = field(default=32, metadata={"help": "prompts generated together"})
+    regenerate_max_new_tokens: int = field(default=256, metadata={"help": "length limit of a regenerated reply"})
+    regenerate_max_prompt_tokens: int = field(default=256, metadata={"help": "longer prompts are skipped"})
+    offline_cache_dir: str | None = field(default=None, metadata={
+        "help": "run the target once over the data into this folder (states + top-k soft labels over the draft "
+                "vocabulary; resumable) and train from it instead of running the target at every step"})
+    offline_topk: int = field(default=32, metadata={"help": "soft-label probabilities kept per supervised token"})
 
 
 def parse(argv: list[str]):
@@ -59,36 +74,100 @@ def frequent_tokens(dataset, size: int, vocab_size: int) -> torch.Tensor:
     return torch.tensor(sorted(chosen))
 
 
-def main(argv: list[str] | None = None) -> str:
-    model_args, data_args, training_args = parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model_args.target_dtype]
-    target, tokenizer = load_target(model_args.target_model, dtype, gguf_file=model_args.gguf_file)
+def record_training(trainer, model_args, data_args, report, wall_s: float, argv: list[str]) -> dict:
+    """Add this run to the draft config's `training_record` (kept across `--init_from` continuations, so the
+    checkpoint and its model card state the total compute): wall time, optimizer steps, supervised token-updates
+    (supervised tokens per batch x steps, one per position and stage-2 step counted once), data and settings."""
+    config = trainer.beagle.config
+    args = trainer.args
+    record = dict(getattr(config, "training_record", None) or {})
+    runs = list(record.get("runs", []))
+    steps = trainer.state.global_step
+    supervised_per_step = report.supervised_tokens / max(report.kept, 1) * args.per_device_train_batch_size * \
+        args.gradient_accumulation_steps * max(args.world_size, 1)
+    runs.append({
+        "command": "beagle train " + " ".join(argv),
+        "target": model_args.target_model, "target_dtype": model_args.target_dtype,
+        "dataset": data_args.dataset, "regenerated": data_args.regenerate, "data": report.summary(),
+        "train_records": report.kept, "supervised_tokens": report.supervised_tokens,
+        "max_length": data_args.max_length, "offline_cache": bool(data_args.offline_cache_dir),
+        "steps": steps, "stage1_ratio": args.stage1_ratio, "learning_rate": args.learning_rate,
+        "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1),
+        "bf16": args.bf16, "token_updates": int(round(supervised_per_step * steps)), "wall_s": round(wall_s, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}"
+                                                                     if torch.cuda.is_available() else ""),
+    })
+    record.update(runs=runs, total_wall_s=round(sum(r["wall_s"] for r in runs), 1),
+                  total_token_updates=sum(r["token_updates"] for r in runs),
+                  total_steps=sum(r["steps"] for r in runs))
+    config.training_record = record
+    return record
 
-    dataset, report = build_dataset(resolve_dataset_arg(data_args.dataset), tokenizer, data_args.max_length, data_args.max_records)
-    print(f"[beagle train] data: {report.summary()}")
+
+def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleModel:
+    """The draft `beagle train` trains: `--init_from` a checkpoint, or fresh from the target (with a reduced draft
+    vocabulary: the most frequent assistant tokens of the training data)."""
+    if model_args.init_from:
+        return BeagleModel.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation)
+    beagle = BeagleModel.from_target(target, attn_implementation=model_args.attn_implementation,
+                                     target_layer_ids=model_args.target_layer_ids,
+                                     draft_vocab_size=model_args.draft_vocab_size,
+                                     target_model_name_or_path=model_args.target_model)
+    if model_args.draft_vocab_size:
+        beagle.set_draft_vocabulary(frequent_tokens(train_data, model_args.draft_vocab_size, beagle.config.vocab_size))
+    return beagle
+
+
+def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTrainer, name: str = "beagle",
+                 label: str = "Beagle") -> str:
+    """Parse `beagle train`'s arguments, load the target and the data, build the draft with
+    `make_draft(target, model_args, train_data)`, train it with `trainer_class` (a `BeagleTrainer`), evaluate and save
+    it to `<output_dir>/<name>` (`label` names the draft in messages). `beagle train` and the benchmark baselines
+    (benchmarks/eagle2_draft.py) share this code path."""
+    model_args, data_args, training_args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.time()
+    tag = f"[{name} train]"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model_args.target_dtype]
+    # The target only ever runs on padded batches here: "auto" takes eager attention on CPU (see load_target).
+    target, tokenizer = load_target(model_args.target_model, dtype, gguf_file=model_args.gguf_file,
+                                    attn_implementation="auto")
+
+    source = resolve_dataset_arg(data_args.dataset)
+    if data_args.regenerate:
+        regenerated = os.path.join(training_args.output_dir, "regenerated.jsonl")
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        regen_report = regenerate(target, tokenizer, source, regenerated, data_args.regenerate_batch_size,
+                                  data_args.regenerate_max_new_tokens, data_args.regenerate_max_prompt_tokens,
+                                  data_args.regenerate_records)
+        print(f"{tag} regenerated replies: {regen_report.summary()} -> {regenerated}")
+        source = regenerated
+    dataset, report = build_dataset(source, tokenizer, data_args.max_length, data_args.max_records)
+    print(f"{tag} data: {report.summary()}")
     eval_size = min(data_args.eval_records, max(len(dataset) // 10, 1)) if len(dataset) > 1 else 0
     split = dataset.train_test_split(test_size=eval_size, seed=training_args.seed) if eval_size else None
     train_data, eval_data = (split["train"], split["test"]) if split else (dataset, None)
 
-    if model_args.init_from:
-        beagle = BeagleModel.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation)
-    else:
-        beagle = BeagleModel.from_target(target, attn_implementation=model_args.attn_implementation,
-                                         target_layer_ids=model_args.target_layer_ids,
-                                         draft_vocab_size=model_args.draft_vocab_size,
-                                         target_model_name_or_path=model_args.target_model)
-        if model_args.draft_vocab_size:
-            beagle.set_draft_vocabulary(frequent_tokens(train_data, model_args.draft_vocab_size,
-                                                        beagle.config.vocab_size))
-    trainer = BeagleTrainer(model=beagle, args=training_args, target_model=target, train_dataset=train_data,
+    draft = make_draft(target, model_args, train_data)
+    if data_args.offline_cache_dir:
+        # The draft's vocabulary is fixed now: the cache stores soft labels over it (and refuses another one).
+        train_data, eval_data = (
+            None if part is None else build_offline_cache(target, draft, part, os.path.join(data_args.offline_cache_dir, which),
+                                                          topk=data_args.offline_topk)
+            for which, part in (("train", train_data), ("eval", eval_data)))
+    trainer = trainer_class(model=draft, args=training_args, target_model=target, train_dataset=train_data,
                             eval_dataset=eval_data)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if eval_data is not None:
         metrics = trainer.evaluate()
         alphas = [f"{metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("eval_alpha_step_")]
-        print(f"[beagle train] held-out alpha per draft step: {' / '.join(alphas)}")
-    final = os.path.join(training_args.output_dir, "beagle")
+        print(f"{tag} held-out alpha per draft step: {' / '.join(alphas)}")
+    final = os.path.join(training_args.output_dir, name)
+    record_training(trainer, model_args, data_args, report, time.time() - started, argv)
     trainer.save_model(final)
-    print(f"[beagle train] saved the Beagle checkpoint to {final}")
+    print(f"{tag} saved the {label} checkpoint to {final}")
     return final
+
+
+def main(argv: list[str] | None = None) -> str:
+    return run_training(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,677 @@
+"""The model card (README.md) of a Beagle checkpoint: Hub metadata, usage, training recipe, results, limitations.
+
+    text = render_model_card("runs/beagle/beagle", bench_results="bench/results.json", repo_id="me/beagle-smollm2")
+    path = write_model_card("runs/beagle/beagle", bench_results="bench/results.json", repo_id="me/beagle-smollm2")
+
+Everything comes from the checkpoint's `config.json` (the target, the architecture, the training options recorded
+by `BeagleTrainer`, an optional `training_record`) and from the JSON `beagle bench` writes:
+
+    {"machine": {...}, "settings": {...},
+     "results": [{"prompt_set": "mt-bench", "temperature": 0.0, "dtype": "bfloat16", "method": "beagle-tree",
+                  "tau": 3.1, "tokens_per_s": 40.2, "speedup": 2.1, "peak_memory_mb": 700,
+                  "acceptance_per_position": [...], "identical_share": 1.0}, ...],
+     "markdown_table": "...", "plots": ["speedup.png", ...]}            # both optional; plots relative to the JSON
+
+The metadata block is built with `huggingface_hub.ModelCardData` and `EvalResult`, so the card parses with
+`huggingface_hub.ModelCard` and its `model-index` with `model_index_to_eval_results`: one result per (prompt set,
+temperature, dtype), with τ, speedup and tokens/s of every Beagle method measured there (baselines stay in the table).
+"""
+
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LICENSE = "apache-2.0"
+PAPER_URL = "https://arxiv.org/abs/2505.24544"
+TAGS = ["speculative-decoding", "beagle", "eagle", "draft-model", "assisted-generation", "custom_generate"]
+BEAGLE_METHOD_PREFIX = "beagle"  # bench methods whose numbers are this model's (the rest are baselines)
+REQUIRED_RESULT_FIELDS = ("prompt_set", "temperature", "dtype", "method")
+DEFAULT_MAX_NEW_TOKENS = 128
+UNTRUSTED_STATUSES = ("invalid", "suspect")  # bench verdicts on outputs that differ from plain decoding
+SHORT_SETTING_CHARS = 64
+
+PROMPT_SET_NAMES = {"mt-bench": "MT-Bench", "humaneval": "HumanEval", "gsm8k": "GSM8K", "alpaca": "Alpaca",
+                    "sharegpt": "ShareGPT"}
+
+# (metric type in the model-index, key in a bench result, display name)
+MODEL_INDEX_METRICS = (
+    ("tau", "tau", "τ (tokens per target forward)"),
+    ("speedup", "speedup", "speedup over plain generate"),
+    ("tokens_per_second", "tokens_per_s", "tokens/s"),
+)
+
+
+class BeagleCardError(ValueError):
+    """A checkpoint folder or bench-results file cannot make a model card, or a checkpoint cannot be pushed."""
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def read_beagle_config(checkpoint_dir: str | os.PathLike) -> dict:
+    """The checkpoint's `config.json` as a dict, checked to be a Beagle config with `auto_map` for remote code."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not Path(checkpoint_dir).is_dir():
+        raise BeagleCardError(f"checkpoint {checkpoint_dir}: expected a Beagle checkpoint folder, found no such "
+                              "directory.")
+    if not path.is_file():
+        raise BeagleCardError(f"{path}: expected the checkpoint's config.json, found no such file (save the model "
+                              "with `BeagleModel.save_pretrained`).")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BeagleCardError(f"{path}: expected a JSON object, found unparsable text ({error}).") from None
+    if not isinstance(config, dict):
+        raise BeagleCardError(f"{path}: expected a JSON object, found {type(config).__name__}.")
+    if config.get("model_type") != "beagle":
+        raise BeagleCardError(f"{path}: `model_type` expected 'beagle', found {config.get('model_type')!r}.")
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict) or "AutoModel" not in auto_map:
+        raise BeagleCardError(f"{path}: `auto_map` expected an entry for AutoModel (remote code for "
+                              f"`AutoModel.from_pretrained(..., trust_remote_code=True)`), found {auto_map!r}; "
+                              "re-save the model with `BeagleModel.save_pretrained`.")
+    return config
+
+
+def _check_hub_model_id(value: str, where: str) -> str:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    looks_local = os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise BeagleCardError(f"{where}: expected a Hugging Face Hub model id (`owner/name`), found {value!r}, "
+                              "which looks like a local path; pass the target's Hub id (`base_model=` / "
+                              "`--base-model`).")
+    return value
+
+
+def load_bench_results(bench_results: dict | str | os.PathLike | None,
+                       bench_dir: str | os.PathLike | None = None) -> tuple[dict | None, Path]:
+    """The bench results as a dict (or None) and the folder its plot file names are relative to.
+
+    A path is read as JSON (its folder holds the plots); a dict is taken as it is (plots relative to `bench_dir`, else
+    the working directory). Each entry of `results` must name its prompt set, temperature, dtype and method.
+    """
+    base = Path(bench_dir) if bench_dir is not None else Path.cwd()
+    if bench_results is None:
+        return None, base
+    if isinstance(bench_results, (str, os.PathLike)):
+        path = Path(bench_results)
+        if not path.is_file():
+            raise BeagleCardError(f"bench results {path}: expected the JSON file `beagle bench` writes, found no "
+                                  "such file.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BeagleCardError(f"bench results {path}: expected JSON, found unparsable text ({error}).") from None
+        base = Path(bench_dir) if bench_dir is not None else path.parent
+        where = str(path)
+    elif isinstance(bench_results, dict):
+        data, where = bench_results, "bench results"
+    else:
+        raise BeagleCardError(f"bench results: expected a dict, a JSON file path or None, found "
+                              f"{type(bench_results).__name__}.")
+    if not isinstance(data, dict):
+        raise BeagleCardError(f"{where}: expected a JSON object with `results`, found {type(data).__name__}.")
+    results = data.get("results", [])
+    if not isinstance(results, list):
+        raise BeagleCardError(f"{where}: `results` expected a list, found {type(results).__name__}.")
+    for i, row in enumerate(results):
+        if not isinstance(row, dict):
+            raise BeagleCardError(f"{where}: `results[{i}]` expected an object, found {type(row).__name__}.")
+        missing = [field for field in REQUIRED_RESULT_FIELDS if row.get(field) is None]
+        if missing:
+            raise BeagleCardError(f"{where}: `results[{i}]` expected fields {list(REQUIRED_RESULT_FIELDS)}, found "
+                                  f"{missing} missing.")
+        try:
+            float(row["temperature"])
+        except (TypeError, ValueError):
+            raise BeagleCardError(f"{where}: `results[{i}].temperature` expected a number, found "
+                                  f"{row['temperature']!r}.") from None
+    return data, base
+
+
+def resolve_plots(bench: dict | None, base: Path) -> list[Path]:
+    """The plot files the bench results name that exist (missing ones are skipped with a warning)."""
+    if not bench:
+        return []
+    plots = bench.get("plots") or []
+    if isinstance(plots, str):
+        plots = [plots]
+    found = []
+    for name in plots:
+        path = Path(name) if os.path.isabs(name) else base / name
+        if path.is_file():
+            found.append(path)
+        else:
+            logger.warning("bench results name the plot %s, but %s does not exist: left out of the card", name, path)
+    return found
+
+
+def _known_datasets() -> dict[str, str]:
+    """Named data sets of `trainer.assets` → their Hub dataset ids (empty when the trainer is not importable)."""
+    try:
+        from trainer.assets import DATASETS
+    except ImportError:
+        return {}
+    return {name: asset.hub_dataset for name, asset in DATASETS.items()}
+
+
+def _training_record(config: dict, training: dict | None) -> dict:
+    record = {}
+    for key in ("training_record", "training"):
+        if isinstance(config.get(key), dict):
+            record.update(config[key])
+    if training:
+        record.update(training)
+    return record
+
+
+def _hub_datasets(record: dict, datasets: str | list[str] | None) -> list[str] | None:
+    if datasets:
+        return [datasets] if isinstance(datasets, str) else list(datasets)
+    if record.get("datasets"):
+        value = record["datasets"]
+        return [value] if isinstance(value, str) else [str(v) for v in value]
+    known = _known_datasets()
+    for key in ("dataset", "data"):
+        value = record.get(key)
+        name = value.get("name") if isinstance(value, dict) else value
+        if isinstance(name, str) and name in known:
+            return [known[name]]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- formatting
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return "—" if not math.isfinite(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _metric(value: Any, digits: int = 2) -> str:
+    """A measured number, always with `digits` decimals ("—" when absent or not finite)."""
+    return f"{float(value):.{digits}f}" if _finite_number(value) else "—"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return str(seconds)
+    seconds = float(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours >= 1:
+        return f"{int(hours)} h {int(minutes)} min"
+    if minutes >= 1:
+        return f"{int(minutes)} min {int(secs)} s"
+    return f"{secs:.1f} s"
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _prompt_set_name(prompt_set: str) -> str:
+    return PROMPT_SET_NAMES.get(prompt_set, prompt_set)
+
+
+def _group_key(row: dict) -> tuple[str, float, str]:
+    return str(row["prompt_set"]), float(row["temperature"]), str(row["dtype"])
+
+
+def _grouped(results: list[dict]) -> dict[tuple[str, float, str], list[dict]]:
+    groups: dict[tuple[str, float, str], list[dict]] = {}
+    for row in results:
+        groups.setdefault(_group_key(row), []).append(row)
+    return groups
+
+
+def _is_beagle_method(method: Any) -> bool:
+    return str(method).lower().startswith(BEAGLE_METHOD_PREFIX)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checkpoint_tensors(checkpoint_dir: Path) -> tuple[int, int] | None:
+    """(number of values, bytes) of the tensors in the checkpoint's safetensors file(s), read from their headers."""
+    files = [checkpoint_dir / "model.safetensors"]
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = json.loads(index.read_text())["weight_map"].values()
+            files = [checkpoint_dir / name for name in sorted(set(shards))]
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            return None
+    count = size = 0
+    for file in files:
+        try:
+            with open(file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            count += math.prod(entry["shape"])
+            size += entry["data_offsets"][1] - entry["data_offsets"][0]
+    return count, size
+
+
+# ------------------------------------------------------------------------------------------------- metadata
+def _short_settings(settings: dict | None) -> dict:
+    """The scalar settings short enough for a metadata field or a one-line summary (numbers, flags, short names)."""
+    return {k: v for k, v in (settings or {}).items()
+            if (isinstance(v, str) and len(v) <= SHORT_SETTING_CHARS) or isinstance(v, bool) or _finite_number(v)}
+
+
+def eval_results_from_bench(bench: dict | None) -> list[EvalResult]:
+    """One model-index result per (prompt set, temperature, dtype), with τ, speedup and tokens/s of each Beagle
+    method measured there (`metric_config` names the method). Baselines (plain, prompt lookup, ...) are left out, and
+    so are measurements the bench marked invalid or suspect (outputs that differ from plain decoding)."""
+    if not bench:
+        return []
+    known = _known_datasets()
+    settings = _short_settings(bench.get("settings"))
+    eval_results = []
+    for (prompt_set, temperature, dtype), rows in _grouped(bench.get("results") or []).items():
+        for row in rows:
+            if not _is_beagle_method(row["method"]) or row.get("status") in UNTRUSTED_STATUSES:
+                continue
+            method = str(row["method"])
+            for metric_type, key, display in MODEL_INDEX_METRICS:
+                value = row.get(key)
+                if not _finite_number(value):
+                    continue
+                eval_results.append(EvalResult(
+                    task_type="text-generation",
+                    task_name="Speculative decoding",
+                    dataset_type=known.get(prompt_set, prompt_set),
+                    dataset_name=_prompt_set_name(prompt_set),
+                    dataset_config=f"temperature-{temperature:g}-{dtype}",
+                    dataset_args={**settings, "temperature": temperature, "dtype": dtype},
+                    metric_type=metric_type,
+                    metric_value=value,
+                    metric_name=f"{display}, {method}",
+                    metric_config=method,
+                ))
+    return eval_results
+
+
+def build_card_data(config: dict, bench: dict | None, model_name: str, *, license: str = DEFAULT_LICENSE,
+                    datasets: str | list[str] | None = None, base_model: str | None = None,
+                    training: dict | None = None) -> ModelCardData:
+    """The card's YAML metadata as `huggingface_hub.ModelCardData`."""
+    target = base_model or config.get("target_model_name_or_path")
+    if not target:
+        raise BeagleCardError("config.json: `target_model_name_or_path` expected the target's Hub id, found "
+                              f"{target!r}; pass `base_model=` (`--base-model`).")
+    target = _check_hub_model_id(target, "config.json `target_model_name_or_path`" if not base_model else "base_model")
+    tags = list(TAGS)
+    if config.get("target_model_type"):
+        tags.append(str(config["target_model_type"]))
+    eval_results = eval_results_from_bench(bench) or None
+    return ModelCardData(
+        base_model=target,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license,
+        datasets=_hub_datasets(_training_record(config, training), datasets),
+        tags=tags,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- sections
+def usage_snippet(target_id: str, beagle_id: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
+    """Python that loads the target and this draft (remote code) and runs both speculative decoding paths."""
+    return f'''import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+target_id = {json.dumps(target_id)}
+beagle_id = {json.dumps(beagle_id)}
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.float32  # or torch.bfloat16; the draft and the target run in one dtype
+
+tokenizer = AutoTokenizer.from_pretrained(target_id)
+target = AutoModelForCausalLM.from_pretrained(target_id, dtype=dtype).to(device).eval()
+# Importing the remote code also installs Beagle's (idempotent, version-guarded) hook into `generate`.
+beagle = AutoModel.from_pretrained(beagle_id, trust_remote_code=True, dtype=dtype).to(device).eval()
+beagle.bind_target(target)  # shares the target's embedding and lm_head by reference
+
+messages = [{{"role": "user", "content": "Explain speculative decoding in two sentences."}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+ids = inputs["input_ids"].to(device)
+
+# transformers' assisted generation with Beagle as the draft (batch size 1, adaptive chain drafts):
+# greedy output is token for token what `target.generate(ids, do_sample=False)` gives.
+out = target.generate(ids, assistant_model=beagle, max_new_tokens={max_new_tokens}, do_sample=False)
+print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+print("tokens per target forward:", beagle.generation_stats.to_dict()["tau"])
+
+# Beagle's own loop with dynamic draft trees (also batches of padded prompts), from this repo's custom_generate/.
+out = target.generate(ids, custom_generate=beagle_id, assistant_model=beagle, trust_remote_code=True,
+                      max_new_tokens={max_new_tokens}, do_sample=False)
+print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+'''
+
+
+def _model_details(config: dict, checkpoint_dir: Path, target: str) -> str:
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    vocab = config.get("vocab_size")
+    draft_vocab = config.get("draft_vocab_size")
+    rows = [
+        ["target", f"[{target}](https://huggingface.co/{target})"
+         + (f" ({config['target_model_type']})" if config.get("target_model_type") else "")],
+        ["hidden size", _num(config.get("hidden_size"))],
+        ["attention heads / kv heads / head dim", f"{_num(heads)} / {_num(kv_heads)} / {_num(config.get('head_dim'))}"],
+        ["MLP size", _num(config.get("intermediate_size"))],
+        ["target layers read (`target_layer_ids`)", _cell(config.get("target_layer_ids", [-1]))],
+        ["draft vocabulary", f"{_num(draft_vocab)} most frequent of {_num(vocab)} target tokens" if draft_vocab
+         else f"the target's full vocabulary ({_num(vocab)})"],
+        ["carries the target's embedding and head", _num(bool(config.get("carry_target_embeddings", False)))],
+        ["draft length (start / max, schedule)", f"{_num(config.get('num_draft_tokens'))} / "
+         f"{_num(config.get('max_draft_tokens'))}, {config.get('draft_schedule', 'adaptive')}"],
+    ]
+    tensors = _checkpoint_tensors(checkpoint_dir)
+    if tensors is not None:
+        rows.append(["checkpoint tensors", f"{tensors[0]:,} values ({tensors[1] / 2**20:.1f} MiB, safetensors)"])
+    if config.get("dtype"):
+        rows.append(["saved dtype", str(config["dtype"])])
+    return _table(["", "value"], rows)
+
+
+def training_recipe(config: dict, record: dict) -> str:
+    """The "Training recipe" section body: the method options from the config and the training record, if any."""
+    window = config.get("stage1_window")
+    offsets = config.get("offset_range")
+    noise = config.get("noise_type", "uniform")
+    rows = [
+        ["stage 1 window k (`stage1_window`)", _num(window)],
+        ["stage 2 simulation steps S (`stage2_steps`)", _num(config.get("stage2_steps"))],
+        ["random window offsets", f"[0, {offsets if offsets is not None else 'k'})"],
+        ["state-regression weight λ_v (`smooth_l1_weight`)", _num(config.get("smooth_l1_weight"), 3)],
+        ["noise on target states",
+         "none" if noise == "none" else f"{noise}, scale {_num(config.get('noise_scale'), 3)}"],
+        ["stage 2 gradient through draft states", _num(bool(config.get("grad_through_draft_states", False)))],
+    ]
+    parts = [
+        "Two-Stage Block-Attention Training ([Budget EAGLE](" + PAPER_URL + ")) against the frozen target: stage 1 "
+        "trains every offset of a window of k positions in one forward with the inverse block mask (loss = soft-label "
+        "cross-entropy + λ_v · SmoothL1 on the predicted state); stage 2 runs S in-place simulation steps in which "
+        "the draft reads its own earlier states, as it does at inference.",
+        "",
+        _table(["option", "value"], rows),
+    ]
+    record = dict(record)
+    if not record:
+        parts += ["", "No training record was saved with this checkpoint (command, data, wall time)."]
+        return "\n".join(parts)
+    command = record.pop("command", None)
+    if command:
+        text = shlex.join(str(c) for c in command) if isinstance(command, (list, tuple)) else str(command)
+        parts += ["", "Command:", "", "```bash", text, "```"]
+    facts = []
+    for key in ("wall_time_s", "total_wall_time_s", "wall_time"):
+        if key in record:
+            facts.append(["total wall time", _duration(record.pop(key))])
+    for key in ("token_updates", "supervised_token_updates"):
+        if key in record:
+            facts.append(["supervised token-updates", _num(record.pop(key))])
+    for key in ("data", "dataset"):
+        if key in record:
+            value = record.pop(key)
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}: {_num(v)}" for k, v in value.items())
+            facts.append(["data", _cell(value)])
+    for key in ("hardware", "machine"):
+        if key in record:
+            value = record.pop(key)
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}: {v}" for k, v in value.items())
+            facts.append(["hardware", _cell(value)])
+    stages = record.pop("stages", None)
+    record.pop("datasets", None)  # in the metadata
+    facts += [[f"`{key}`", _cell(value)] for key, value in record.items()]
+    if facts:
+        parts += ["", _table(["recorded", "value"], facts)]
+    if isinstance(stages, dict):
+        stages = [{"stage": name, **(value if isinstance(value, dict) else {"value": value})}
+                  for name, value in stages.items()]
+    if isinstance(stages, list) and stages and all(isinstance(s, dict) for s in stages):
+        columns = list(dict.fromkeys(key for stage in stages for key in stage))
+        header = [c[:-2] if c.endswith("_s") else c for c in columns]
+        parts += ["", "Stages:", "", _table(header, [[_duration(s[c]) if c.endswith("_s") and c in s
+                                                        else _num(s.get(c), 4) for c in columns] for s in stages])]
+    return "\n".join(parts)
+
+
+def results_section(bench: dict | None, plots: list[Path]) -> str:
+    """The "Results" section body: one table per (prompt set, temperature, dtype), methods as rows, then the plots."""
+    if not bench:
+        return ("No benchmark results were given when this card was rendered: run `beagle bench` and "
+                "`beagle card CHECKPOINT --bench-results results.json`.")
+    parts = []
+    machine = _short_settings(bench.get("machine"))
+    settings = _short_settings(bench.get("settings"))
+    notes = {k: v for k, v in (bench.get("settings") or {}).items() if isinstance(v, str) and k not in settings}
+    if machine:
+        parts += ["Measured on " + ", ".join(f"{k}: {_num(v)}" for k, v in machine.items()) + "."]
+    if settings:
+        parts += ["", "Settings: " + ", ".join(f"{k}: {_num(v)}" for k, v in settings.items()) + "."]
+    if notes:
+        parts += [""] + [f"- {k}: {v}" for k, v in notes.items()]
+    parts += ["", "τ counts the tokens produced per target forward (the bonus token included); speedup is tokens/s "
+              "over plain `generate` on the same target and settings, measured in the same run; \"identical\" is "
+              "the share of prompts whose output equals plain greedy decoding token for token."]
+    results = bench.get("results") or []
+    flagged = [r for r in results if r.get("status") in UNTRUSTED_STATUSES]
+    if flagged:
+        parts += ["", "**Flagged by the bench** (outputs that differ from plain decoding; left out of the metadata): "
+                  + "; ".join(f"{r['prompt_set']} {r['dtype']} T={float(r['temperature']):g} {r['method']}: "
+                              f"{r['status']}" for r in flagged) + "."]
+    with_status = any(r.get("status") for r in results)
+    header = ["method", "τ", "tokens/s", "speedup", "peak memory (MB)", "identical", "acceptance per position"]
+    header += ["status"] if with_status else []
+    for (prompt_set, temperature, dtype), rows in _grouped(results).items():
+        table_rows = []
+        for row in rows:
+            acceptance = row.get("acceptance_per_position") or []
+            acceptance_text = " / ".join(_metric(a) for a in acceptance[:8]) + (" / …" if len(acceptance) > 8 else "")
+            method = str(row["method"])
+            table_rows.append([f"**{_cell(method)}**" if _is_beagle_method(method) else _cell(method),
+                               _metric(row.get("tau")), _metric(row.get("tokens_per_s"), 1),
+                               _metric(row.get("speedup")) + ("×" if _finite_number(row.get("speedup")) else ""),
+                               _metric(row.get("peak_memory_mb"), 0), _metric(row.get("identical_share")),
+                               acceptance_text or "—"] + ([str(row.get("status") or "—")] if with_status else []))
+        parts += ["", f"### {_prompt_set_name(prompt_set)}, temperature {temperature:g}, {dtype}", "",
+                  _table(header, table_rows)]
+    if not results and bench.get("markdown_table"):
+        parts += ["", str(bench["markdown_table"]).strip()]
+    for plot in plots:
+        parts += ["", f"![{plot.stem.replace('_', ' ')}]({plot.name})"]
+    return "\n".join(parts)
+
+
+LIMITATIONS = """\
+- **Lossless, not approximate.** Greedy output is token for token what the target alone produces, and sampled output
+  has exactly the target's distribution (after the same temperature / top-k / top-p / penalties). The draft changes
+  only the speed. It must be used with the target it was trained for: `bind_target` refuses a target whose hidden
+  size, head layout, vocabulary or rotary settings differ.
+- **bf16 near-ties.** Verifying k tokens in one forward rounds differently from decoding them one at a time. In
+  bfloat16 this can flip a near-tie between two tokens, so a few bf16 outputs may differ from plain bf16 decoding
+  (the "identical" column); in float32 they are identical.
+- **Batch size 1 on the assisted path.** `target.generate(ids, assistant_model=beagle)` runs inside transformers'
+  assisted-decoding loop, which takes one sequence and chain drafts. Batches of padded prompts and draft trees run
+  through `custom_generate` (Beagle's own loop). Not supported: beam search, `num_return_sequences > 1`, static
+  caches.
+- **Speedup depends on the data and the hardware.** τ falls on text unlike the training data, and the speedup
+  depends on how a target forward's cost grows with the number of verified tokens on your device."""
+
+
+# ------------------------------------------------------------------------------------------------- the card
+def _card_parts(checkpoint_dir: str | os.PathLike, bench_results: dict | str | os.PathLike | None,
+                repo_id: str | None, training: dict | None, license: str, datasets: str | list[str] | None,
+                base_model: str | None, bench_dir: str | os.PathLike | None) -> tuple[str, list[Path]]:
+    checkpoint = Path(checkpoint_dir)
+    config = read_beagle_config(checkpoint)
+    bench, base = load_bench_results(bench_results, bench_dir)
+    plots = resolve_plots(bench, base)
+    if repo_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as error:
+            raise BeagleCardError(f"repo_id: expected a Hub model id (`owner/name`), found {repo_id!r} ({error}).") \
+                from None
+    beagle_id = repo_id or f"./{checkpoint.resolve().name}"
+    model_name = (repo_id or checkpoint.resolve().name).split("/")[-1]
+    record = _training_record(config, training)
+    data = build_card_data(config, bench, model_name, license=license, datasets=datasets, base_model=base_model,
+                           training=training)
+    target = data.base_model
+    max_new_tokens = (bench or {}).get("settings", {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    where = ("" if repo_id else " (run it from the folder that holds this checkpoint, or replace `beagle_id` with "
+             "its Hub id)")
+    body = f"""
+# {model_name}
+
+A [Beagle]({PAPER_URL}) draft model for lossless speculative decoding of
+[{target}](https://huggingface.co/{target}) with 🤗 transformers. Beagle is one transformer block whose attention is
+cross-attention only: its queries are the target's token embeddings, its keys and values the target's top-layer
+hidden states (and, inside a draft round, Beagle's own earlier draft states). The target's lm_head turns Beagle's
+output into draft logits, so the draft adds one block of parameters and nothing else.
+
+## Usage
+
+Needs `transformers` and `torch`; the model code ships in this repository (`trust_remote_code=True`){where}.
+
+```python
+{usage_snippet(target, beagle_id, max_new_tokens).rstrip()}
+```
+
+With the `beagle-spec` package installed, `import modeling_beagle` registers the same classes without remote code.
+
+## Model details
+
+{_model_details(config, checkpoint, target)}
+
+## Training recipe
+
+{training_recipe(config, record)}
+
+## Results
+
+{results_section(bench, plots)}
+
+## Limitations
+
+{LIMITATIONS}
+
+## Citation
+
+Beagle follows "Budget EAGLE" ([arXiv:2505.24544]({PAPER_URL})).
+"""
+    text = f"---\n{data.to_yaml()}\n---\n{body}"
+    ModelCard(text)  # our own output must parse with the Hub's parser (raises on invalid metadata)
+    return text, plots
+
+
+def render_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | str | os.PathLike | None = None,
+                      repo_id: str | None = None, training: dict | None = None, *, license: str = DEFAULT_LICENSE,
+                      datasets: str | list[str] | None = None, base_model: str | None = None,
+                      bench_dir: str | os.PathLike | None = None) -> str:
+    """The README.md text (YAML metadata + Markdown) of the Beagle checkpoint in `checkpoint_dir`.
+
+    Args:
+        checkpoint_dir: a folder written by `BeagleModel.save_pretrained` (config.json with `auto_map`).
+        bench_results: the dict or JSON file `beagle bench` writes, or None (the card then says it has no results).
+        repo_id: the Hub id the checkpoint is published under (used in the usage snippet and as the model name);
+            None refers to the checkpoint folder by its local name.
+        training: a training record (command, wall_time_s, token_updates, data, stages, datasets, ...); merged over
+            a `training_record` stored in config.json.
+        license: the card's license (defaults to apache-2.0; check the target's license).
+        datasets: Hub dataset ids for the metadata (default: from the training record).
+        base_model: the target's Hub id, when config.json records a local path or nothing.
+        bench_dir: the folder plot names of a bench-results dict are relative to (default: working directory).
+
+    Raises `BeagleCardError` naming the file and field when something required is missing or malformed.
+    """
+    text, _ = _card_parts(checkpoint_dir, bench_results, repo_id, training, license, datasets, base_model, bench_dir)
+    return text
+
+
+def write_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | str | os.PathLike | None = None,
+                     repo_id: str | None = None, training: dict | None = None, *, license: str = DEFAULT_LICENSE,
+                     datasets: str | list[str] | None = None, base_model: str | None = None,
+                     bench_dir: str | os.PathLike | None = None, output: str | os.PathLike | None = None) -> Path:
+    """Render the card (see `render_model_card`) and write it to `output` (default: `<checkpoint_dir>/README.md`),
+    atomically (a temporary file in the same folder, then a rename). The plots it references are copied next to it.
+    Returns the path written."""
+    text, plots = _card_parts(checkpoint_dir, bench_results, repo_id, training, license, datasets, base_model,
+                              bench_dir)
+    path = Path(output) if output is not None else Path(checkpoint_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for plot in plots:
+        destination = path.parent / plot.name
+        if destination.resolve() != plot.resolve():
+            shutil.copyfile(plot, destination)
+    handle, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a README is an ordinary readable file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+__all__ = [
+    "BeagleCardError",
+    "DEFAULT_LICENSE",
+    "TAGS",
+    "build_card_data",
+    "eval_results_from_bench",
+    "load_bench_results",
+    "read_beagle_config",
+    "render_model_card",
+    "results_section",
+    "training_recipe",
+    "usage_snippet",
+    "write_model_card",
+]

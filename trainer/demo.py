@@ -1,0 +1,80 @@
+"""`beagle demo`: fetch the target, load the shipped Beagle, answer an MT-bench question with and without it, and print
+the speedup and τ measured on this machine (and whether the two answers are token-identical)."""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_BEAGLE = "checkpoints/beagle-smollm2-135m-instruct"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="target model (Hub id or folder)")
+    parser.add_argument("--beagle", default=DEFAULT_BEAGLE, help="Beagle checkpoint folder (or Hub id)")
+    parser.add_argument("--question", type=int, default=0, help="MT-bench question index (0..79)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="target dtype; float32 gives exact token identity (bf16 can flip near-ties)")
+    parser.add_argument("--mode", choices=["tree", "chain"], default="tree",
+                        help="tree: Beagle's own loop with draft trees; chain: target.generate(assistant_model=...)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (interleaved); medians reported")
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoModel
+
+    from modeling_beagle import beagle_generate  # importing modeling_beagle installs the generate hook
+
+    from .assets import load_prompts, load_target
+
+    dtype = getattr(torch, args.dtype)
+    print(f"[beagle demo] target {args.target} ({args.dtype}), draft {args.beagle}")
+    target, tokenizer = load_target(args.target, dtype=dtype)
+    if Path(args.beagle).is_dir() or "/" in args.beagle:
+        beagle = AutoModel.from_pretrained(args.beagle, trust_remote_code=True)
+    else:
+        raise SystemExit(f"beagle demo: --beagle expected a checkpoint folder or Hub id, found {args.beagle!r}")
+    beagle.bind_target(target)
+    question = load_prompts("mt-bench")[args.question]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question["turns"][0]}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+
+    def plain():
+        return target.generate(ids, **settings)
+
+    def speculative():
+        if args.mode == "chain":
+            return target.generate(ids, assistant_model=beagle, **settings)
+        return target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
+                               beagle=beagle, tree_shape="auto", **settings)
+
+    target.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up (and the auto tree's cost curve below)
+    speculative()
+    times = {"plain": [], "beagle": []}
+    outputs = {}
+    for _ in range(max(args.repeats, 1)):
+        for name, fn in (("plain", plain), ("beagle", speculative)):
+            start = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    stats = beagle.generation_stats
+    plain_s, beagle_s = statistics.median(times["plain"]), statistics.median(times["beagle"])
+    new_tokens = outputs["plain"].shape[1] - ids.shape[1]
+    identical = torch.equal(outputs["plain"], outputs["beagle"])
+    print(f"\nMT-bench question {question['id']} ({question['category']}):\n{question['turns'][0]}\n")
+    print(tokenizer.decode(outputs["beagle"][0, ids.shape[1]:], skip_special_tokens=True))
+    print(f"\n[beagle demo] {new_tokens} new tokens; plain {plain_s:.2f} s ({new_tokens / plain_s:.1f} tok/s), "
+          f"Beagle {args.mode} {beagle_s:.2f} s ({(outputs['beagle'].shape[1] - ids.shape[1]) / beagle_s:.1f} tok/s)")
+    print(f"[beagle demo] speedup {plain_s / beagle_s:.2f}x, tau {stats.tau:.2f} tokens per target forward, "
+          f"acceptance per draft position {[round(a, 2) for a in stats.acceptance_per_position()[:6]]}")
+    print(f"[beagle demo] output identical to plain greedy: {'yes' if identical else 'NO'} ({args.dtype}; "
+          f"medians of {len(times['plain'])} interleaved runs, {torch.get_num_threads()} threads)")
+    if not identical and args.dtype == "float32":
+        print("[beagle demo] error: in float32 the outputs must be identical; please report this.")
+        return 1
+    return 0
