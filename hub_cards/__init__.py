@@ -1,5 +1,6 @@
 """Model cards and publishing of Beagle checkpoints: `render_model_card` / `write_model_card` (`beagle card`) and
-`push_checkpoint` (`beagle push`)."""
+`push_checkpoint` (`beagle push`); `export_checkpoint` (`beagle export`) turns a training output into the
+Hub-ready folder."""
 
 from .card import (
     DEFAULT_LICENSE,
@@ -13,6 +14,7 @@ from .card import (
     usage_snippet,
     write_model_card,
 )
+from .export import export_checkpoint
 from .push import PlannedFile, PushPlan, check_checkpoint_folder, plan_push, push_checkpoint
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "build_card_data",
     "check_checkpoint_folder",
     "eval_results_from_bench",
+    "export_checkpoint",
     "load_bench_results",
     "plan_push",
     "push_checkpoint",

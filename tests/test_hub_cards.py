@@ -353,3 +353,25 @@ def test_cli_card_and_push_dry_run(checkpoint, saved, no_network, capsys):
     assert "beagle push: error:" in capsys.readouterr().err
     assert cli_main(["card", str(checkpoint.parent / "nowhere")]) == 1
     assert "beagle card: error:" in capsys.readouterr().err
+
+
+def test_export_writes_a_pushable_bf16_folder(tmp_path):
+    """`beagle export`: a training output (fp32 weights, the Trainer's pickled training_args.bin) becomes the Hub
+    folder: bf16 safetensors, remote code, custom_generate, no pickle; the weights load back equal after rounding."""
+    from safetensors import safe_open
+
+    target = make_target("llama")
+    trained = BeagleModel.from_target(target, target_model_name_or_path="org/tiny-target")
+    trained.save_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "training_args.bin").write_bytes(b"pickle")
+    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "hub")]) == 0
+    hub = tmp_path / "hub"
+    assert not list(hub.glob("*.bin")) and (hub / "custom_generate" / "generate.py").is_file()
+    with safe_open(hub / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+    reloaded = BeagleModel.from_pretrained(hub)
+    for (name, a), (_, b) in zip(trained.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+    write_model_card(hub, repo_id="org/beagle-tiny")
+    assert push_checkpoint(hub, "org/beagle-tiny", dry_run=True).files
+    assert cli_main(["export", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1

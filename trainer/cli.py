@@ -1,4 +1,4 @@
-"""The `beagle` command: `env`, `assets`, `demo`, `inspect`, `train`, `regenerate`, `bench`, `card`, `push`."""
+"""The `beagle` command: `env`, `assets`, `demo`, `export`, `inspect`, `train`, `regenerate`, `bench`, `card`, `push`."""
 
 import argparse
 import json
@@ -41,6 +41,20 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     except BeagleAssetError as error:
         print(f"beagle assets: error: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from hub_cards import BeagleCardError, export_checkpoint
+
+    try:
+        path = export_checkpoint(args.source, args.destination, getattr(torch, args.dtype))
+    except BeagleCardError as error:
+        print(f"beagle export: error: {error}", file=sys.stderr)
+        return 1
+    print(f"[beagle export] wrote {path}")
     return 0
 
 
@@ -142,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_assets.add_argument("names", nargs="*", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct, sharegpt, mt-bench, "
                                                    "humaneval")
     p_assets.set_defaults(func=_cmd_assets)
+    p_export = sub.add_parser("export", help="write a trained Beagle as its Hub folder (bf16 safetensors, remote code)")
+    p_export.add_argument("source", help="a saved Beagle folder (e.g. <output_dir>/beagle of beagle train)")
+    p_export.add_argument("destination", help="the folder to write (replaced)")
+    p_export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p_export.set_defaults(func=_cmd_export)
     p_demo = sub.add_parser("demo", help="answer an MT-bench question with and without the shipped Beagle; print "
                                          "the speedup and tau")
     from .demo import add_arguments as demo_arguments

@@ -1,0 +1,40 @@
+"""Export a trained Beagle (a `beagle train` output folder) as the folder its Hub repository holds: weights cast to
+bf16 in safetensors, without the target's embedding and head, the remote code and `custom_generate/`, and none of the
+Trainer's files (`training_args.bin` is a pickle and never ships)."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .card import BeagleCardError
+
+
+def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
+                      dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Load the Beagle at `source` (strictly), cast it to `dtype` and save it to `destination` (replaced atomically:
+    written to a temporary sibling first). Returns the destination."""
+    from modeling_beagle import BeagleModel
+
+    source, destination = Path(source), Path(destination)
+    if not (source / "config.json").is_file():
+        raise BeagleCardError(f"{source}: a Beagle checkpoint folder (config.json, model.safetensors) expected, "
+                              f"found no config.json.")
+    model = BeagleModel.from_pretrained(source)
+    if model.config.carry_target_embeddings:
+        raise BeagleCardError(f"{source}: carry_target_embeddings expected False for a Hub export (the target's "
+                              f"embedding and head are loaded from the target), found True.")
+    model.to(dtype)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".export-") as tmp:
+        staging = Path(tmp) / "checkpoint"
+        model.save_pretrained(staging)
+        if destination.exists():
+            keep = destination / "README.md"  # an existing card stays until `beagle card` rewrites it
+            if keep.is_file():
+                shutil.copy2(keep, staging / "README.md")
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    return destination
