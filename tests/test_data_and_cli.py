@@ -162,3 +162,52 @@ def test_regenerate_writes_target_replies_and_resumes(tmp_path, monkeypatch):
     assert first[-1]["content"] == tokenizer.decode(expected[0, prompt.shape[1] :], skip_special_tokens=True)
     dataset, _ = build_dataset(out, tokenizer)
     assert 0 < len(dataset) <= 7
+
+
+def test_regenerate_skips_prompts_longer_than_the_limit(tmp_path):
+    from trainer import regenerate as regen
+
+    target = make_target("llama", initializer_range=0.2)
+    tokenizer = chat_tokenizer()
+    records = sharegpt(4)
+    records[1]["conversations"][0]["value"] = "long " * 40  # this prompt alone exceeds the limit
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps(records))
+    limit = max(len(tokenizer.apply_chat_template([{"role": "user", "content": r["conversations"][0]["value"]}],
+                                                  add_generation_prompt=True, tokenize=True, return_dict=True)
+                    ["input_ids"]) for i, r in enumerate(records) if i != 1)
+    report = regen.regenerate(target, tokenizer, data, str(tmp_path / "out.jsonl"), batch_size=4, max_new_tokens=3,
+                              max_prompt_tokens=limit, progress=False)
+    assert report.records == 3 and report.skipped["prompts longer than max_prompt_tokens"] == 1
+    written = [json.loads(line)["messages"][0]["content"] for line in open(tmp_path / "out.jsonl")]
+    assert written == [records[i]["conversations"][0]["value"] for i in (0, 2, 3)]
+
+
+def test_beagle_train_recipe_pipeline_regenerate_offline_cache_and_record(tmp_path):
+    """The recipe's steps in one `beagle train`: regenerate with the target, build the offline cache, train both
+    stages from it; the checkpoint records the run, and a second run from it (`init_from`) adds to the record."""
+    from trainer.offline_cache import OfflineCache
+
+    target = make_target("llama", initializer_range=0.2)
+    target.save_pretrained(tmp_path / "target")
+    chat_tokenizer().save_pretrained(tmp_path / "target")
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt(24)))
+    config = {"target_model": str(tmp_path / "target"), "dataset": str(tmp_path / "sharegpt.json"),
+              "output_dir": str(tmp_path / "run"), "regenerate": True, "regenerate_batch_size": 8,
+              "regenerate_max_new_tokens": 8, "offline_cache_dir": str(tmp_path / "cache"), "offline_topk": 8,
+              "max_steps": 4, "per_device_train_batch_size": 4, "stage1_window": 3, "stage2_steps": 2,
+              "eval_records": 4, "draft_vocab_size": 48, "report_to": [], "save_strategy": "no", "logging_steps": 2}
+    from trainer.train import run_training
+
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    saved = run_training([str(tmp_path / "train.json")])
+    assert len((tmp_path / "run" / "regenerated.jsonl").read_text().splitlines()) == 24
+    assert len(OfflineCache(tmp_path / "cache" / "train")) + len(OfflineCache(tmp_path / "cache" / "eval")) > 0
+    record = BeagleModel.from_pretrained(saved).config.training_record
+    assert record["total_steps"] == 4 and len(record["runs"]) == 1 and record["runs"][0]["regenerated"]
+    assert record["total_token_updates"] > 0 and record["total_wall_s"] > 0
+    config.update(init_from=saved, output_dir=str(tmp_path / "run2"), regenerate=False,
+                  dataset=str(tmp_path / "run" / "regenerated.jsonl"), offline_cache_dir=None, max_steps=2)
+    (tmp_path / "train2.json").write_text(json.dumps(config))
+    record = BeagleModel.from_pretrained(run_training([str(tmp_path / "train2.json")])).config.training_record
+    assert [r["steps"] for r in record["runs"]] == [4, 2] and record["total_steps"] == 6
