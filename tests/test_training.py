@@ -199,3 +199,28 @@ def test_trainer_refuses_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="target_model"):
         BeagleTrainer(model=BeagleModel.from_target(target), args=BeagleTrainingArguments(output_dir=str(tmp_path),
                                                                                         report_to=[]))
+
+
+def test_head_rows_are_bucketed_and_losses_unchanged():
+    """The head runs on supervised-row counts rounded up to HEAD_ROW_BUCKET (bounded matmul shapes: oneDNN caches a
+    packed weight per shape on CPU); the padded rows change neither the losses nor the gradients."""
+    from trainer.objectives import HEAD_ROW_BUCKET, SoftLabels, position_losses
+
+    target = make_target("llama")
+    beagle = BeagleModel.from_target(target)
+    seen = []
+    original = beagle.compute_logits
+    beagle.compute_logits = lambda h: (seen.append(h.shape[0]), original(h))[1]
+    rows = HEAD_ROW_BUCKET + 37
+    hidden = torch.randn(rows, beagle.config.hidden_size, requires_grad=True)
+    states = torch.randn(rows, beagle.config.hidden_size)
+    labels = SoftLabels(torch.softmax(torch.randn(rows, beagle.config.vocab_size), -1))
+    ce, regression, agree = position_losses(beagle, hidden, states, labels)
+    assert seen == [2 * HEAD_ROW_BUCKET] and ce.shape == (rows,)
+    (ce.sum() + regression.sum()).backward()
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    reference = -(labels.probs * original(hidden).log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(ce, reference)
+    (reference.sum() + torch.nn.functional.smooth_l1_loss(hidden, states, reduction="none").mean(-1).sum()).backward()
+    torch.testing.assert_close(grad, hidden.grad)

@@ -111,7 +111,9 @@ class BeagleTrainer(Trainer):
         pad = pad if pad is not None else 0
         offline = [d for d in (kwargs.get("train_dataset"), kwargs.get("eval_dataset")) if isinstance(d, OfflineCache)]
         if data_collator is None:
-            data_collator = OfflineCollator(pad_token_id=pad) if offline else BeagleDataCollator(pad_token_id=pad)
+            # Lengths padded to a multiple of 64: few distinct shapes (see objectives.HEAD_ROW_BUCKET for why).
+            collator = OfflineCollator if offline else BeagleDataCollator
+            data_collator = collator(pad_token_id=pad, pad_to_multiple_of=64)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         self.target_model = target_model.eval().requires_grad_(False).to(self.args.device)
         self.beagle.bind_target(self.target_model)
