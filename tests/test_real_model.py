@@ -17,9 +17,10 @@ from trainer.assets import load_prompts, load_target
 TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "beagle-smollm2-135m-instruct"
 NEW_TOKENS = 48
-# tau measured on these prompts by this test's own settings when the checkpoint was committed, minus a safety margin:
-# see SHIPPED / "README.md" (the model card) for the measured value.
-TAU_FLOOR_FILE = SHIPPED / "tau_floor.json"
+# Mean tau of the assisted chain on these prompts with these settings, measured when the checkpoint was committed
+# (printed by this test with `-s`), and the floor it must keep clearing: about 15% below it.
+TAU_MEASURED = 1.344  # chain (assisted), 48 new tokens, fp32; interim checkpoint-700
+TAU_FLOOR = 1.15
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 def real():
     torch.manual_seed(0)
     target, tokenizer = load_target(TARGET, dtype=torch.float32)
-    beagle = AutoModel.from_pretrained(SHIPPED, trust_remote_code=True)
+    beagle = AutoModel.from_pretrained(SHIPPED, trust_remote_code=True, dtype=torch.float32)
     beagle.bind_target(target)
     prompts = []
     for row in load_prompts("mt-bench")[:3]:
@@ -62,6 +63,6 @@ def test_greedy_identity_and_tau_floor_on_mt_bench(real):
         tree = target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
                                beagle=beagle, tree_shape="chain", max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(tree, plain)
-    floor = json.loads(TAU_FLOOR_FILE.read_text())["tau_floor"]
     mean_tau = sum(taus) / len(taus)
-    assert mean_tau >= floor, f"mean tau {mean_tau:.2f} on {len(taus)} MT-bench prompts, floor {floor}"
+    print(f"\nshipped Beagle: mean tau {mean_tau:.3f} over {len(taus)} MT-bench prompts ({[round(t, 3) for t in taus]})")
+    assert mean_tau >= TAU_FLOOR, f"mean tau {mean_tau:.2f} on {len(taus)} MT-bench prompts, floor {TAU_FLOOR}"

@@ -1,0 +1,358 @@
+"""Beagle's own speculative decoding loop: EAGLE-2 dynamic draft trees and batches of padded prompts.
+
+Reached through transformers' `custom_generate` mechanism:
+
+    target.generate(ids, custom_generate=beagle_generate, beagle=beagle)                  # the exported callable
+    target.generate(ids, custom_generate="path/to/beagle", assistant_model=beagle,         # the checkpoint folder's
+                    trust_remote_code=True)                                                # custom_generate/generate.py
+
+One round, for every row of the batch at once:
+  1. draft: Beagle expands a tree from the row's pending token (the "root", not yet read by the target): the top-k
+     children of the `top_k` best frontier nodes by cumulative draft log-probability, for `depth` levels; the
+     `total_tokens` best nodes are kept (a chain is the tree with top_k = 1).
+  2. verify: one target forward over [root; kept nodes] with a tree attention mask and explicit positions.
+  3. accept: walk down from the root. At each node the target picks its token exactly as plain decoding would
+     (argmax, or a sample from its processed distribution); if a child carries that token the walk descends,
+     otherwise that token is the round's bonus. Every emitted token is the target's own choice given its prefix, so
+     greedy output equals plain greedy and sampled output has exactly the target's distribution (with a
+     deterministic tree this is the lossless multi-candidate rule).
+  4. keep only the accepted path's rows in the target's cache (gathered to the front of the round's slots; rows
+     that accepted fewer tokens get masked slots), append the path's true states to Beagle's cache.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .cache_beagle import BeagleCache
+from .generation_beagle import (
+    BeagleGenerationError,
+    BeagleGenerationStats,
+    cache_kwargs,
+    check_generation_config,
+    draft_logits_to_target_vocab,
+    target_states,
+)
+from .masking_beagle import to_attention_mask, tree_ancestor_mask
+
+
+@dataclass
+class TreeShape:
+    """Size of the draft tree: `depth` levels, `top_k` children per expanded node, `total_tokens` nodes verified."""
+
+    depth: int
+    top_k: int
+    total_tokens: int
+
+    def __post_init__(self):
+        for name in ("depth", "top_k", "total_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise BeagleGenerationError(f"tree `{name}` expected a positive integer, found {value!r}.")
+        max_nodes = self.top_k + (self.depth - 1) * self.top_k * self.top_k
+        if self.total_tokens > max_nodes:
+            raise BeagleGenerationError(
+                f"tree `total_tokens` expected at most {max_nodes} (top_k + (depth-1)*top_k^2 for depth={self.depth}, "
+                f"top_k={self.top_k}), found {self.total_tokens}."
+            )
+
+
+_VERIFY_COST_CACHE: dict = {}
+
+
+@torch.no_grad()
+def measure_verification_cost(target, counts=(1, 2, 4, 8, 16, 32, 64), prefix: int = 256, repeats: int = 3) -> dict:
+    """Median time (s) of one target forward over `n` new tokens on top of a `prefix`-token cache, per n."""
+    device = target.device
+    ids = torch.randint(0, target.config.get_text_config().vocab_size, (1, prefix + max(counts)), device=device)
+    cache = DynamicCache(config=target.config)
+    target(ids[:, :prefix], **cache_kwargs(target, cache), use_cache=True)
+    costs = {}
+    for n in counts:
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            target(ids[:, prefix : prefix + n], **cache_kwargs(target, cache), use_cache=True)
+            times.append(time.perf_counter() - start)
+            cache.crop(-n)
+        costs[n] = sorted(times[1:])[len(times[1:]) // 2]
+    return costs
+
+
+def auto_tree_shape(target, tolerance: float = 1.3) -> TreeShape:
+    """Pick the tree from the target's verification-cost curve on this machine: verify as many nodes as cost at most
+    `tolerance` times a one-token forward (at least 4), spread over a depth that grows with that budget."""
+    key = (id(target), str(target.device), str(target.dtype))
+    if key not in _VERIFY_COST_CACHE:
+        _VERIFY_COST_CACHE[key] = measure_verification_cost(target)
+    costs = _VERIFY_COST_CACHE[key]
+    total = max([n for n, t in costs.items() if t <= tolerance * costs[1]] + [4])
+    depth = min(max(3, total.bit_length() + 1), 8)
+    top_k = min(max(2, -(-total // depth)), 8)
+    total = min(total, top_k + (depth - 1) * top_k * top_k)
+    return TreeShape(depth=depth, top_k=top_k, total_tokens=total)
+
+
+# ------------------------------------------------------------------------------------------------- drafting
+def _self_and_ancestors(nodes: torch.Tensor, parents: torch.Tensor, depth: int) -> torch.Tensor:
+    """`(batch, q, depth + 1)`: each node's id followed by its ancestors' ids, ending with -1 (the root)."""
+    chain, current = [nodes], nodes
+    for _ in range(depth):
+        current = torch.where(current >= 0, parents.gather(1, current.clamp(min=0).flatten(1)).view_as(current), current)
+        chain.append(current)
+    return torch.stack(chain, dim=-1)
+
+
+@torch.no_grad()
+def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: torch.Tensor, shape: TreeShape):
+    """Expand an EAGLE-2 dynamic draft tree per row from `roots` `(batch,)` at `root_positions` `(batch,)`.
+
+    Returns `tokens`, `parents` (index of the parent among the returned nodes, -1 for the root) and `depths`
+    (1 = child of the root), each `(batch, total_tokens)`, parents before children. The draft states of expanded
+    nodes are appended to `cache` (method.md §2); the caller drops them with `cache.discard_drafts()`.
+    """
+    batch, device, k = roots.shape[0], roots.device, shape.top_k
+    if cache.num_draft:
+        raise RuntimeError("draft_tree: the cache still holds draft states; call `cache.discard_drafts()` first.")
+    true_allowed = cache.positions < root_positions[:, None]  # (batch, true slots); padding is masked by the model
+    empty = torch.empty(batch, 0, dtype=torch.long, device=device)
+    tokens, parents, depths = empty, empty, empty
+    scores = torch.empty(batch, 0, device=device)
+    slot_nodes = empty  # the node whose draft state each cached draft slot holds (-1: the root)
+    frontier = torch.full((batch, 1), -1, dtype=torch.long, device=device)
+    frontier_tokens, frontier_scores = roots[:, None], torch.zeros(batch, 1, device=device)
+    states = previous_frontier = None
+    for level in range(shape.depth):
+        draft_kwargs = {}
+        if states is not None:
+            slot_nodes = torch.cat([slot_nodes, previous_frontier], dim=1)
+            draft_kwargs = dict(draft_states=states,
+                                draft_position_ids=(root_positions[:, None] + level - 1).expand(-1, states.shape[1]))
+        lineage = _self_and_ancestors(frontier, parents, level)  # (batch, q, level + 1)
+        draft_allowed = (slot_nodes[:, None, :, None] == lineage[:, :, None, :]).any(-1)
+        num_queries = frontier.shape[1]
+        allowed = torch.cat([true_allowed[:, None, :].expand(-1, num_queries, -1), draft_allowed], dim=-1)
+        out = beagle(input_ids=frontier_tokens, position_ids=(root_positions[:, None] + level).expand(-1, num_queries),
+                     past_key_values=cache, attention_mask=allowed, **draft_kwargs)
+        log_probs = draft_logits_to_target_vocab(beagle, out.logits.float()).log_softmax(-1)
+        child_scores, child_tokens = log_probs.topk(k, dim=-1)
+        # Strictly below the parent, so any top-N selection by score contains every selected node's ancestors.
+        child_scores = (frontier_scores[..., None] + child_scores - 1e-6).flatten(1)
+        child_tokens = child_tokens.flatten(1)
+        first = tokens.shape[1]
+        tokens = torch.cat([tokens, child_tokens], dim=1)
+        parents = torch.cat([parents, frontier[..., None].expand(-1, -1, k).flatten(1)], dim=1)
+        scores = torch.cat([scores, child_scores], dim=1)
+        depths = torch.cat([depths, torch.full_like(child_tokens, level + 1)], dim=1)
+        if level + 1 == shape.depth:
+            break
+        best = child_scores.topk(k, dim=-1).indices
+        previous_frontier = frontier
+        states = out.last_hidden_state if beagle.config.concat_draft_states else None
+        frontier = first + best
+        frontier_tokens, frontier_scores = child_tokens.gather(1, best), child_scores.gather(1, best)
+        if states is None:
+            previous_frontier = None
+    keep = scores.topk(shape.total_tokens, dim=-1).indices.sort(dim=-1).values
+    new_index = torch.full_like(parents, -1)
+    new_index.scatter_(1, keep, torch.arange(shape.total_tokens, device=device).expand(batch, -1))
+    kept_parents = parents.gather(1, keep)
+    kept_parents = torch.where(kept_parents >= 0, new_index.gather(1, kept_parents.clamp(min=0)), kept_parents)
+    return tokens.gather(1, keep), kept_parents, depths.gather(1, keep)
+
+
+# ----------------------------------------------------------------------------------------------- target cache
+def _keep_cache_rows(cache: DynamicCache, start: int, index: torch.Tensor) -> None:
+    """Keep, per batch row, the slots `start + index[b]` of the last forward (in that order) and drop the rest."""
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name)
+            idx = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
+            setattr(layer, name, torch.cat([tensor[:, :, :start], tensor[:, :, start:].gather(2, idx)], dim=2))
+
+
+# The target's cache arrives as `cache` from transformers 5.24 on, as `past_key_values` before.
+ALLOWED_MODEL_KWARGS = {"attention_mask", "cache", "past_key_values", "use_cache", "position_ids", "logits_to_keep",
+                        "cache_position"}
+
+
+def resolve_tree_shape(target, beagle, tree_shape) -> TreeShape:
+    if tree_shape is None or tree_shape == "auto":
+        return auto_tree_shape(target)
+    if tree_shape == "chain":
+        k = beagle.config.num_draft_tokens
+        return TreeShape(depth=k, top_k=1, total_tokens=k)
+    if isinstance(tree_shape, TreeShape):
+        return tree_shape
+    if isinstance(tree_shape, dict):
+        return TreeShape(**tree_shape)
+    raise BeagleGenerationError(f"`tree_shape` expected 'auto', 'chain', a TreeShape or a dict of depth/top_k/"
+                                f"total_tokens, found {tree_shape!r}.")
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+@torch.no_grad()
+def beagle_generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    beagle=None,
+    tree_shape=None,
+    beagle_streamer=None,
+    **model_kwargs,
+):
+    """Speculative decoding with Beagle draft trees, for batches of (left-)padded prompts.
+
+    Use as `target.generate(input_ids, custom_generate=beagle_generate, beagle=beagle, tree_shape=...)`.
+    `tree_shape`: "auto" (default: sized from this machine's verification-cost curve), "chain", a `TreeShape`, or a
+    dict with depth / top_k / total_tokens. Statistics of the run are left in `beagle.generation_stats`.
+    transformers does not hand `streamer` to a `custom_generate` callable: pass it as `beagle_streamer=` (the
+    checkpoint folder's `custom_generate/generate.py` does so for you).
+    """
+    streamer = streamer if streamer is not None else beagle_streamer
+    if beagle is None or not callable(getattr(beagle, "beagle_candidate_generator", None)):
+        raise BeagleGenerationError("`beagle` expected a Beagle draft model (pass `beagle=beagle` to generate), "
+                                    f"found {type(beagle).__name__}.")
+    check_generation_config(generation_config)
+    for flag in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+        if getattr(generation_config, flag, False):
+            raise BeagleGenerationError(f"`{flag}` expected False with Beagle's own decoding loop, found True: use "
+                                        "`target.generate(..., assistant_model=beagle)` (batch size 1) for it.")
+    unknown = set(k for k, v in model_kwargs.items() if v is not None) - ALLOWED_MODEL_KWARGS
+    if unknown:
+        raise BeagleGenerationError(f"model inputs expected only input_ids and attention_mask with Beagle's own loop, "
+                                    f"found {sorted(unknown)}.")
+    if synced_gpus:
+        raise BeagleGenerationError("`synced_gpus` expected False: Beagle's loop does not run under ZeRO-3/FSDP sync.")
+    beagle.ensure_bound_to(model)
+    shape = resolve_tree_shape(model, beagle, tree_shape)
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
+        raise BeagleGenerationError("the target's cache expected an empty DynamicCache, found "
+                                    f"{type(cache).__name__}; do not pass a cache (`cache` / `past_key_values`) or a static one.")
+    batch, prompt_len = input_ids.shape
+    if streamer is not None and batch > 1:
+        raise BeagleGenerationError(f"`streamer` expected batch size 1, found {batch}.")
+    device = input_ids.device
+    do_sample = bool(generation_config.do_sample)
+    layer_ids = list(beagle.config.target_layer_ids)
+    eos = generation_config._eos_token_tensor
+    pad = generation_config._pad_token_tensor
+    pad = int(pad) if pad is not None else (int(eos.flatten()[0]) if eos is not None else 0)
+    max_new = generation_config.max_length - prompt_len
+    stats = BeagleGenerationStats()
+    beagle.generation_stats = stats
+
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    kv_valid = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    rows_seq = [input_ids[b] for b in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    num_new = [0] * batch
+
+    def choose(b: int, logits: torch.Tensor) -> int:
+        logits = logits[None].float()
+        if len(logits_processor) > 0:
+            logits = logits_processor(rows_seq[b][None], logits)
+        if do_sample:
+            return int(torch.multinomial(logits.softmax(-1), 1))
+        return int(logits.argmax(-1))
+
+    def emit(b: int, token: int) -> None:
+        rows_seq[b] = torch.cat([rows_seq[b], torch.tensor([token], device=device)])
+        num_new[b] += 1
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+        stop = num_new[b] >= max_new or (eos is not None and bool((eos == token).any()))
+        if not stop and len(stopping_criteria) > 0:
+            stop = bool(stopping_criteria(rows_seq[b][None], None).any())
+        if stop:
+            done[b] = True
+
+    # Prefill: the target reads the prompts; Beagle only projects their states (no draft forward).
+    started = time.perf_counter()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                **cache_kwargs(model, cache), use_cache=True, output_hidden_states=layer_ids)
+    if not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
+        raise BeagleGenerationError("the target's cache expected full-attention DynamicCache layers, found "
+                                    f"{sorted({type(l).__name__ for l in cache.layers})} (sliding-window caches cannot "
+                                    "keep a tree's accepted path).")
+    beagle_cache = BeagleCache()
+    beagle.append_context(beagle_cache, target_states(out, layer_ids), positions, kv_valid)
+    roots = torch.empty(batch, dtype=torch.long, device=device)
+    for b in range(batch):
+        roots[b] = choose(b, out.logits[b, -1])
+        emit(b, int(roots[b]))
+    root_positions = positions[:, -1] + 1
+    stats.verify_time_s += time.perf_counter() - started
+
+    while not bool(done.all()):
+        # 1. Draft.
+        started = time.perf_counter()
+        tokens, parents, depths = draft_tree(beagle, beagle_cache, roots, root_positions, shape)
+        beagle_cache.discard_drafts()
+        drafted_at = time.perf_counter()
+        stats.draft_time_s += drafted_at - started
+
+        # 2. Verify [root; nodes] in one forward with the tree mask over the cached prefix.
+        num_nodes = tokens.shape[1]
+        inputs = torch.cat([roots[:, None], tokens], dim=1)
+        tree_parents = torch.cat([torch.full((batch, 1), -1, device=device, dtype=torch.long),
+                                  torch.where(parents >= 0, parents + 1, 0)], dim=1)
+        allowed = torch.cat([kv_valid[:, None, :].expand(-1, num_nodes + 1, -1), tree_ancestor_mask(tree_parents)], -1)
+        past = kv_valid.shape[1]
+        out = model(input_ids=inputs, position_ids=root_positions[:, None] + F.pad(depths, (1, 0)),
+                    attention_mask=to_attention_mask(allowed, model.config._attn_implementation, model.dtype),
+                    **cache_kwargs(model, cache), use_cache=True, output_hidden_states=layer_ids)
+
+        # 3. Accept: walk down from the root taking the target's own choice at every node.
+        paths = [[0] for _ in range(batch)]
+        for b in range(batch):
+            if done[b]:
+                continue
+            node = 0
+            while True:
+                token = choose(b, out.logits[b, node])
+                emit(b, token)
+                match = ((tree_parents[b] == node) & (inputs[b] == token)).nonzero()
+                if done[b] or match.numel() == 0:
+                    roots[b] = token
+                    break
+                node = int(match[0, 0])
+                paths[b].append(node)
+            stats.drafted.append(shape.depth)
+            stats.accepted.append(len(paths[b]) - 1)
+
+        # 4. Keep only the accepted paths in both caches.
+        lengths = torch.tensor([len(p) for p in paths], device=device)
+        width = int(lengths.max())
+        index = torch.tensor([p + [p[-1]] * (width - len(p)) for p in paths], device=device)
+        _keep_cache_rows(cache, past, index)
+        path_valid = torch.arange(width, device=device)[None] < lengths[:, None]
+        kv_valid = torch.cat([kv_valid, path_valid], dim=1)
+        states = target_states(out, layer_ids)
+        states = states.gather(1, index[..., None].expand(-1, -1, states.shape[-1]))
+        beagle.append_context(beagle_cache, states, root_positions[:, None] + torch.arange(width, device=device),
+                              path_valid)
+        root_positions = root_positions + lengths
+        stats.verify_time_s += time.perf_counter() - drafted_at
+
+    if streamer is not None:
+        streamer.end()
+    longest = max(seq.shape[0] for seq in rows_seq)
+    sequences = torch.full((batch, longest), pad, dtype=input_ids.dtype, device=device)
+    for b, seq in enumerate(rows_seq):
+        sequences[b, : seq.shape[0]] = seq
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=sequences, **cache_kwargs(GenerateDecoderOnlyOutput, cache))
+    return sequences
