@@ -59,7 +59,8 @@ def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max
                progress: bool = True) -> DataReport:
     """Replace the first assistant turn of every conversation in `source` by the target's own reply.
 
-    Each output line is `{"messages": [...system/user turns..., {"role": "assistant", "content": reply}]}`.
+    Each output line is `{"messages": [...system/user turns..., {"role": "assistant", "content": reply}]}`, in order
+    of prompt length (a stable sort of the source order).
     Returns what was kept and skipped.
     """
     report = DataReport()
@@ -73,10 +74,14 @@ def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max
         if first is None or first == 0:
             report.skipped["conversations without a prompt before an assistant turn"] += 1
             continue
-        if len(render_chat(tokenizer, messages[:first], add_generation_prompt=True)) > max_prompt_tokens:
+        length = len(render_chat(tokenizer, messages[:first], add_generation_prompt=True))
+        if length > max_prompt_tokens:
             report.skipped["prompts longer than max_prompt_tokens"] += 1
             continue
-        prompts.append(messages[:first])
+        prompts.append((length, messages[:first]))
+    # Prompts of similar length share a batch (less left padding to compute); the order is deterministic, so an
+    # interrupted run's completed lines still name the same prompts when it resumes.
+    prompts = [prompt for _, prompt in sorted(prompts, key=lambda item: item[0])]
     report.records = len(prompts)
     done = _completed_lines(output)
     tokenizer.padding_side = "left"
