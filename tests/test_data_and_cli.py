@@ -106,7 +106,7 @@ def test_beagle_train_end_to_end(tmp_path):
     config = {"target_model": str(tmp_path / "target"), "dataset": str(data), "output_dir": str(tmp_path / "run"),
               "max_steps": 6, "per_device_train_batch_size": 4, "stage1_window": 3, "stage2_steps": 2,
               "eval_records": 4, "draft_vocab_size": 48, "report_to": [], "save_strategy": "no",
-              "logging_steps": 2, "learning_rate": 1e-3}
+              "logging_steps": 2, "learning_rate": 1e-3, "bf16": False}
     (tmp_path / "train.json").write_text(json.dumps(config))
     command = [shutil.which("beagle")] if shutil.which("beagle") else [sys.executable, "-m", "trainer.cli"]
     result = subprocess.run(command + ["train", str(tmp_path / "train.json")], capture_output=True, text=True,
@@ -196,7 +196,8 @@ def test_beagle_train_recipe_pipeline_regenerate_offline_cache_and_record(tmp_pa
               "output_dir": str(tmp_path / "run"), "regenerate": True, "regenerate_batch_size": 8,
               "regenerate_max_new_tokens": 8, "offline_cache_dir": str(tmp_path / "cache"), "offline_topk": 8,
               "max_steps": 4, "per_device_train_batch_size": 4, "stage1_window": 3, "stage2_steps": 2,
-              "eval_records": 4, "draft_vocab_size": 48, "report_to": [], "save_strategy": "no", "logging_steps": 2}
+              "eval_records": 4, "draft_vocab_size": 48, "report_to": [], "save_strategy": "no", "logging_steps": 2,
+              "bf16": False}
     from trainer.train import run_training
 
     (tmp_path / "train.json").write_text(json.dumps(config))

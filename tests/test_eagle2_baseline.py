@@ -154,7 +154,7 @@ def test_training_lowers_the_loss_and_generation_stays_lossless(tmp_path):
     identical, tau_untrained = greedy_identical(target, draft.eval(), prompts)
     assert identical == len(prompts)
 
-    args = BeagleTrainingArguments(output_dir=str(tmp_path), max_steps=120, per_device_train_batch_size=8,
+    args = BeagleTrainingArguments(output_dir=str(tmp_path), bf16=False, max_steps=120, per_device_train_batch_size=8,
                                    learning_rate=3e-3, logging_steps=20, report_to=[], stage2_steps=3,
                                    save_strategy="no", noise_type="none", seed=0, data_seed=0)
     trainer = eagle2.Eagle2Trainer(model=draft, args=args, target_model=target, train_dataset=data.select(range(54)),
@@ -245,7 +245,7 @@ def test_offline_cache_of_a_beagle_trains_the_eagle2_draft_identically(tmp_path)
     cache = build_offline_cache(target, beagle, data, tmp_path / "cache", topk=48, dtype=torch.float32, progress=False)
     draft = perturbed(eagle2.Eagle2Draft.from_target(target, draft_vocab_size=48, attn_implementation="eager"))
     draft.set_draft_vocabulary(vocab)
-    args = BeagleTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
+    args = BeagleTrainingArguments(output_dir=str(tmp_path / "run"), bf16=False, max_steps=3, per_device_train_batch_size=4,
                                    report_to=[], save_strategy="no", noise_type="none", learning_rate=1e-3)
     trainer = eagle2.Eagle2Trainer(model=draft, args=args, target_model=target, train_dataset=OfflineCache(cache.cache_dir))
     rows = [cache[i] for i in range(4)]

@@ -208,7 +208,7 @@ def test_trainer_trains_from_an_offline_cache(tmp_path):
     cache = OfflineCache(tmp_path / "cache")
     calls = {"n": 0}
     hook = target.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    args = BeagleTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=8,
+    args = BeagleTrainingArguments(output_dir=str(tmp_path / "run"), bf16=False, max_steps=8, per_device_train_batch_size=8,
                                    learning_rate=3e-3, report_to=[], save_strategy="no", stage1_window=3,
                                    stage2_steps=2, noise_type="none", logging_steps=2)
     trainer = BeagleTrainer(model=beagle, args=args, target_model=target, train_dataset=cache)

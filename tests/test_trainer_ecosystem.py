@@ -74,7 +74,7 @@ def test_lora_adapted_target_is_a_valid_target(tmp_path):
     data = tiny_dataset(target)
     torch.manual_seed(0)
     beagle = BeagleModel.from_target(target, noise_type="none")
-    args = BeagleTrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+    args = BeagleTrainingArguments(output_dir=str(tmp_path), bf16=False, max_steps=4, per_device_train_batch_size=8,
                                    report_to=[], save_strategy="no", stage1_window=3, stage2_steps=2)
     BeagleTrainer(model=beagle, args=args, target_model=target, train_dataset=data).train()
     ids = torch.tensor([[5, 9, 13]])
@@ -89,7 +89,7 @@ def test_lora_adapter_on_beagle_trains_and_saves_an_adapter(tmp_path):
     beagle = BeagleModel.from_target(target, noise_type="none")
     before = {k: v.clone() for k, v in beagle.state_dict().items()}
     adapted = get_peft_model(beagle, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    args = BeagleTrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+    args = BeagleTrainingArguments(output_dir=str(tmp_path), bf16=False, max_steps=4, per_device_train_batch_size=8,
                                    learning_rate=1e-2, report_to=[], save_strategy="no", stage1_window=3,
                                    stage2_steps=2)
     trainer = BeagleTrainer(model=adapted, args=args, target_model=target, train_dataset=tiny_dataset(target))

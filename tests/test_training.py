@@ -122,7 +122,7 @@ def make_trainer(tmp_path, target, dataset, init_seed=0, **overrides):
     beagle = BeagleModel.from_target(target, attn_implementation="sdpa", noise_type="none")
     settings = dict(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=8, learning_rate=3e-3,
                     logging_steps=10, report_to=[], stage1_window=3, stage2_steps=3, save_strategy="no",
-                    noise_type="none", seed=0, data_seed=0)
+                    noise_type="none", seed=0, data_seed=0, bf16=False)
     settings.update(overrides)
     args = BeagleTrainingArguments(**settings)
     return BeagleTrainer(model=beagle, args=args, target_model=target, train_dataset=dataset.select(range(56)),

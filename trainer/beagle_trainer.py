@@ -14,6 +14,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .offline_cache import OfflineCache, OfflineCollator
+from .precision import bf16_is_native, warn_if_slow_bf16
 
 from .objectives import (
     SoftLabels,
@@ -49,12 +50,25 @@ class BeagleTrainingArguments(TrainingArguments):
 
     # Every Beagle parameter takes part in every forward: no extra autograd traversal under DDP.
     ddp_find_unused_parameters: bool | None = False
+    # None or "auto" (the default): bf16 mixed precision where the device computes bf16 natively (trainer.precision).
+    # Typed `bool | str` (not `bool | None`) so that HfArgumentParser takes a bare `--bf16` as true.
+    bf16: bool | str = field(default=None, metadata={
+        "help": "bf16 mixed precision: true, false, or unset / 'auto' (on where the device computes bf16 natively, a "
+                "CUDA GPU with bf16 or a CPU with AMX / AVX512-BF16; off elsewhere, where torch emulates it far "
+                "slower than fp32)"})
 
     def __post_init__(self):
         if not self.use_cpu and not _has_accelerator():
             # On a CPU-only machine, torchrun / accelerate launch should give CPU data parallelism (gloo), which
             # transformers enables only with use_cpu=True.
             self.use_cpu = True
+        device = "cpu" if self.use_cpu or not _has_accelerator() else None
+        if self.bf16 is None or self.bf16 == "auto":
+            self.bf16 = not self.fp16 and bf16_is_native(device)
+        elif not isinstance(self.bf16, bool):
+            raise ValueError(f"`bf16` expected true, false or 'auto', found {self.bf16!r}.")
+        elif self.bf16:
+            warn_if_slow_bf16("training (--bf16)", device)
         super().__post_init__()
         if not 0.0 <= self.stage1_ratio <= 1.0:
             raise ValueError(f"`stage1_ratio` expected a float in [0, 1], found {self.stage1_ratio}.")

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_METHODS = ("plain", "prompt-lookup", "beagle-chain", "beagle-tree")
 BASELINE = "plain"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .precision import DTYPES, bf16_is_native, warn_if_slow_bf16  # noqa: E402
 # Relative spacing of bfloat16 numbers: 8 significant bits, so neighbours of magnitude m lie 2^-8·m to 2^-7·m apart.
 BF16_RELATIVE_SPACING = 2.0**-7
 
@@ -860,10 +860,13 @@ def run_from_args(args) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     split = lambda value: [v.strip() for v in value.split(",") if v.strip()]  # noqa: E731
-    dtypes = split(args.dtypes)
+    # Default: bf16 and fp32 where bf16 is native, fp32 alone where torch only emulates bf16 (it would take hours).
+    dtypes = split(args.dtypes) if args.dtypes else (["bfloat16", "float32"] if bf16_is_native(device) else ["float32"])
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise BeagleBenchError(f"`--dtypes` expected names among {list(DTYPES)}, found {dtype!r}.")
+        if dtype == "bfloat16":
+            warn_if_slow_bf16("`beagle bench --dtypes bfloat16` runs the target", device)
     names = split(args.methods)
     if BASELINE not in names:
         names = [BASELINE] + names  # the baseline and greedy reference is always measured
@@ -921,7 +924,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts per set, spread over the set (all)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperatures", default="0,1", help="comma-separated; 0 = greedy")
-    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated target dtypes")
+    parser.add_argument("--dtypes", default=None, help="comma-separated target dtypes (default: bfloat16,float32 "
+                        "where the device computes bf16 natively, else float32)")
     parser.add_argument("--methods", default=",".join(BUILTIN_METHODS),
                         help=f"comma-separated among {', '.join(BUILTIN_METHODS)} (plain is always measured)")
     parser.add_argument("--tree-shape", default="auto", help="beagle-tree: auto, chain, or D,K,N (depth, top-k, nodes)")

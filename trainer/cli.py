@@ -11,12 +11,18 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
     import modeling_beagle
 
+    from .precision import bf16_is_native, cpu_bf16_features, resolve_dtype
+
     info = {
         "beagle": modeling_beagle.__version__,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_features": cpu_bf16_features(),
+        "bf16_native": bf16_is_native(),
+        "auto_dtype": str(resolve_dtype("auto")).removeprefix("torch."),
     }
     print(json.dumps(info, indent=2))
     return 0
@@ -92,14 +98,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_regenerate(args: argparse.Namespace) -> int:
-    import torch
     from transformers import HfArgumentParser
 
     from .assets import load_target, resolve_dataset_arg
+    from .precision import resolve_dtype
     from .regenerate import RegenerateArguments, regenerate
 
     (options,) = HfArgumentParser(RegenerateArguments).parse_args_into_dataclasses(args=args.regenerate_args)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.target_dtype]
+    dtype = resolve_dtype(options.target_dtype, what="`beagle regenerate` runs the target")
     target, tokenizer = load_target(options.target_model, dtype, gguf_file=options.gguf_file,
                                     attn_implementation=options.attn_implementation)
     report = regenerate(target, tokenizer, resolve_dataset_arg(options.dataset), options.output, options.batch_size,

@@ -21,7 +21,8 @@ class RegenerateArguments:
     dataset: str = field(metadata={"help": "JSON/JSONL conversations (ShareGPT or chat messages)"})
     output: str = field(metadata={"help": "JSONL file to write (appended to when resuming)"})
     gguf_file: str | None = field(default=None, metadata={"help": "a GGUF file inside `target_model`"})
-    target_dtype: str = field(default="bfloat16", metadata={"help": "float32 or bfloat16"})
+    target_dtype: str = field(default="auto", metadata={
+        "help": "auto (bfloat16 where the device computes it natively, else float32), float32 or bfloat16"})
     batch_size: int = field(default=16, metadata={"help": "prompts generated together"})
     max_new_tokens: int = field(default=256, metadata={"help": "length limit of each regenerated turn"})
     max_prompt_tokens: int = field(default=1024, metadata={"help": "longer prompts are skipped"})

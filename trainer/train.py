@@ -17,6 +17,7 @@ from .assets import load_target, resolve_dataset_arg
 from .beagle_trainer import BeagleTrainer, BeagleTrainingArguments
 from .data import build_dataset
 from .offline_cache import build_offline_cache
+from .precision import resolve_dtype
 from .regenerate import regenerate
 
 logger = logging.getLogger("beagle.train")
@@ -26,7 +27,9 @@ logger = logging.getLogger("beagle.train")
 class BeagleModelArguments:
     target_model: str = field(metadata={"help": "target model: a local folder or a Hub id"})
     gguf_file: str | None = field(default=None, metadata={"help": "a GGUF file inside `target_model` to load"})
-    target_dtype: str = field(default="float32", metadata={"help": "dtype of the frozen target: float32 or bfloat16"})
+    target_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the frozen target: auto (bfloat16 where the device computes it natively, else float32), "
+                "float32 or bfloat16"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "Beagle's attention kernel"})
     target_layer_ids: list[int] = field(default_factory=lambda: [-1], metadata={"help": "target layers feeding keys"})
     draft_vocab_size: int | None = field(default=None, metadata={
@@ -128,7 +131,8 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.time()
     tag = f"[{name} train]"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model_args.target_dtype]
+    dtype = resolve_dtype(model_args.target_dtype, training_args.device, what="`beagle train` runs the target")
+    model_args.target_dtype = str(dtype).removeprefix("torch.")  # "auto" resolved: the training record says which
     # The target only ever runs on padded batches here: "auto" takes eager attention on CPU (see load_target).
     target, tokenizer = load_target(model_args.target_model, dtype, gguf_file=model_args.gguf_file,
                                     attn_implementation="auto")

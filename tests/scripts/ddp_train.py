@@ -17,7 +17,7 @@ target = make_target("llama", initializer_range=0.2)
 data = tiny_dataset(target, rows=32)
 torch.manual_seed(0)
 beagle = BeagleModel.from_target(target, attn_implementation="sdpa", noise_type="none")
-args = BeagleTrainingArguments(output_dir=out, max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
+args = BeagleTrainingArguments(output_dir=out, bf16=False, max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
                                stage1_window=3, stage2_steps=3, report_to=[], save_strategy="no", ddp_backend="gloo",
                                logging_steps=2, seed=0, stage1_ratio=float(os.environ.get("RATIO", "0.5")))
 trainer = BeagleTrainer(model=beagle, args=args, target_model=target, train_dataset=data)
