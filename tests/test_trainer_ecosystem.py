@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import make_target
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -15,11 +16,21 @@ from modeling_beagle import BeagleModel
 from trainer import BeagleTrainer, BeagleTrainingArguments
 
 
-def test_two_process_data_parallel_training(tmp_path):
+# On a CPU-only machine accelerate's multi-process launcher is `--multi_gpu` (its `--cpu` flag starts one process);
+# BeagleTrainingArguments then sets use_cpu, so both launchers give gloo data parallelism.
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                   "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29572"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_data_parallel_training(tmp_path, launcher):
     script = os.path.join(os.path.dirname(__file__), "scripts", "ddp_train.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
-                             script, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(LAUNCHERS[launcher] + [script, str(tmp_path)], capture_output=True, text=True, env=env,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout
     saved = tmp_path / "beagle"
