@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from modeling_beagle import BeagleCache, BeagleModel, TreeShape, beagle_generate
+from modeling_beagle.generation_beagle import cache_kwargs
 
 
 def build(seed: int = 0):
@@ -41,7 +42,8 @@ def compute_per_round(target, beagle, prefix_len: int, new_tokens: int, draft_st
     """Median time of one target forward over `new_tokens` plus `draft_steps` Beagle steps of `draft_width` queries."""
     ids = torch.randint(1, 512, (1, prefix_len + new_tokens))
     cache = DynamicCache(config=target.config)
-    states = target(ids[:, :prefix_len], past_key_values=cache, use_cache=True, output_hidden_states=True).hidden_states[-1]
+    states = target(ids[:, :prefix_len], **cache_kwargs(target, cache), use_cache=True,
+                    output_hidden_states=True).hidden_states[-1]
     bcache = BeagleCache()
     beagle.append_context(bcache, states, torch.arange(prefix_len)[None])
     times = []
@@ -51,7 +53,7 @@ def compute_per_round(target, beagle, prefix_len: int, new_tokens: int, draft_st
             beagle(input_ids=ids[:, :draft_width], position_ids=torch.full((1, draft_width), prefix_len + step),
                    past_key_values=bcache)
         bcache.discard_drafts()
-        target(ids[:, prefix_len:], past_key_values=cache, use_cache=True, output_hidden_states=True)
+        target(ids[:, prefix_len:], **cache_kwargs(target, cache), use_cache=True, output_hidden_states=True)
         cache.crop(-new_tokens)
         times.append(time.perf_counter() - start)
     return statistics.median(times)

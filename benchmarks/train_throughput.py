@@ -47,6 +47,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_beagle import BeagleModel
+from modeling_beagle.generation_beagle import cache_kwargs
 from modeling_beagle.masking_beagle import inverse_block_mask, window_starts
 from trainer.objectives import draw_window_offsets, soft_labels_from_states, stage1_forward
 
@@ -81,12 +82,12 @@ def sample_data(target, num: int, args, generator: torch.Generator) -> torch.Ten
         n = min(args.gen_batch, num - start)
         ids = torch.randint(1, vocab, (n, args.prompt_len), generator=generator)
         cache = DynamicCache(config=target.config)
-        logits = target(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = target(input_ids=ids, **cache_kwargs(target, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
         for _ in range(args.seq_len - args.prompt_len):
             probs = (logits.float() / args.temperature).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator)
             ids = torch.cat([ids, nxt], dim=1)
-            logits = target(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = target(input_ids=nxt, **cache_kwargs(target, cache), use_cache=True).logits[:, -1]
         rows.append(ids)
     return torch.cat(rows)
 

@@ -32,6 +32,7 @@ from .cache_beagle import BeagleCache
 from .generation_beagle import (
     BeagleGenerationError,
     BeagleGenerationStats,
+    cache_kwargs,
     check_generation_config,
     draft_logits_to_target_vocab,
     target_states,
@@ -69,13 +70,13 @@ def measure_verification_cost(target, counts=(1, 2, 4, 8, 16, 32, 64), prefix: i
     device = target.device
     ids = torch.randint(0, target.config.get_text_config().vocab_size, (1, prefix + max(counts)), device=device)
     cache = DynamicCache(config=target.config)
-    target(ids[:, :prefix], past_key_values=cache, use_cache=True)
+    target(ids[:, :prefix], **cache_kwargs(target, cache), use_cache=True)
     costs = {}
     for n in counts:
         times = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            target(ids[:, prefix : prefix + n], past_key_values=cache, use_cache=True)
+            target(ids[:, prefix : prefix + n], **cache_kwargs(target, cache), use_cache=True)
             times.append(time.perf_counter() - start)
             cache.crop(-n)
         costs[n] = sorted(times[1:])[len(times[1:]) // 2]
@@ -174,7 +175,8 @@ def _keep_cache_rows(cache: DynamicCache, start: int, index: torch.Tensor) -> No
             setattr(layer, name, torch.cat([tensor[:, :, :start], tensor[:, :, start:].gather(2, idx)], dim=2))
 
 
-ALLOWED_MODEL_KWARGS = {"attention_mask", "past_key_values", "use_cache", "position_ids", "logits_to_keep",
+# The target's cache arrives as `cache` from transformers 5.24 on, as `past_key_values` before.
+ALLOWED_MODEL_KWARGS = {"attention_mask", "cache", "past_key_values", "use_cache", "position_ids", "logits_to_keep",
                         "cache_position"}
 
 
@@ -232,10 +234,10 @@ def beagle_generate(
         raise BeagleGenerationError("`synced_gpus` expected False: Beagle's loop does not run under ZeRO-3/FSDP sync.")
     beagle.ensure_bound_to(model)
     shape = resolve_tree_shape(model, beagle, tree_shape)
-    cache = model_kwargs.get("past_key_values")
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
         raise BeagleGenerationError("the target's cache expected an empty DynamicCache, found "
-                                    f"{type(cache).__name__}; do not pass past_key_values or a static cache.")
+                                    f"{type(cache).__name__}; do not pass a cache (`cache` / `past_key_values`) or a static one.")
     batch, prompt_len = input_ids.shape
     if streamer is not None and batch > 1:
         raise BeagleGenerationError(f"`streamer` expected batch size 1, found {batch}.")
@@ -279,8 +281,8 @@ def beagle_generate(
 
     # Prefill: the target reads the prompts; Beagle only projects their states (no draft forward).
     started = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, output_hidden_states=layer_ids)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                **cache_kwargs(model, cache), use_cache=True, output_hidden_states=layer_ids)
     if not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
         raise BeagleGenerationError("the target's cache expected full-attention DynamicCache layers, found "
                                     f"{sorted({type(l).__name__ for l in cache.layers})} (sliding-window caches cannot "
@@ -311,7 +313,7 @@ def beagle_generate(
         past = kv_valid.shape[1]
         out = model(input_ids=inputs, position_ids=root_positions[:, None] + F.pad(depths, (1, 0)),
                     attention_mask=to_attention_mask(allowed, model.config._attn_implementation, model.dtype),
-                    past_key_values=cache, use_cache=True, output_hidden_states=layer_ids)
+                    **cache_kwargs(model, cache), use_cache=True, output_hidden_states=layer_ids)
 
         # 3. Accept: walk down from the root taking the target's own choice at every node.
         paths = [[0] for _ in range(batch)]
@@ -352,5 +354,5 @@ def beagle_generate(
     for b, seq in enumerate(rows_seq):
         sequences[b, : seq.shape[0]] = seq
     if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
+        return GenerateDecoderOnlyOutput(sequences=sequences, **cache_kwargs(GenerateDecoderOnlyOutput, cache))
     return sequences

@@ -93,6 +93,22 @@ def target_states(model_outputs, layer_ids: list[int]) -> torch.Tensor:
     return torch.cat([hidden_states[i] for i in layer_ids], dim=-1)
 
 
+def cache_kwargs(model, cache) -> dict:
+    """`{name: cache}` under the name `model` (a model, or an output class) takes a KV cache by: `cache` from
+    transformers 5.24 on (`past_key_values` is deprecated there), `past_key_values` before. Use as
+    `target(ids, **cache_kwargs(target, cache), use_cache=True)`."""
+    return {_cache_name(model if isinstance(model, type) else type(model)): cache}
+
+
+@functools.cache
+def _cache_name(model_class: type) -> str:
+    # The one place Beagle tells transformers versions apart by their cache name: the signature says, else the version.
+    parameters = inspect.signature(getattr(model_class, "forward", model_class)).parameters
+    if "cache" in parameters or "past_key_values" in parameters:
+        return "cache" if "cache" in parameters else "past_key_values"
+    return "cache" if version.parse(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
 def draft_logits_to_target_vocab(beagle, logits: torch.Tensor) -> torch.Tensor:
     """Scatter draft-vocabulary logits into the target's vocabulary (-inf elsewhere); identity for a full head."""
     if beagle.draft_to_target is None:

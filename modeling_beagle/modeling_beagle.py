@@ -71,12 +71,29 @@ class BeagleOutput(ModelOutput):
             ĥ_p, Beagle's estimate of the target's state at each query position (it predicts t_{p+1}).
         logits (`torch.FloatTensor` of shape `(batch, num_queries, vocab)`, *optional*):
             Draft logits over the draft vocabulary (the target's, or the reduced one; see `draft_to_target`).
-        past_key_values (`BeagleCache`, *optional*): the cache, updated with the context passed in.
+        cache (`BeagleCache`, *optional*): the cache, updated with the context passed in (also `past_key_values`).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: BeagleCache | None = None
+    cache: BeagleCache | None = None  # transformers 5.24 renames any `past_key_values=` output field to `cache`
+
+    @property
+    def past_key_values(self) -> BeagleCache | None:
+        return self.cache
+
+
+_dataclass_init = BeagleOutput.__init__
+
+
+def _init_accepting_past_key_values(self, *args, past_key_values=None, **kwargs):
+    """`BeagleOutput(past_key_values=...)` as before transformers 5.24 (which renames the keyword to `cache` itself)."""
+    if past_key_values is not None:
+        kwargs["cache"] = past_key_values
+    _dataclass_init(self, *args, **kwargs)
+
+
+BeagleOutput.__init__ = _init_accepting_past_key_values
 
 
 @dataclass
@@ -630,7 +647,7 @@ class BeagleModel(BeaglePreTrainedModel):
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
         logits = self.compute_logits(hidden_states) if return_logits else None
-        return BeagleOutput(last_hidden_state=hidden_states, logits=logits, past_key_values=past_key_values)
+        return BeagleOutput(last_hidden_state=hidden_states, logits=logits, cache=past_key_values)
 
     # ------------------------------------------------------------------------------------------- generation
     def beagle_check_generation(self, target_model, generation_mode, generation_config) -> None:

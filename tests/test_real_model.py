@@ -49,6 +49,18 @@ def test_shipped_checkpoint_is_a_hub_folder():
     assert (SHIPPED / "model.safetensors").stat().st_size < 16 * 2**20  # no target embedding / head inside
 
 
+def test_shipped_remote_code_is_the_package_code():
+    """Hub users run the checkpoint's copy of the modeling files, not the installed package: they must not drift."""
+    from modeling_beagle.modeling_beagle import CUSTOM_GENERATE_SOURCE
+
+    package = Path(__file__).resolve().parents[1] / "modeling_beagle"
+    shipped = sorted(p.name for p in SHIPPED.glob("*.py"))
+    assert shipped == sorted(p.name for p in package.glob("*_beagle.py"))
+    for name in shipped:
+        assert (SHIPPED / name).read_text() == (package / name).read_text(), f"{name} differs: re-export the checkpoint"
+    assert (SHIPPED / "custom_generate" / "generate.py").read_text() == CUSTOM_GENERATE_SOURCE
+
+
 def test_greedy_identity_and_tau_floor_on_mt_bench(real):
     import modeling_beagle  # noqa: F401  (installs the generate hook)
     from modeling_beagle import beagle_generate
