@@ -49,11 +49,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .precision import DTYPES, bf16_is_native, warn_if_slow_bf16
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_METHODS = ("plain", "prompt-lookup", "beagle-chain", "beagle-tree")
 BASELINE = "plain"
-from .precision import DTYPES, bf16_is_native, warn_if_slow_bf16  # noqa: E402
 # Relative spacing of bfloat16 numbers: 8 significant bits, so neighbours of magnitude m lie 2^-8·m to 2^-7·m apart.
 BF16_RELATIVE_SPACING = 2.0**-7
 
