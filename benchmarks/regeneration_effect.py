@@ -30,19 +30,17 @@ from modeling_beagle import BeagleModel  # noqa: E402
 from trainer.assets import load_prompts, load_target, resolve_data  # noqa: E402
 from trainer.data import read_records, to_messages  # noqa: E402
 from trainer.precision import resolve_dtype  # noqa: E402
-from trainer.regenerate import regenerate  # noqa: E402
+from trainer.regenerate import first_reply_index, regenerate  # noqa: E402
 from trainer.train import run_training  # noqa: E402
 
 TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def first_turn(record) -> tuple[list[dict], dict] | None:
-    """(the messages before the first assistant turn, that turn), or None."""
+    """(the prompt before the first assistant turn, that turn), or None: the split `regenerate` makes."""
     messages = to_messages(record)
-    if not isinstance(messages, list):
-        return None
-    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
-    return None if not first else (messages[:first], messages[first])
+    first = first_reply_index(messages) if isinstance(messages, list) else None
+    return None if first is None else (messages[:first], messages[first])
 
 
 def write_arms(source_records: list, regenerated_path: str, original_path: str) -> int:

@@ -62,7 +62,7 @@ class BeagleTrainingArguments(TrainingArguments):
             # On a CPU-only machine, torchrun / accelerate launch should give CPU data parallelism (gloo), which
             # transformers enables only with use_cpu=True.
             self.use_cpu = True
-        device = "cpu" if self.use_cpu or not _has_accelerator() else None
+        device = "cpu" if self.use_cpu else None  # use_cpu is set above wherever there is no accelerator
         if self.bf16 is None or self.bf16 == "auto":
             self.bf16 = not self.fp16 and bf16_is_native(device)
         elif not isinstance(self.bf16, bool):

@@ -9,12 +9,9 @@ against 69 GFLOP/s in fp32: a bf16 target or bf16 training there is two orders o
 native; asking for bf16 explicitly where it is not still works, with a warning that says what it costs.
 """
 
-import logging
 import warnings
 
 import torch
-
-logger = logging.getLogger("beagle.precision")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,7 +53,6 @@ def warn_if_slow_bf16(what: str, device=None) -> None:
                    f"features {cpu_bf16_features()}): torch emulates it, often far slower than float32 "
                    "(measured ~170x on an AVX2-only CPU). Use float32 here, or 'auto'.")
         warnings.warn(message, SlowBf16Warning, stacklevel=3)
-        logger.warning(message)
 
 
 def resolve_dtype(name: str, device=None, what: str = "the target") -> torch.dtype:

@@ -54,6 +54,12 @@ def _completed_lines(path: str) -> int:
     return good
 
 
+def first_reply_index(messages: list[dict]) -> int | None:
+    """Index of the first assistant turn when at least one message (the prompt) comes before it, else None."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    return first or None
+
+
 @torch.no_grad()
 def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max_new_tokens: int = 256,
                max_prompt_tokens: int = 1024, max_records: int | None = None, temperature: float = 0.0,
@@ -71,8 +77,8 @@ def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max
         if not isinstance(messages, list):
             report.skipped["malformed or plain-text records"] += 1
             continue
-        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
-        if first is None or first == 0:
+        first = first_reply_index(messages)
+        if first is None:
             report.skipped["conversations without a prompt before an assistant turn"] += 1
             continue
         length = len(render_chat(tokenizer, messages[:first], add_generation_prompt=True))
