@@ -112,30 +112,55 @@ def stage1_forward(beagle, input_ids, context_states, target_states, labels: Sof
     return loss, _per_offset(window_offsets(positions, starts)[supervised], window, ce, regression, agree)
 
 
+def positions_at_offset(length: int, window: int, offsets: torch.Tensor, step: int):
+    """The positions p < `length` at offset `step` of their window (p = s(p) + step - 1, i.e. p = offset + step - 1
+    modulo `window`), ascending, as `(batch, ceil(length / window))`, and which of them exist (are < `length`).
+
+    Rows with fewer such positions are padded with the last position (`exists` False there).
+    """
+    first = (offsets + step - 1) % window
+    slots = torch.arange(-(-length // window), device=offsets.device)
+    positions = first[:, None] + window * slots
+    exists = positions < length
+    return positions.clamp(max=length - 1), exists
+
+
 def stage2_step(beagle, input_ids, context_states, draft_buffer, target_states, labels: SoftLabels, loss_mask,
                 attention_mask, window: int, offsets: torch.Tensor, step: int, smooth_l1_weight: float,
                 forward=None):
     """Stage 2, simulation step `step` (1..S): keys are [true states; draft buffer D], the queries never change.
 
-    Query p reads true keys j < s(p) and the draft states of the earlier offsets of its own window. Returns the
-    summed loss of the supervised queries at offset `step` (the caller weights it by β_t), their number, their
-    statistics, the new states of every query and the mask of queries at offset `step` (whose states the caller
-    writes into D in place).
+    Query p reads true keys j < s(p) and the draft states of the earlier offsets of its own window. Only the queries
+    at offset `step` are run: they alone get a loss and write D, and a query's output depends on its own token and
+    the keys it reads, never on the other queries, so the other offsets' queries (a fraction (S - 1) / S of the
+    block's query-side compute) would be computed for nothing. Returns the summed loss of the supervised queries at
+    offset `step` (the caller weights it by β_t), their number, their statistics, the new states `(batch, T, hidden)`
+    of the queries at offset `step` (zero elsewhere) and the mask of those queries (whose states the caller writes
+    into D in place).
     """
     positions, starts = _windows(input_ids, window, offsets)
-    mask = torch.cat([inverse_block_mask(positions, positions, starts),
-                      window_draft_mask(positions, positions, starts, step)], dim=-1)
-    out = (forward or beagle)(input_ids=input_ids, position_ids=positions, context_states=context_states,
-                              context_valid=attention_mask.bool(), draft_states=draft_buffer,
-                              draft_position_ids=positions, attention_mask=mask, return_logits=False)
     at_step = window_offsets(positions, starts) == step
-    supervised = at_step & loss_mask.bool()
-    label_rows = (loss_mask.long().flatten().cumsum(0) - 1).view_as(loss_mask)[supervised]
-    ce, regression, agree = position_losses(beagle, out.last_hidden_state[supervised], target_states[supervised],
-                                            labels.select(label_rows))
+    query_positions, exists = positions_at_offset(input_ids.shape[1], window, offsets, step)
+    query_starts = window_starts(query_positions, window, offsets)
+    mask = torch.cat([inverse_block_mask(query_positions, positions, query_starts),
+                      window_draft_mask(query_positions, positions, query_starts, step)], dim=-1)
+    out = (forward or beagle)(input_ids=input_ids.gather(1, query_positions), position_ids=query_positions,
+                              context_states=context_states, context_valid=attention_mask.bool(),
+                              draft_states=draft_buffer, draft_position_ids=positions, attention_mask=mask,
+                              return_logits=False)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(query_positions)
+    supervised = exists & loss_mask.bool().gather(1, query_positions)
+    # Soft labels are stored in the row-major order of all supervised positions; query positions ascend per row.
+    label_rows = (loss_mask.long().flatten().cumsum(0) - 1).view_as(loss_mask).gather(1, query_positions)[supervised]
+    sup_rows, sup_positions = rows[supervised], query_positions[supervised]
+    ce, regression, agree = position_losses(beagle, out.last_hidden_state[supervised],
+                                            target_states[sup_rows, sup_positions], labels.select(label_rows))
     loss_sum = (ce + smooth_l1_weight * regression).sum()
     stats = _per_offset(torch.full_like(ce, step, dtype=torch.long), window, ce, regression, agree)
-    return loss_sum, supervised.sum(), stats, out.last_hidden_state, at_step
+    new_states = out.last_hidden_state
+    states = new_states.new_zeros(*input_ids.shape, new_states.shape[-1]).index_put(
+        (rows[exists], query_positions[exists]), new_states[exists])
+    return loss_sum, supervised.sum(), stats, states, at_step
 
 
 def _per_offset(offsets, window, ce, regression, agree) -> dict:
