@@ -549,7 +549,8 @@ def make_eagle2(target, model_args, train_data) -> Eagle2Draft:
         raise ValueError(f"--target_layer_ids expected [-1] for the EAGLE-2-style draft, found "
                          f"{model_args.target_layer_ids}.")
     if model_args.init_from:
-        return Eagle2Draft.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation)
+        return Eagle2Draft.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation,
+                                           dtype=torch.float32)
     draft = Eagle2Draft.from_target(target, attn_implementation=model_args.attn_implementation,
                                     draft_vocab_size=model_args.draft_vocab_size,
                                     target_model_name_or_path=model_args.target_model)

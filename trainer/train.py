@@ -111,7 +111,9 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
     """The draft `beagle train` trains: `--init_from` a checkpoint, or fresh from the target (with a reduced draft
     vocabulary: the most frequent assistant tokens of the training data)."""
     if model_args.init_from:
-        return BeagleModel.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation)
+        # float32 master weights whatever the checkpoint's storage dtype (shipped drafts are bf16)
+        return BeagleModel.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation,
+                                           dtype=torch.float32)
     beagle = BeagleModel.from_target(target, attn_implementation=model_args.attn_implementation,
                                      target_layer_ids=model_args.target_layer_ids,
                                      draft_vocab_size=model_args.draft_vocab_size,
@@ -134,8 +136,9 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
     dtype = resolve_dtype(model_args.target_dtype, training_args.device, what="`beagle train` runs the target")
     model_args.target_dtype = str(dtype).removeprefix("torch.")  # "auto" resolved: the training record says which
     # The target only ever runs on padded batches here: "auto" takes eager attention on CPU (see load_target).
-    target, tokenizer = load_target(model_args.target_model, dtype, gguf_file=model_args.gguf_file,
-                                    attn_implementation="auto")
+    # On the training device from the start: regeneration and the offline cache run the target there too.
+    target, tokenizer = load_target(model_args.target_model, dtype, device=training_args.device,
+                                    gguf_file=model_args.gguf_file, attn_implementation="auto")
 
     source = resolve_dataset_arg(data_args.dataset)
     if data_args.regenerate:
@@ -152,7 +155,7 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
     split = dataset.train_test_split(test_size=eval_size, seed=training_args.seed) if eval_size else None
     train_data, eval_data = (split["train"], split["test"]) if split else (dataset, None)
 
-    draft = make_draft(target, model_args, train_data)
+    draft = make_draft(target, model_args, train_data).to(training_args.device)
     if data_args.offline_cache_dir:
         # The draft's vocabulary is fixed now: the cache stores soft labels over it (and refuses another one).
         train_data, eval_data = (
