@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from modeling_beagle import BeagleModel  # noqa: E402
+from modeling_beagle import BeagleGenerationStats, BeagleModel  # noqa: E402
 from trainer.assets import load_prompts, load_target, resolve_data  # noqa: E402
 from trainer.data import read_records, to_messages  # noqa: E402
 from trainer.precision import resolve_dtype  # noqa: E402
@@ -68,24 +68,31 @@ def measure_tau(target, tokenizer, beagle_path: str, prompts: int, new_tokens: i
     """Mean τ of greedy assisted-chain decoding on MT-bench first turns; every output checked against plain greedy."""
     import modeling_beagle  # noqa: F401  (installs the generate hook)
 
-    beagle = BeagleModel.from_pretrained(beagle_path, dtype=target.dtype).eval()
+    beagle = BeagleModel.from_pretrained(beagle_path, dtype=target.dtype).to(target.device).eval()
     beagle.bind_target(target)
-    taus, identical = [], 0
+    taus, identical, pooled = [], 0, BeagleGenerationStats()
     for row in load_prompts("mt-bench")[:prompts]:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": row["turns"][0]}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+                                            return_tensors="pt", return_dict=True)["input_ids"].to(target.device)
         plain = target.generate(ids, max_new_tokens=new_tokens, do_sample=False)
         spec = target.generate(ids, assistant_model=beagle, max_new_tokens=new_tokens, do_sample=False)
         identical += int(torch.equal(plain, spec))
         taus.append(beagle.generation_stats.tau)
+        pooled.drafted += beagle.generation_stats.drafted
+        pooled.accepted += beagle.generation_stats.accepted
     return {"tau_mean": statistics.fmean(taus), "taus": taus, "identical": identical, "prompts": len(taus),
-            "acceptance_per_position": beagle.generation_stats.acceptance_per_position()}
+            "tau_pooled": pooled.tau, "acceptance_per_position": pooled.acceptance_per_position()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init-from", required=True, help="the Beagle checkpoint both arms continue")
     parser.add_argument("--records", default="2000:2300", help="ShareGPT slice A:B whose prompts both arms use")
+    parser.add_argument("--source", default="sharegpt", help="the records file the slice is taken from (default: the "
+                        "ShareGPT asset)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--train-dtype", default="auto", help="the target's dtype while the arms train (regeneration "
+                        "and τ always run it in float32, where greedy verification is exact)")
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=384)
@@ -101,11 +108,11 @@ def main(argv=None) -> int:
     started = time.time()
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.output_dir, exist_ok=True)
-    dtype = resolve_dtype("auto")
-    target, tokenizer = load_target(TARGET, dtype, attn_implementation="auto")
+    dtype = resolve_dtype(args.train_dtype, args.device)
+    target, tokenizer = load_target(TARGET, torch.float32, device=args.device, attn_implementation="auto")
 
     start, stop = (int(x) for x in args.records.split(":"))
-    source_records = read_records(resolve_data("sharegpt"))[start:stop]
+    source_records = read_records(resolve_data("sharegpt") if args.source == "sharegpt" else args.source)[start:stop]
     source = os.path.join(args.work_dir, "source.json")
     with open(source, "w", encoding="utf-8") as handle:
         json.dump(source_records, handle, ensure_ascii=False)
@@ -121,6 +128,7 @@ def main(argv=None) -> int:
                          "wider slice or a larger --max-prompt-tokens.")
 
     results = {"init_from": measure_tau(target, tokenizer, args.init_from, args.eval_prompts, args.eval_new_tokens)}
+    print(f"[regeneration_effect] init_from: tau {results['init_from']['tau_mean']:.3f}", flush=True)
     arms = {}
     for arm, data in (("original", original), ("regenerated", regenerated)):
         out = os.path.join(args.work_dir, arm)
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
                     "--stage2_steps", "4", "--per_device_train_batch_size", str(args.batch_size),
                     "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "constant_with_warmup",
                     "--warmup_steps", "5", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
-                    "--seed", "0"]
+                    "--seed", "0"] + (["--use_cpu"] if args.device == "cpu" else [])
         t0 = time.time()
         saved = run_training(argv_arm)
         train_s = time.time() - t0
@@ -139,13 +147,16 @@ def main(argv=None) -> int:
         arms[arm] = {"train_s": round(train_s, 1), "data": run["data"], "token_updates": run["token_updates"],
                      "steps": run["steps"]}
         results[arm] = measure_tau(target, tokenizer, saved, args.eval_prompts, args.eval_new_tokens)
+        print(f"[regeneration_effect] {arm}: tau {results[arm]['tau_mean']:.3f} {json.dumps(arms[arm])} "
+              f"{json.dumps(results[arm])}", flush=True)
 
     valid = all(r["identical"] == r["prompts"] for r in results.values())
     report = {
         "valid": valid,
         "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "dtype": str(dtype)},
+                    "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                    "train_dtype": str(dtype), "measure_dtype": "torch.float32"},
         "settings": vars(args), "conversations_per_arm": conversations, "regenerate": regen_report.summary(),
         "regenerate_s": round(regen_s, 1), "arms": arms, "results": results,
         "wall_s": round(time.time() - started, 1),
@@ -159,7 +170,7 @@ def main(argv=None) -> int:
              f"continuing `{args.init_from}` for {args.max_steps} steps. Regeneration: {regen_report.summary()} "
              f"({regen_s:.0f} s).", "",
              "| draft | training data | token-updates | train s | τ (MT-bench, greedy chain, fp32) | acceptance per "
-             "position | identical |", "|---|---|---|---|---|---|---|"]
+             "position (all prompts' rounds) | identical |", "|---|---|---|---|---|---|---|"]
     for name, result in results.items():
         arm = arms.get(name, {})
         accept = " ".join(f"{a:.2f}" for a in result["acceptance_per_position"])
