@@ -212,3 +212,30 @@ def test_beagle_train_recipe_pipeline_regenerate_offline_cache_and_record(tmp_pa
     (tmp_path / "train2.json").write_text(json.dumps(config))
     record = BeagleModel.from_pretrained(run_training([str(tmp_path / "train2.json")])).config.training_record
     assert [r["steps"] for r in record["runs"]] == [4, 2] and record["total_steps"] == 6
+
+
+def test_beagle_train_writes_the_tau_learning_curve(tmp_path, monkeypatch):
+    """`--tau_eval_prompts`: each evaluation decodes the prompts with the draft (checked against plain greedy) and
+    appends τ and the training wall time to <output_dir>/tau_curve.jsonl; without evaluations it is refused."""
+    import trainer.train as train_module
+
+    monkeypatch.setattr(train_module, "load_prompts", lambda name: [{"turns": ["q1x"]}, {"turns": ["q22y"]}])
+    target = make_target("llama", initializer_range=0.2)
+    target.save_pretrained(tmp_path / "target")
+    chat_tokenizer().save_pretrained(tmp_path / "target")
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt(24)))
+    config = {"target_model": str(tmp_path / "target"), "dataset": str(tmp_path / "sharegpt.json"),
+              "output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
+              "stage1_window": 3, "stage2_steps": 2, "eval_records": 4, "report_to": [], "save_strategy": "no",
+              "bf16": False, "eval_strategy": "steps", "eval_steps": 2, "tau_eval_prompts": 2,
+              "tau_eval_new_tokens": 6}
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    train_module.run_training([str(tmp_path / "train.json")])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "tau_curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 4]  # two scheduled evaluations, then the final one
+    assert all(r["eval_greedy_identical"] == 1.0 and r["eval_tau"] >= 1.0 and r["prompts"] == 2 for r in rows)
+    assert 0 < rows[0]["train_wall_s"] <= rows[1]["train_wall_s"] and "eval_alpha_step_1" in rows[0]
+    config.update(eval_strategy="no", output_dir=str(tmp_path / "run2"))
+    (tmp_path / "train2.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="--tau_eval_prompts expected evaluations"):
+        train_module.run_training([str(tmp_path / "train2.json")])

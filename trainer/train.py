@@ -9,12 +9,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, IntervalStrategy
 
 from modeling_beagle import BeagleModel
 
-from .assets import load_target, resolve_dataset_arg
+from .assets import load_prompts, load_target, resolve_dataset_arg
 from .beagle_trainer import BeagleTrainer, BeagleTrainingArguments
+from .callbacks import SpeculativeEvalCallback
 from .data import build_dataset
 from .offline_cache import build_offline_cache
 from .precision import resolve_dtype
@@ -54,6 +55,11 @@ class BeagleDataArguments:
         "help": "run the target once over the data into this folder (states + top-k soft labels over the draft "
                 "vocabulary; resumable) and train from it instead of running the target at every step"})
     offline_topk: int = field(default=32, metadata={"help": "soft-label probabilities kept per supervised token"})
+    tau_eval_prompts: int = field(default=0, metadata={
+        "help": "at each evaluation also decode this many MT-bench first turns greedily with the draft and log τ and "
+                "the training wall time (the learning curve, also appended to <output_dir>/tau_curve.jsonl); needs "
+                "--eval_strategy steps"})
+    tau_eval_new_tokens: int = field(default=48, metadata={"help": "new tokens per τ-evaluation prompt"})
 
 
 def parse(argv: list[str]):
@@ -123,6 +129,18 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
     return beagle
 
 
+def tau_callback(trainer, tokenizer, data_args, training_args) -> SpeculativeEvalCallback:
+    """`--tau_eval_prompts`: τ of real greedy speculative decoding on MT-bench first turns at each evaluation."""
+    if training_args.eval_strategy == IntervalStrategy.NO:
+        raise ValueError("--tau_eval_prompts expected evaluations to hook into: pass --eval_strategy steps (and "
+                         "--eval_steps), found --eval_strategy no.")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": row["turns"][0]}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"][0]
+               for row in load_prompts("mt-bench")[: data_args.tau_eval_prompts]]
+    return SpeculativeEvalCallback(trainer, prompts, data_args.tau_eval_new_tokens,
+                                   curve_path=os.path.join(training_args.output_dir, "tau_curve.jsonl"))
+
+
 def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTrainer, name: str = "beagle",
                  label: str = "Beagle") -> str:
     """Parse `beagle train`'s arguments, load the target and the data, build the draft with
@@ -164,6 +182,8 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
             for which, part in (("train", train_data), ("eval", eval_data)))
     trainer = trainer_class(model=draft, args=training_args, target_model=target, train_dataset=train_data,
                             eval_dataset=eval_data)
+    if data_args.tau_eval_prompts:
+        trainer.add_callback(tau_callback(trainer, tokenizer, data_args, training_args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if eval_data is not None:
         metrics = trainer.evaluate()

@@ -1,0 +1,161 @@
+"""Learning curves at equal budget: Beagle against the EAGLE-2-style draft, τ on held-out prompts vs training time.
+
+Both drafts are trained from scratch by the same trainer (`beagle train` and `python benchmarks/eagle2_draft.py
+train`) with the same target, data, draft vocabulary, optimizer steps, batch, sequence length and learning-rate
+schedule, from one shared offline cache (built once, by the first run). Each evaluation decodes MT-bench first turns
+greedily with the draft through `target.generate(assistant_model=draft)` (checked token for token against plain
+greedy) and records τ and the training wall time so far (evaluations excluded): `--tau_eval_prompts`.
+
+    python benchmarks/learning_curve.py --records 2000:2600 --max-steps 600 --eval-steps 100
+
+Each run is a child process, so its peak resident memory is its own (`os.wait4`). Writes `learning_curve.json`,
+`learning_curve.md` and `learning_curve.png` into `--output-dir`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DRAFTS = {  # name: (the command that trains it, the folder its checkpoint is saved under)
+    "beagle": ([sys.executable, "-m", "trainer.cli", "train"], "beagle"),
+    "eagle2": ([sys.executable, os.path.join(ROOT, "benchmarks", "eagle2_draft.py"), "train"], "eagle2"),
+}
+
+
+def train_argv(args, source: str, output_dir: str) -> list[str]:
+    return ["--target_model", TARGET, "--target_dtype", args.target_dtype, "--dataset", source,
+            "--max_length", str(args.max_length), "--eval_records", str(args.eval_records),
+            "--draft_vocab_size", str(args.draft_vocab_size), "--offline_cache_dir", os.path.join(args.work_dir, "cache"),
+            "--offline_topk", "32", "--output_dir", output_dir, "--max_steps", str(args.max_steps),
+            "--stage1_ratio", "0.5", "--stage1_window", "4", "--stage2_steps", "4",
+            "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
+            "--lr_scheduler_type", "cosine", "--warmup_steps", str(args.warmup_steps), "--logging_steps", "25",
+            "--save_strategy", "no", "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps),
+            "--per_device_eval_batch_size", str(args.batch_size), "--tau_eval_prompts", str(args.tau_prompts),
+            "--tau_eval_new_tokens", str(args.tau_new_tokens), "--report_to", "none", "--seed", "0"]
+
+
+def run_child(command: list[str], log_path: str) -> tuple[int, float, int]:
+    """(exit status, wall seconds, peak resident set in bytes) of one training run, its output into `log_path`."""
+    started = time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.time() - started, usage.ru_maxrss * 1024
+
+
+def plot(curves: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in curves.items():
+        points = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])
+        ax.plot([r["train_wall_s"] / 60 for r in points], [r["eval_tau"] for r in points], marker="o", label=name)
+    ax.set_xlabel("training wall time (min, evaluations excluded)")
+    ax.set_ylabel("τ (MT-bench, greedy chain, fp32)")
+    ax.set_title("Learning curves at equal steps, data and batch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", default="2000:2600", help="ShareGPT slice A:B both drafts train on")
+    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--eval-steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=30)
+    parser.add_argument("--draft-vocab-size", type=int, default=8192)
+    parser.add_argument("--eval-records", type=int, default=16, help="held-out conversations for α")
+    parser.add_argument("--tau-prompts", type=int, default=3, help="MT-bench first turns decoded at each evaluation")
+    parser.add_argument("--tau-new-tokens", type=int, default=48)
+    parser.add_argument("--target-dtype", default="auto")
+    parser.add_argument("--drafts", default="beagle,eagle2", help="which drafts to train, in order")
+    parser.add_argument("--work-dir", default="runs/learning_curve")
+    parser.add_argument("--output-dir", default="benchmarks/results/learning_curve")
+    args = parser.parse_args(argv)
+    from trainer.assets import resolve_data
+    from trainer.data import read_records
+
+    work, out = os.path.abspath(args.work_dir), os.path.abspath(args.output_dir)
+    os.makedirs(work, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
+    start, stop = (int(x) for x in args.records.split(":"))
+    source = os.path.join(work, "source.json")
+    with open(source, "w", encoding="utf-8") as handle:
+        json.dump(read_records(resolve_data("sharegpt"))[start:stop], handle, ensure_ascii=False)
+
+    runs, curves = {}, {}
+    for name in args.drafts.split(","):
+        command, folder = DRAFTS[name]
+        run_dir = os.path.join(work, name)
+        curve_path = os.path.join(run_dir, "tau_curve.jsonl")
+        if os.path.exists(curve_path):
+            os.remove(curve_path)  # a rerun starts a fresh curve
+        status, wall_s, peak = run_child(command + train_argv(args, source, run_dir), os.path.join(work, f"{name}.log"))
+        if status != 0:
+            raise SystemExit(f"{name}: training exited with {status}; see {os.path.join(work, name + '.log')}")
+        with open(curve_path, encoding="utf-8") as handle:
+            curves[name] = [json.loads(line) for line in handle]
+        with open(os.path.join(run_dir, folder, "config.json"), encoding="utf-8") as handle:
+            record = json.load(handle)["training_record"]["runs"][-1]
+        runs[name] = {"wall_s_with_cache_and_evals": round(wall_s, 1), "peak_rss_bytes": peak,
+                      "token_updates": record["token_updates"], "steps": record["steps"], "data": record["data"],
+                      "final": curves[name][-1]}
+        print(f"[learning_curve] {name}: {json.dumps(runs[name])}", flush=True)
+
+    valid = all(r["eval_greedy_identical"] == 1.0 for rows in curves.values() for r in rows)
+    report = {"valid": valid, "settings": vars(args), "runs": runs, "curves": curves,
+              "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+                          "cpu_count": os.cpu_count()}}
+    with open(os.path.join(out, "learning_curve.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    plot(curves, os.path.join(out, "learning_curve.png"))
+    names = list(curves)
+    lines = ["# Learning curves at equal budget: Beagle vs the EAGLE-2-style draft", "",
+             f"**{'VALID' if valid else 'INVALID: a speculative output differed from plain greedy'}**", "",
+             f"Machine: {report['machine']}", "", f"Settings: {vars(args)}", "",
+             "τ: greedy chain decoding through `target.generate(assistant_model=draft)` on MT-bench first turns, "
+             "target in the training dtype, every output identical to plain greedy. Training wall time excludes "
+             "the evaluations and the (shared) offline cache build.", "",
+             "| step | " + " | ".join(f"{n} train s | {n} τ | {n} α1..4" for n in names) + " |",
+             "|---|" + "---|---|---|" * len(names)]
+    steps = sorted({r["step"] for rows in curves.values() for r in rows})
+    for step in steps:
+        cells = []
+        for name in names:
+            row = next((r for r in reversed(curves[name]) if r["step"] == step), None)
+            if row is None:
+                cells += ["–", "–", "–"]
+                continue
+            alphas = " / ".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("eval_alpha_step_"))
+            cells += [f"{row['train_wall_s']:.0f}", f"{row['eval_tau']:.3f}", alphas]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += ["", "| draft | token-updates | peak RSS | wall s (cache, training, evaluations) |", "|---|---|---|---|"]
+    for name, run in runs.items():
+        lines.append(f"| {name} | {run['token_updates']:,} | {run['peak_rss_bytes'] / 2**30:.2f} GiB | "
+                     f"{run['wall_s_with_cache_and_evals']:.0f} |")
+    with open(os.path.join(out, "learning_curve.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if valid else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
