@@ -289,7 +289,7 @@ def _checkpoint_tensors(checkpoint_dir: Path) -> tuple[int, int] | None:
 def _short_settings(settings: dict | None) -> dict:
     """The scalar settings short enough for a metadata field or a one-line summary (numbers, flags, short names)."""
     return {k: v for k, v in (settings or {}).items()
-            if (isinstance(v, str) and len(v) <= SHORT_SETTING_CHARS) or isinstance(v, bool) or _finite_number(v)}
+            if (isinstance(v, str) and 0 < len(v) <= SHORT_SETTING_CHARS) or isinstance(v, bool) or _finite_number(v)}
 
 
 def eval_results_from_bench(bench: dict | None) -> list[EvalResult]:

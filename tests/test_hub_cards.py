@@ -29,7 +29,7 @@ REPO_ID = "example-user/beagle-tiny"
 MAX_NEW_TOKENS = 24
 
 BENCH = {
-    "machine": {"cpu": "test CPU", "threads": 2, "torch": torch.__version__},
+    "machine": {"cpu": "test CPU", "threads": 2, "torch": torch.__version__, "gpu": ""},  # no GPU: an empty field
     "settings": {"max_new_tokens": MAX_NEW_TOKENS, "num_prompts": 8, "dtypes": ["bfloat16", "float32"],
                  "timing": "per prompt: median wall time of `repeats` runs; methods interleaved in a rotating order"},
     "runs": [{"method": "plain", "prompt_id": "mt-bench/81", "time_s": 1.0}],  # per-run detail: not in the card
@@ -146,6 +146,7 @@ def test_card_sections_table_recipe_and_plots(checkpoint, saved):
     assert "| prompt-lookup | 1.30 | 22.0 | 1.10× |" in text
     assert "**Flagged by the bench**" in text and "humaneval float32 T=0 beagle-tree: invalid" in text
     assert "- timing: per prompt: median wall time" in text and "mt-bench/81" not in text
+    assert "cpu: test CPU" in text and "gpu:" not in text  # empty machine fields are left out of the card
     assert "beagle train --target_model example-org/tiny-llama-instruct --max_steps 4000" in text
     assert "1 h 30 min" in text and "12,345,678" in text
     # the plot that exists is copied next to README.md and referenced relatively; the missing one is left out

@@ -91,6 +91,13 @@ def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max
     prompts = [prompt for _, prompt in sorted(prompts, key=lambda item: item[0])]
     report.records = len(prompts)
     done = _completed_lines(output)
+    if done:  # a resumed run reports the replies an earlier run wrote too
+        with open(output, encoding="utf-8") as handle:
+            for _, line in zip(range(done), handle):
+                if json.loads(line).get("skipped"):
+                    report.skipped["empty replies"] += 1
+                else:
+                    report.kept += 1
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
