@@ -33,14 +33,16 @@ DRAFTS = {  # name: (the command that trains it, the folder its checkpoint is sa
 def train_argv(args, source: str, output_dir: str) -> list[str]:
     return ["--target_model", TARGET, "--target_dtype", args.target_dtype, "--dataset", source,
             "--max_length", str(args.max_length), "--eval_records", str(args.eval_records),
-            "--draft_vocab_size", str(args.draft_vocab_size), "--offline_cache_dir", os.path.join(args.work_dir, "cache"),
+            "--draft_vocab_size", str(args.draft_vocab_size), "--offline_cache_dir", args.cache_dir or os.path.join(args.work_dir, "cache"),
             "--offline_topk", "32", "--output_dir", output_dir, "--max_steps", str(args.max_steps),
             "--stage1_ratio", "0.5", "--stage1_window", "4", "--stage2_steps", "4",
             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
             "--lr_scheduler_type", "cosine", "--warmup_steps", str(args.warmup_steps), "--logging_steps", "25",
             "--save_strategy", "no", "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps),
             "--per_device_eval_batch_size", str(args.batch_size), "--tau_eval_prompts", str(args.tau_prompts),
-            "--tau_eval_new_tokens", str(args.tau_new_tokens), "--report_to", "none", "--seed", "0"]
+            "--tau_eval_new_tokens", str(args.tau_new_tokens), "--report_to", "none", "--seed", "0",
+            "--target_layer_ids", *[str(i) for i in args.target_layer_ids]] + (
+            ["--recency_bias", "true"] if args.recency_bias else [])
 
 
 def run_child(command: list[str], log_path: str) -> tuple[int, float, int]:
@@ -87,13 +89,23 @@ def main(argv=None) -> int:
     parser.add_argument("--tau-new-tokens", type=int, default=48)
     parser.add_argument("--target-dtype", default="auto")
     parser.add_argument("--drafts", default="beagle,eagle2", help="which drafts to train, in order")
+    parser.add_argument("--target-layer-ids", type=int, nargs="+", default=[-1],
+                        help="target layers whose states the drafts read (Beagle fuses several with an FC; the "
+                             "EAGLE-2-style draft takes only [-1])")
+    parser.add_argument("--recency-bias", action="store_true", help="Beagle with BeagleConfig.recency_bias")
+    parser.add_argument("--suffix", default="", help="appended to each draft's name in the results (a variant)")
+    parser.add_argument("--include", action="append", default=[],
+                        help="another run's learning_curve.json whose curves join this table and plot")
     parser.add_argument("--work-dir", default="runs/learning_curve")
+    parser.add_argument("--cache-dir", help="the offline cache (default <work-dir>/cache); another run's cache of the "
+                        "same data, vocabulary and target layers is reused as it is")
     parser.add_argument("--output-dir", default="benchmarks/results/learning_curve")
     args = parser.parse_args(argv)
     from trainer.assets import resolve_data
     from trainer.data import read_records
 
     work, out = os.path.abspath(args.work_dir), os.path.abspath(args.output_dir)
+    args.work_dir, args.cache_dir = work, args.cache_dir and os.path.abspath(args.cache_dir)  # children run in ROOT
     os.makedirs(work, exist_ok=True)
     os.makedirs(out, exist_ok=True)
     start, stop = (int(x) for x in args.records.split(":"))
@@ -115,11 +127,17 @@ def main(argv=None) -> int:
             curves[name] = [json.loads(line) for line in handle]
         with open(os.path.join(run_dir, folder, "config.json"), encoding="utf-8") as handle:
             record = json.load(handle)["training_record"]["runs"][-1]
-        runs[name] = {"wall_s_with_cache_and_evals": round(wall_s, 1), "peak_rss_bytes": peak,
+        runs[name + args.suffix] = {"wall_s_with_cache_and_evals": round(wall_s, 1), "peak_rss_bytes": peak,
                       "token_updates": record["token_updates"], "steps": record["steps"], "data": record["data"],
                       "final": curves[name][-1]}
-        print(f"[learning_curve] {name}: {json.dumps(runs[name])}", flush=True)
+        curves[name + args.suffix] = curves.pop(name)
+        print(f"[learning_curve] {name + args.suffix}: {json.dumps(runs[name + args.suffix])}", flush=True)
 
+    for path in args.include:
+        with open(path, encoding="utf-8") as handle:
+            other = json.load(handle)
+        curves.update({k: v for k, v in other["curves"].items() if k not in curves})
+        runs.update({k: v for k, v in other["runs"].items() if k not in runs})
     valid = all(r["eval_greedy_identical"] == 1.0 for rows in curves.values() for r in rows)
     report = {"valid": valid, "settings": vars(args), "runs": runs, "curves": curves,
               "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),

@@ -83,7 +83,33 @@ def to_attention_mask(allowed: torch.Tensor, attn_implementation: str, dtype: to
     )
 
 
+def key_distances(query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """`(batch, q, k)`: how many positions key j lies behind the most recent one query p may read, p - 1 - j
+    (0 for the state at p - 1; clamped at 0 for keys a query does not read)."""
+    return (query_positions[:, :, None] - 1 - key_positions[:, None, :]).clamp(min=0)
+
+
+def biased_attention_mask(allowed: torch.Tensor, bias: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    """An additive float mask `(batch, heads, q, k)`: `bias` where `allowed` (`(batch, q, k)`), -inf elsewhere.
+
+    Score biases need a kernel that adds a float mask (eager, sdpa, flex_attention); flash kernels take none.
+    """
+    if attn_implementation in ("flash_attention_2", "flash_attention_3"):
+        raise ValueError(f"attn_implementation={attn_implementation!r} cannot add Beagle's recency bias (flash kernels "
+                         "take no score bias). Use attn_implementation='sdpa' or 'eager', or a draft trained with "
+                         "recency_bias=False.")
+    return bias.masked_fill(~allowed[:, None, :, :], torch.finfo(bias.dtype).min)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's geometric slopes 2^(-8 i / num_heads), i = 1..num_heads: from a sharp recency focus to nearly none."""
+    return torch.pow(2.0, -8.0 * torch.arange(1, num_heads + 1, dtype=torch.float32) / num_heads)
+
+
 __all__ = [
+    "alibi_slopes",
+    "biased_attention_mask",
+    "key_distances",
     "context_causal_mask",
     "key_padding_mask",
     "window_starts",

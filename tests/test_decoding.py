@@ -240,3 +240,17 @@ def test_bad_input_to_the_loop():
     other = BeagleModel.from_target(make_target("llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(ValueError, match="hidden_size"):
         spec(target, other, ids, "chain", max_new_tokens=4)
+
+
+def test_greedy_identity_with_a_recency_bias_draft():
+    """A draft with `recency_bias` (a float score bias in every attention call) stays lossless on both paths."""
+    target, beagle = trained_pair(recency_bias=True)
+    g = torch.Generator().manual_seed(4)
+    accepted = 0
+    for i in range(16):
+        ids = torch.randint(3, 96, (1, int(torch.randint(1, 16, (1,), generator=g))), generator=g)
+        ref = target.generate(ids, do_sample=False, max_new_tokens=24)
+        assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=beagle), ref)
+        accepted += sum(beagle.generation_stats.accepted)
+        assert torch.equal(spec(target, beagle, ids, SHAPES[1 + i % 3], do_sample=False, max_new_tokens=24), ref)
+    assert accepted > 16

@@ -23,11 +23,12 @@ def make_beagle(target, **overrides):
     return beagle
 
 
+@pytest.mark.parametrize("recency_bias", [False, True])
 @pytest.mark.parametrize("null_kv_slot", [True, False])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_no_leakage(llama_target, null_kv_slot, attn):
+def test_no_leakage(llama_target, null_kv_slot, attn, recency_bias):
     """Changing a true state at j >= p leaves the output at p unchanged; changing one at j < p changes it."""
-    beagle = make_beagle(llama_target, null_kv_slot=null_kv_slot, attn_implementation=attn)
+    beagle = make_beagle(llama_target, null_kv_slot=null_kv_slot, attn_implementation=attn, recency_bias=recency_bias)
     ids = torch.randint(0, 96, (1, 12))
     h = target_states(llama_target, ids)
     base = beagle(input_ids=ids, context_states=h).last_hidden_state
@@ -48,9 +49,10 @@ def random_mask(batch, q, k, generator):
     return mask
 
 
+@pytest.mark.parametrize("recency_bias", [False, True])
 @pytest.mark.parametrize("null_kv_slot", [True, False])
-def test_eager_matches_sdpa_with_random_masks(llama_target, null_kv_slot):
-    beagle = make_beagle(llama_target, null_kv_slot=null_kv_slot)
+def test_eager_matches_sdpa_with_random_masks(llama_target, null_kv_slot, recency_bias):
+    beagle = make_beagle(llama_target, null_kv_slot=null_kv_slot, recency_bias=recency_bias)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 96, (3, 9), generator=g)
     h = target_states(llama_target, ids)
@@ -72,6 +74,38 @@ def test_eager_matches_sdpa_with_random_masks(llama_target, null_kv_slot):
         assert torch.equal(other[:, 0], outs["sdpa"][:, 0])
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_recency_bias_penalises_distance_from_the_most_recent_state(llama_target, attn):
+    """recency_bias adds -slope_h * (p - 1 - j) to head h's score of the state at j: with zero slopes the draft is
+    the unbiased one (same weights); with steep slopes query p reads (almost) only the state at p - 1."""
+    plain = make_beagle(llama_target, attn_implementation=attn)
+    biased = BeagleModel.from_target(llama_target, attn_implementation=attn, recency_bias=True).eval()
+    biased.load_state_dict({**biased.state_dict(), **plain.state_dict()})  # the same weights, plus the slopes
+    ids = torch.randint(0, 96, (2, 12))
+    h = target_states(llama_target, ids)
+    with torch.no_grad():
+        biased.block.cross_attn.recency_slopes.zero_()
+    torch.testing.assert_close(biased(input_ids=ids, context_states=h).last_hidden_state,
+                               plain(input_ids=ids, context_states=h).last_hidden_state, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        biased.block.cross_attn.recency_slopes.fill_(60.0)
+    base = biased(input_ids=ids, context_states=h).last_hidden_state
+    p = 9
+    for j, expect_change in ((p - 1, True), (p - 2, False), (2, False)):
+        h2 = h.clone()
+        h2[:, j] += 3 * torch.randn_like(h2[:, j])
+        out = biased(input_ids=ids, context_states=h2).last_hidden_state[:, p]
+        assert (not torch.allclose(out, base[:, p], atol=1e-4)) == expect_change, j
+
+
+def test_recency_bias_refuses_flash_kernels():
+    from modeling_beagle.masking_beagle import biased_attention_mask
+
+    allowed = torch.ones(1, 2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="cannot add Beagle's recency bias"):
+        biased_attention_mask(allowed, torch.zeros(1, 4, 2, 3), "flash_attention_2")
+
+
 def test_first_row_without_context_is_finite(llama_target):
     for null_kv_slot in (True, False):
         beagle = make_beagle(llama_target, null_kv_slot=null_kv_slot)
@@ -79,9 +113,10 @@ def test_first_row_without_context_is_finite(llama_target):
         assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("recency_bias", [False, True])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_cached_step_by_step_equals_full_forward(llama_target, attn):
-    beagle = make_beagle(llama_target, attn_implementation=attn)
+def test_cached_step_by_step_equals_full_forward(llama_target, attn, recency_bias):
+    beagle = make_beagle(llama_target, attn_implementation=attn, recency_bias=recency_bias)
     ids = torch.randint(0, 96, (2, 10))
     h = target_states(llama_target, ids)
     full = beagle(input_ids=ids, context_states=h)

@@ -44,11 +44,12 @@ def test_stage_masks_match_brute_force(k):
 
 
 # ------------------------------------------------------------------------------------------------ exactness
-def test_stage2_equals_inference_draft_steps():
+@pytest.mark.parametrize("recency_bias", [False, True])
+def test_stage2_equals_inference_draft_steps(recency_bias):
     """With the same weights and tokens, the stage-2 output of the query at offset t (step t) equals the inference
     draft output at draft step t when the drafted tokens are the true tokens."""
     target = make_target("llama", initializer_range=0.2)
-    beagle = BeagleModel.from_target(target, attn_implementation="eager").eval()
+    beagle = BeagleModel.from_target(target, attn_implementation="eager", recency_bias=recency_bias).eval()
     with torch.no_grad():
         for p in beagle.parameters():
             p.add_(torch.randn_like(p) * 0.1)

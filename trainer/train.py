@@ -36,6 +36,9 @@ class BeagleModelArguments:
     draft_vocab_size: int | None = field(default=None, metadata={
         "help": "reduced draft vocabulary: the most frequent assistant tokens of the training data"})
     init_from: str | None = field(default=None, metadata={"help": "continue from this Beagle checkpoint"})
+    recency_bias: bool = field(default=False, metadata={
+        "help": "a fresh Beagle adds a learned per-head distance penalty to its attention scores (ALiBi-style), so "
+                "heads can favour the most recent target states (BeagleConfig.recency_bias)"})
 
 
 @dataclass
@@ -123,6 +126,7 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
     beagle = BeagleModel.from_target(target, attn_implementation=model_args.attn_implementation,
                                      target_layer_ids=model_args.target_layer_ids,
                                      draft_vocab_size=model_args.draft_vocab_size,
+                                     recency_bias=model_args.recency_bias,
                                      target_model_name_or_path=model_args.target_model)
     if model_args.draft_vocab_size:
         beagle.set_draft_vocabulary(frequent_tokens(train_data, model_args.draft_vocab_size, beagle.config.vocab_size))

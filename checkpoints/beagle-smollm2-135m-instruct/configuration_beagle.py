@@ -95,6 +95,10 @@ class BeagleConfig(PreTrainedConfig):
         final_norm (`bool`, defaults to `False`): a learnable RMSNorm before the lm_head.
         null_kv_slot (`bool`, defaults to `True`): a learned key/value slot every query can see. It gives the first
             row (which sees no context) a defined output; without it, rows that see nothing output zero attention.
+        recency_bias (`bool`, defaults to `False`): add a learned per-head penalty, slope_h * (p - 1 - j), to the
+            attention score of the state at position j read by the query at p (ALiBi-style; slopes start at ALiBi's
+            geometric values), so heads can favour the most recent states from the first step. Needs an attention
+            kernel that adds a float mask (eager, sdpa, flex_attention).
         carry_target_embeddings (`bool`, defaults to `False`): the checkpoint carries its own frozen copies of the
             target's token embedding and (draft-vocabulary) head, so it runs without the target's weights at hand.
         draft_vocab_size (`int`, *optional*): a reduced draft vocabulary (the most frequent target tokens); the
@@ -149,6 +153,7 @@ class BeagleConfig(PreTrainedConfig):
     norm_kv: bool = True
     final_norm: bool = False
     null_kv_slot: bool = True
+    recency_bias: bool = False
     carry_target_embeddings: bool = False
     draft_vocab_size: int | None = None
     concat_draft_states: bool = True

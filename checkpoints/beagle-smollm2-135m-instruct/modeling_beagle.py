@@ -36,7 +36,7 @@ from .generation_beagle import (
     install_generate_hook,
     unavailable_message,
 )
-from .masking_beagle import context_causal_mask, to_attention_mask
+from .masking_beagle import alibi_slopes, biased_attention_mask, context_causal_mask, key_distances, to_attention_mask
 
 
 # Written into every saved checkpoint as `custom_generate/generate.py`, so that
@@ -238,6 +238,8 @@ class BeagleCrossAttention(nn.Module):
             self.null_value = nn.Parameter(torch.zeros(self.num_key_value_heads, self.head_dim))
         else:
             self.null_key = self.null_value = None
+        # slope_h of the recency bias -slope_h * (p - 1 - j) on head h's scores (config.recency_bias)
+        self.recency_slopes = nn.Parameter(alibi_slopes(self.num_heads)) if config.recency_bias else None
 
     def project_context(
         self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -256,6 +258,7 @@ class BeagleCrossAttention(nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         allowed: torch.Tensor,
+        key_distance: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         batch, num_queries = hidden_states.shape[:2]
@@ -282,7 +285,16 @@ class BeagleCrossAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attention_mask = to_attention_mask(allowed, self.config._attn_implementation, query.dtype)
+        if self.recency_slopes is None:
+            attention_mask = to_attention_mask(allowed, self.config._attn_implementation, query.dtype)
+        else:
+            if key_distance is None:
+                raise ValueError("BeagleCrossAttention: `key_distance` (batch, queries, keys) is required with "
+                                 "recency_bias=True.")
+            bias = key_distance[:, None].to(query.dtype) * -self.recency_slopes.to(query.dtype)[None, :, None, None]
+            if self.null_key is not None:
+                bias = nn.functional.pad(bias, (1, 0))  # the null slot is at no distance
+            attention_mask = biased_attention_mask(allowed, bias, self.config._attn_implementation)
         attn_output, _ = attention_interface(
             self,
             query,
@@ -325,10 +337,12 @@ class BeagleBlock(GradientCheckpointingLayer):
         keys: torch.Tensor,
         values: torch.Tensor,
         allowed: torch.Tensor,
+        key_distance: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.cross_attn(self.norm_q(hidden_states), position_embeddings, keys, values, allowed, **kwargs)
+        hidden_states = self.cross_attn(self.norm_q(hidden_states), position_embeddings, keys, values, allowed,
+                                        key_distance=key_distance, **kwargs)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.norm_mlp(hidden_states))
@@ -352,6 +366,8 @@ class BeaglePreTrainedModel(PreTrainedModel):
         if isinstance(module, BeagleCrossAttention) and module.null_key is not None:
             init.normal_(module.null_key, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.null_value)
+        if isinstance(module, BeagleCrossAttention) and module.recency_slopes is not None:
+            init.copy_(module.recency_slopes, alibi_slopes(module.num_heads))
 
 
 class BeagleModel(BeaglePreTrainedModel):
@@ -642,8 +658,10 @@ class BeagleModel(BeaglePreTrainedModel):
                 raise ValueError(f"BeagleModel: `attention_mask` dtype expected torch.bool, found {allowed.dtype}.")
         allowed = allowed & key_valid[:, None, :]
 
+        key_distance = key_distances(position_ids, key_positions) if self.config.recency_bias else None
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        hidden_states = self.block(hidden_states, position_embeddings, keys, values, allowed, **kwargs)
+        hidden_states = self.block(hidden_states, position_embeddings, keys, values, allowed, key_distance=key_distance,
+                                   **kwargs)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
         logits = self.compute_logits(hidden_states) if return_logits else None
