@@ -33,25 +33,24 @@ class RegenerateArguments:
                 "sdpa's masked CPU path, measured with SmolLM2-135M), transformers' default elsewhere"})
 
 
-def _completed_lines(path: str) -> int:
-    """Number of complete JSON lines already written; a torn last line is cut off."""
+def _completed_rows(path: str) -> list[dict]:
+    """The complete JSON lines already written, parsed; a torn last line is cut off the file."""
     if not os.path.exists(path):
-        return 0
+        return []
     with open(path, "rb") as handle:
         data = handle.read()
     complete = data.split(b"\n")[:-1]  # the last piece is empty or a torn line
-    good = 0
+    rows = []
     for line in complete:
         try:
-            json.loads(line)
-            good += 1
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    keep = sum(len(line) + 1 for line in complete[:good])
+    keep = sum(len(line) + 1 for line in complete[: len(rows)])
     if keep != len(data):
         with open(path, "r+b") as handle:
             handle.truncate(keep)
-    return good
+    return rows
 
 
 def first_reply_index(messages: list[dict]) -> int | None:
@@ -90,14 +89,13 @@ def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max
     # interrupted run's completed lines still name the same prompts when it resumes.
     prompts = [prompt for _, prompt in sorted(prompts, key=lambda item: item[0])]
     report.records = len(prompts)
-    done = _completed_lines(output)
-    if done:  # a resumed run reports the replies an earlier run wrote too
-        with open(output, encoding="utf-8") as handle:
-            for _, line in zip(range(done), handle):
-                if json.loads(line).get("skipped"):
-                    report.skipped["empty replies"] += 1
-                else:
-                    report.kept += 1
+    written = _completed_rows(output)
+    done = len(written)
+    for row in written:  # a resumed run reports the replies an earlier run wrote too
+        if row.get("skipped"):
+            report.skipped["empty replies"] += 1
+        else:
+            report.kept += 1
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
