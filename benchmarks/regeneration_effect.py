@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from modeling_beagle import BeagleGenerationStats, BeagleModel  # noqa: E402
 from trainer.assets import load_prompts, load_target, resolve_data  # noqa: E402
-from trainer.data import read_records, to_messages  # noqa: E402
+from trainer.data import read_records, render_chat, to_messages  # noqa: E402
 from trainer.precision import resolve_dtype  # noqa: E402
 from trainer.regenerate import first_reply_index, regenerate  # noqa: E402
 from trainer.train import run_training  # noqa: E402
@@ -72,8 +72,8 @@ def measure_tau(target, tokenizer, beagle_path: str, prompts: int, new_tokens: i
     beagle.bind_target(target)
     taus, identical, pooled = [], 0, BeagleGenerationStats()
     for row in load_prompts("mt-bench")[:prompts]:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": row["turns"][0]}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"].to(target.device)
+        ids = torch.tensor([render_chat(tokenizer, [{"role": "user", "content": row["turns"][0]}],
+                                        add_generation_prompt=True)], device=target.device)
         plain = target.generate(ids, max_new_tokens=new_tokens, do_sample=False)
         spec = target.generate(ids, assistant_model=beagle, max_new_tokens=new_tokens, do_sample=False)
         identical += int(torch.equal(plain, spec))

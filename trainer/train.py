@@ -16,7 +16,7 @@ from modeling_beagle import BeagleModel
 from .assets import load_prompts, load_target, resolve_dataset_arg
 from .beagle_trainer import BeagleTrainer, BeagleTrainingArguments
 from .callbacks import SpeculativeEvalCallback
-from .data import build_dataset
+from .data import build_dataset, render_chat
 from .offline_cache import build_offline_cache
 from .precision import resolve_dtype
 from .regenerate import regenerate
@@ -138,8 +138,8 @@ def tau_callback(trainer, tokenizer, data_args, training_args) -> SpeculativeEva
     if training_args.eval_strategy == IntervalStrategy.NO:
         raise ValueError("--tau_eval_prompts expected evaluations to hook into: pass --eval_strategy steps (and "
                          "--eval_steps), found --eval_strategy no.")
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": row["turns"][0]}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"][0]
+    prompts = [torch.tensor(render_chat(tokenizer, [{"role": "user", "content": row["turns"][0]}],
+                                        add_generation_prompt=True))
                for row in load_prompts("mt-bench")[: data_args.tau_eval_prompts]]
     return SpeculativeEvalCallback(trainer, prompts, data_args.tau_eval_new_tokens,
                                    curve_path=os.path.join(training_args.output_dir, "tau_curve.jsonl"))
