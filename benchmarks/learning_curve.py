@@ -123,15 +123,15 @@ def main(argv=None) -> int:
         status, wall_s, peak = run_child(command + train_argv(args, source, run_dir), os.path.join(work, f"{name}.log"))
         if status != 0:
             raise SystemExit(f"{name}: training exited with {status}; see {os.path.join(work, name + '.log')}")
+        label = name + args.suffix
         with open(curve_path, encoding="utf-8") as handle:
-            curves[name] = [json.loads(line) for line in handle]
+            curves[label] = [json.loads(line) for line in handle]
         with open(os.path.join(run_dir, folder, "config.json"), encoding="utf-8") as handle:
             record = json.load(handle)["training_record"]["runs"][-1]
-        runs[name + args.suffix] = {"wall_s_with_cache_and_evals": round(wall_s, 1), "peak_rss_bytes": peak,
-                      "token_updates": record["token_updates"], "steps": record["steps"], "data": record["data"],
-                      "final": curves[name][-1]}
-        curves[name + args.suffix] = curves.pop(name)
-        print(f"[learning_curve] {name + args.suffix}: {json.dumps(runs[name + args.suffix])}", flush=True)
+        runs[label] = {"wall_s_with_cache_and_evals": round(wall_s, 1), "peak_rss_bytes": peak,
+                       "token_updates": record["token_updates"], "steps": record["steps"], "data": record["data"],
+                       "final": curves[label][-1]}
+        print(f"[learning_curve] {label}: {json.dumps(runs[label])}", flush=True)
 
     for path in args.include:
         with open(path, encoding="utf-8") as handle:
