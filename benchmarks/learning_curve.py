@@ -30,7 +30,7 @@ DRAFTS = {  # name: (the command that trains it, the folder its checkpoint is sa
 }
 
 
-def train_argv(args, source: str, output_dir: str) -> list[str]:
+def train_argv(args, source: str, output_dir: str, name: str) -> list[str]:
     return ["--target_model", TARGET, "--target_dtype", args.target_dtype, "--dataset", source,
             "--max_length", str(args.max_length), "--eval_records", str(args.eval_records),
             "--draft_vocab_size", str(args.draft_vocab_size), "--offline_cache_dir", args.cache_dir or os.path.join(args.work_dir, "cache"),
@@ -42,7 +42,15 @@ def train_argv(args, source: str, output_dir: str) -> list[str]:
             "--per_device_eval_batch_size", str(args.batch_size), "--tau_eval_prompts", str(args.tau_prompts),
             "--tau_eval_new_tokens", str(args.tau_new_tokens), "--report_to", "none", "--seed", "0",
             "--target_layer_ids", *[str(i) for i in args.target_layer_ids]] + (
-            ["--recency_bias", "true"] if args.recency_bias else [])
+            beagle_argv(args) if name == "beagle" else [])
+
+
+def beagle_argv(args) -> list[str]:
+    """Options of the Beagle variant under test (the EAGLE-2-style draft has none of them)."""
+    argv = ["--recency_bias", "true"] if args.recency_bias else []
+    if args.num_key_value_heads:
+        argv += ["--num_key_value_heads", str(args.num_key_value_heads)]
+    return argv
 
 
 def run_child(command: list[str], log_path: str) -> tuple[int, float, int]:
@@ -93,6 +101,8 @@ def main(argv=None) -> int:
                         help="target layers whose states the drafts read (Beagle fuses several with an FC; the "
                              "EAGLE-2-style draft takes only [-1])")
     parser.add_argument("--recency-bias", action="store_true", help="Beagle with BeagleConfig.recency_bias")
+    parser.add_argument("--num-key-value-heads", type=int,
+                        help="Beagle with its own key/value head count (default: the target's, 3 for SmolLM2-135M)")
     parser.add_argument("--suffix", default="", help="appended to each draft's name in the results (a variant)")
     parser.add_argument("--include", action="append", default=[],
                         help="another run's learning_curve.json whose curves join this table and plot")
@@ -120,7 +130,7 @@ def main(argv=None) -> int:
         curve_path = os.path.join(run_dir, "tau_curve.jsonl")
         if os.path.exists(curve_path):
             os.remove(curve_path)  # a rerun starts a fresh curve
-        status, wall_s, peak = run_child(command + train_argv(args, source, run_dir), os.path.join(work, f"{name}.log"))
+        status, wall_s, peak = run_child(command + train_argv(args, source, run_dir, name), os.path.join(work, f"{name}.log"))
         if status != 0:
             raise SystemExit(f"{name}: training exited with {status}; see {os.path.join(work, name + '.log')}")
         label = name + args.suffix

@@ -114,7 +114,6 @@ def test_checkpoint_carrying_target_embeddings_runs_without_target(tmp_path, lla
     "field, value",
     [
         ("hidden_size", 128),
-        ("num_key_value_heads", 4),
         ("vocab_size", 100),
     ],
 )
@@ -134,11 +133,24 @@ def test_mismatched_rope_is_refused(llama_target):
         beagle.bind_target(other)
 
 
-def test_mismatched_head_layout_is_refused(llama_target):
-    beagle = BeagleModel.from_target(llama_target)
-    other = make_target("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=8)
-    with pytest.raises(BeagleConfigError, match="num_attention_heads"):
-        beagle.bind_target(other)
+def test_draft_head_layout_is_its_own(tmp_path, llama_target):
+    """Heads, key/value heads and MLP width default to the target's but are the draft's own: a draft with another
+    layout is built, binds to the target (and to a target with another head layout), and saves and loads back."""
+    default = BeagleModel.from_target(llama_target).config
+    assert (default.num_attention_heads, default.num_key_value_heads, default.head_dim) == (4, 2, 16)
+    beagle = trained_like_beagle(llama_target, num_key_value_heads=4, intermediate_size=96)
+    assert beagle.block.cross_attn.v_proj.out_features == 4 * 16 and beagle.block.mlp.up_proj.out_features == 96
+    assert (beagle.config.num_key_value_heads, beagle.config.intermediate_size) == (4, 96)
+    wide = BeagleConfig.from_target_config(llama_target.config, num_attention_heads=8)
+    assert (wide.num_attention_heads, wide.num_key_value_heads, wide.head_dim) == (8, 8, 8)
+    beagle.bind_target(make_target("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=8))
+    beagle.bind_target(llama_target)
+    beagle.save_pretrained(tmp_path)
+    loaded = BeagleModel.from_pretrained(tmp_path).bind_target(llama_target)
+    ids = torch.randint(0, 96, (1, 7))
+    h = target_states(llama_target, ids)
+    torch.testing.assert_close(loaded(input_ids=ids, context_states=h).logits,
+                               beagle(input_ids=ids, context_states=h).logits)
 
 
 def test_override_of_a_shared_field_is_refused(llama_target):

@@ -215,6 +215,23 @@ def test_beagle_train_recipe_pipeline_regenerate_offline_cache_and_record(tmp_pa
     assert [r["steps"] for r in record["runs"]] == [4, 2] and record["total_steps"] == 6
 
 
+def test_init_from_refuses_options_that_would_change_the_drafts_architecture(tmp_path):
+    """A continuation keeps its checkpoint's architecture: a fresh-draft option that disagrees with it is an error
+    naming the option (not silently ignored); one that agrees is accepted."""
+    from trainer.train import BeagleModelArguments, make_beagle
+
+    target = make_target("llama")
+    BeagleModel.from_target(target, num_key_value_heads=4).save_pretrained(tmp_path / "draft")
+    agreeing = BeagleModelArguments(target_model="t", init_from=str(tmp_path / "draft"), num_key_value_heads=4)
+    assert make_beagle(target, agreeing, None).config.num_key_value_heads == 4
+    for option in ({"num_key_value_heads": 2}, {"recency_bias": True}, {"draft_vocab_size": 48},
+                   {"target_layer_ids": [0, -1]}):
+        args = BeagleModelArguments(target_model="t", init_from=str(tmp_path / "draft"), **option)
+        name, value = next(iter(option.items()))
+        with pytest.raises(ValueError, match=rf"--{name} .*{name}=.*expected the same value"):
+            make_beagle(target, args, None)
+
+
 def test_beagle_train_writes_the_tau_learning_curve(tmp_path, monkeypatch):
     """`--tau_eval_prompts`: each evaluation decodes the prompts with the draft (checked against plain greedy) and
     appends τ and the training wall time to <output_dir>/tau_curve.jsonl; without evaluations it is refused."""

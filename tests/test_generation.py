@@ -57,6 +57,22 @@ def test_greedy_identity_over_many_prompts():
     assert total_accepted > 100, "the draft never got accepted: the test would not exercise multi-token rounds"
 
 
+def test_greedy_identity_with_the_drafts_own_head_layout():
+    """A draft with more key/value heads than its GQA target (and its own MLP width) is just as lossless."""
+    target, beagle = trained_pair("llama", num_key_value_heads=4, intermediate_size=96)
+    assert (beagle.config.num_key_value_heads, target.config.num_key_value_heads) == (4, 2)
+    g = torch.Generator().manual_seed(17)
+    accepted = 0
+    for _ in range(12):
+        fixed_chain(beagle, k=int(torch.randint(2, 6, (1,), generator=g)))
+        ids = torch.randint(1, 96, (1, int(torch.randint(2, 16, (1,), generator=g))), generator=g)
+        ref = target.generate(ids, do_sample=False, max_new_tokens=24)
+        out = target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=beagle)
+        assert torch.equal(out, ref)
+        accepted += sum(beagle.generation_stats.accepted)
+    assert accepted > 20
+
+
 def test_greedy_identity_with_eos_inside_drafts():
     target, beagle = trained_pair()
     fixed_chain(beagle, k=5)

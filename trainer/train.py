@@ -36,6 +36,13 @@ class BeagleModelArguments:
     draft_vocab_size: int | None = field(default=None, metadata={
         "help": "reduced draft vocabulary: the most frequent assistant tokens of the training data"})
     init_from: str | None = field(default=None, metadata={"help": "continue from this Beagle checkpoint"})
+    num_attention_heads: int | None = field(default=None, metadata={
+        "help": "a fresh Beagle's query heads (default: the target's; head_dim follows hidden_size / heads)"})
+    num_key_value_heads: int | None = field(default=None, metadata={
+        "help": "a fresh Beagle's key/value heads (default: the target's). More than a GQA target's lets the values "
+                "carry more of each target state"})
+    intermediate_size: int | None = field(default=None, metadata={
+        "help": "a fresh Beagle's MLP width (default: the target's)"})
     recency_bias: bool = field(default=False, metadata={
         "help": "a fresh Beagle adds a learned per-head distance penalty to its attention scores (ALiBi-style), so "
                 "heads can favour the most recent target states (BeagleConfig.recency_bias)"})
@@ -121,13 +128,27 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
     vocabulary: the most frequent assistant tokens of the training data)."""
     if model_args.init_from:
         # float32 master weights whatever the checkpoint's storage dtype (shipped drafts are bf16)
-        return BeagleModel.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation,
-                                           dtype=torch.float32)
+        beagle = BeagleModel.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation,
+                                             dtype=torch.float32)
+        fresh_options = {"num_attention_heads": model_args.num_attention_heads,
+                         "num_key_value_heads": model_args.num_key_value_heads,
+                         "intermediate_size": model_args.intermediate_size,
+                         "draft_vocab_size": model_args.draft_vocab_size,
+                         "recency_bias": model_args.recency_bias or None,
+                         "target_layer_ids": None if model_args.target_layer_ids == [-1] else model_args.target_layer_ids}
+        for name, value in fresh_options.items():
+            if value is not None and getattr(beagle.config, name) != value:
+                raise ValueError(f"--{name} {value}: --init_from {model_args.init_from} is a draft with {name}="
+                                 f"{getattr(beagle.config, name)!r}; a continuation keeps the checkpoint's "
+                                 f"architecture, so expected the same value or the option left out.")
+        return beagle
+    layout = {name: getattr(model_args, name) for name in ("num_attention_heads", "num_key_value_heads",
+                                                             "intermediate_size") if getattr(model_args, name)}
     beagle = BeagleModel.from_target(target, attn_implementation=model_args.attn_implementation,
                                      target_layer_ids=model_args.target_layer_ids,
                                      draft_vocab_size=model_args.draft_vocab_size,
                                      recency_bias=model_args.recency_bias,
-                                     target_model_name_or_path=model_args.target_model)
+                                     target_model_name_or_path=model_args.target_model, **layout)
     if model_args.draft_vocab_size:
         beagle.set_draft_vocabulary(frequent_tokens(train_data, model_args.draft_vocab_size, beagle.config.vocab_size))
     return beagle

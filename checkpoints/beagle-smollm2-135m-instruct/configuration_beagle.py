@@ -18,16 +18,22 @@ def _mismatch(field: str, expected: Any, found: Any, where: str) -> BeagleConfig
     return BeagleConfigError(f"{where}: `{field}` expected {expected!r}, found {found!r}.")
 
 
-# Fields the draft must share with its target, and how a target config may spell them.
+# Fields the draft must share with its target: it reads the target's states, embeddings and head, and places its
+# queries and keys on the target's rotary positions.
 TARGET_SHARED_FIELDS = (
     "hidden_size",
+    "rope_parameters",
+    "vocab_size",
+)
+# Fields a fresh draft copies from its target by default (method.md §1: "GQA layout copied from the target"), which
+# are the draft's own: it may choose another head layout or MLP width (`from_target_config(..., num_key_value_heads=9)`)
+# and still binds to the same target.
+TARGET_DEFAULT_FIELDS = (
     "num_attention_heads",
     "num_key_value_heads",
     "head_dim",
     "intermediate_size",
     "rms_norm_eps",
-    "rope_parameters",
-    "vocab_size",
     "max_position_embeddings",
 )
 
@@ -78,9 +84,11 @@ class BeagleConfig(PreTrainedConfig):
     values from the target's hidden states.
 
     Args:
-        vocab_size, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim,
-        rms_norm_eps, rope_parameters, max_position_embeddings:
-            Copied from the target (see [`BeagleConfig.from_target_config`]); a target that disagrees is refused.
+        vocab_size, hidden_size, rope_parameters:
+            Shared with the target (see [`BeagleConfig.from_target_config`]); a target that disagrees is refused.
+        intermediate_size, num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps, max_position_embeddings:
+            The draft's own block layout; [`BeagleConfig.from_target_config`] copies them from the target unless
+            overridden (e.g. more key/value heads than a GQA target, so the values carry more of each state).
         hidden_act (`str`, defaults to `"silu"`): activation of the gated MLP.
         attention_bias (`bool`): bias on the q/k/v projections (Qwen2-style targets).
         attention_output_bias (`bool`): bias on the output projection.
@@ -125,7 +133,7 @@ class BeagleConfig(PreTrainedConfig):
 
     model_type = "beagle"
 
-    # --- shared with the target ---
+    # --- shared with the target (vocab_size, hidden_size, rope_parameters) or copied from it by default ---
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -244,20 +252,28 @@ class BeagleConfig(PreTrainedConfig):
 
     @classmethod
     def from_target_config(cls, target_config: PreTrainedConfig, **overrides) -> "BeagleConfig":
-        """Build a config that shares the target's width, attention layout, rotary embedding and vocabulary.
+        """Build a config that shares the target's width, rotary embedding and vocabulary, and by default copies its
+        attention layout and MLP width.
 
-        `overrides` set any other field (method options, `target_model_name_or_path`, ...). Overriding a shared
-        field with a value that differs from the target's is refused: the draft reads the target's states and
-        embeddings and must match them.
+        `overrides` set any other field: method options, `target_model_name_or_path`, or the draft's own layout
+        (`TARGET_DEFAULT_FIELDS`, e.g. `num_key_value_heads`). Overriding a shared field with a value that differs
+        from the target's is refused: the draft reads the target's states and embeddings and must match them.
         """
         text_config = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         shared = {field: _target_field(target_config, field) for field in TARGET_SHARED_FIELDS}
         for field, value in overrides.items():
             if field in shared and value != shared[field]:
                 raise _mismatch(field, shared[field], value, "BeagleConfig.from_target_config (override vs target)")
+        layout = {field: _target_field(target_config, field) for field in TARGET_DEFAULT_FIELDS}
+        if "num_attention_heads" in overrides and "head_dim" not in overrides:
+            # keep the draft's attention width equal to the target's when only the head count changes
+            layout["head_dim"] = shared["hidden_size"] // overrides["num_attention_heads"]
+        if "num_attention_heads" in overrides and "num_key_value_heads" not in overrides:
+            layout["num_key_value_heads"] = overrides["num_attention_heads"]
         hidden_act = getattr(text_config, "hidden_act", None) or getattr(text_config, "hidden_activation", None)
         kwargs = dict(
             shared,
+            **layout,
             hidden_act=hidden_act or "silu",
             attention_bias=bool(getattr(text_config, "attention_bias", False) or False),
             mlp_bias=bool(getattr(text_config, "mlp_bias", False) or False),
@@ -275,16 +291,12 @@ class BeagleConfig(PreTrainedConfig):
         """Raise `BeagleConfigError` naming the first shared field on which `target_config` disagrees."""
         where = f"target {type(target_config).__name__} does not match the Beagle config"
         for field in TARGET_SHARED_FIELDS:
-            if field == "max_position_embeddings":
-                continue  # a longer or shorter context window changes nothing the draft reads
             found = _target_field(target_config, field)
             expected = getattr(self, field)
             if field == "rope_parameters":
                 key = rope_mismatch(expected, found)
                 if key is not None:
                     raise _mismatch(f"rope_parameters[{key!r}]", expected.get(key), found.get(key), where)
-            elif field == "rms_norm_eps":
-                continue  # the draft's own norms; a different eps is not an error
             elif found != expected:
                 raise _mismatch(field, expected, found, where)
 
