@@ -164,6 +164,7 @@ def test_override_of_a_shared_field_is_refused(llama_target):
         ("noise_type", "laplace"),
         ("noise_scale", -1.0),
         ("stage1_window", 0),
+        ("stage1_offset_weights", "linear"),
         ("stage2_steps", -2),
         ("draft_vocab_size", 10_000),
         ("num_key_value_heads", 3),

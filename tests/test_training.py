@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 
 from modeling_beagle import BeagleCache, BeagleModel, inverse_block_mask, window_draft_mask, window_starts
 from trainer import BeagleTrainer, BeagleTrainingArguments, SpeculativeEvalCallback
-from trainer.objectives import soft_labels_from_states, stage1_forward, stage2_step
+from trainer.objectives import offset_weights, soft_labels_from_states, stage1_forward, stage2_step
 
 
 # ---------------------------------------------------------------------------------------------------- masks
@@ -108,6 +108,29 @@ def test_reduced_vocabulary_equals_full_when_it_is_the_whole_vocabulary():
     torch.testing.assert_close(losses[0], losses[1])
 
 
+def test_stage1_decay_weights_weight_each_query_by_its_offset():
+    """`stage1_offset_weights="decay"`: the stage-1 loss is Σ_p β(offset p) L_p / N with β_i ∝ k - i + 1 (mean 1);
+    "uniform" is the plain mean. Checked against the per-offset sums the function reports."""
+    target = make_target("llama", initializer_range=0.2)
+    beagle = BeagleModel.from_target(target, attn_implementation="eager").eval()
+    ids = torch.randint(3, 96, (2, 13))
+    h = target_states(target, ids)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    labels = soft_labels_from_states(beagle, h[mask])
+    window, offsets = 4, torch.tensor([1, 3])
+    beta = offset_weights(window, "decay")
+    assert offset_weights(window, "uniform") is None and torch.allclose(beta, torch.tensor([1.6, 1.2, 0.8, 0.4]))
+    uniform, stats = stage1_forward(beagle, ids, h, h, labels, mask, torch.ones_like(ids), window, offsets, 10.0)
+    decay, _ = stage1_forward(beagle, ids, h, h, labels, mask, torch.ones_like(ids), window, offsets, 10.0,
+                              weights=beta)
+    per_offset = stats["ce"] + 10.0 * stats["smooth_l1"]  # summed over the queries at each offset
+    torch.testing.assert_close(uniform, per_offset.sum() / 26)
+    torch.testing.assert_close(decay, (beta * per_offset).sum() / 26)
+    assert stats["count"].sum() == 26 and (stats["count"] > 0).all() and not torch.allclose(uniform, decay)
+    with pytest.raises(ValueError, match="stage1_offset_weights"):
+        BeagleTrainingArguments(output_dir="unused", stage1_offset_weights="linear", report_to=[])
+
+
 # --------------------------------------------------------------------------------------------------- trainer
 def tiny_dataset(target, rows=64, prompt=4, answer=28, seed=0):
     torch.manual_seed(seed)
@@ -182,11 +205,13 @@ def test_resume_gives_the_same_weights(tmp_path):
 
 def test_saved_checkpoint_records_training_settings(tmp_path):
     target = make_target("llama", initializer_range=0.2)
-    trainer = make_trainer(tmp_path, target, tiny_dataset(target), max_steps=4, stage2_steps=2, stage1_window=4)
+    trainer = make_trainer(tmp_path, target, tiny_dataset(target), max_steps=4, stage2_steps=2, stage1_window=4,
+                           stage1_offset_weights="decay")
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     loaded = BeagleModel.from_pretrained(tmp_path / "final")
     assert loaded.config.stage2_steps == 2 and loaded.config.stage1_window == 4
+    assert loaded.config.stage1_offset_weights == "decay"
     assert not any(k.startswith(("embed", "lm_head")) for k in load_file(tmp_path / "final" / "model.safetensors"))
     assert (tmp_path / "final" / "custom_generate" / "generate.py").is_file()
 

@@ -19,6 +19,7 @@ from .precision import bf16_is_native, warn_if_slow_bf16
 from .objectives import (
     SoftLabels,
     draw_window_offsets,
+    offset_weights,
     soft_labels_from_states,
     stage1_forward,
     stage2_step,
@@ -36,6 +37,9 @@ class BeagleTrainingArguments(TrainingArguments):
 
     stage1_ratio: float = field(default=0.5, metadata={"help": "share of the optimizer steps trained in stage 1"})
     stage1_window: int = field(default=5, metadata={"help": "stage-1 window k"})
+    stage1_offset_weights: str = field(default="uniform", metadata={
+        "help": "stage-1 loss weights by window offset i: uniform (the paper's) or decay (stage 2's β_i = k - i + 1, "
+                "mean 1: more of the gradient on the first draft positions)"})
     stage2_steps: int = field(default=4, metadata={"help": "stage-2 simulation steps S (stage-2 window k = S)"})
     offset_range: int | None = field(default=None, metadata={"help": "window offsets drawn from [0, offset_range); "
                                                                      "default [0, k)"})
@@ -77,6 +81,8 @@ class BeagleTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}` expected a positive integer, found {getattr(self, name)}.")
         if self.offset_range is not None and self.offset_range < 1:
             raise ValueError(f"`offset_range` expected None or a positive integer, found {self.offset_range}.")
+        if self.stage1_offset_weights not in ("uniform", "decay"):
+            raise ValueError(f"`stage1_offset_weights` expected uniform or decay, found {self.stage1_offset_weights!r}.")
         if self.noise_type not in ("uniform", "gaussian", "none"):
             raise ValueError(f"`noise_type` expected one of uniform, gaussian, none, found {self.noise_type!r}.")
         if self.remove_unused_columns:
@@ -84,8 +90,9 @@ class BeagleTrainingArguments(TrainingArguments):
 
     def method_options(self) -> dict:
         """The options recorded into the Beagle config (and so into the saved checkpoint and model card)."""
-        return {name: getattr(self, name) for name in ("stage1_window", "stage2_steps", "offset_range", "noise_type",
-                                                          "noise_scale", "smooth_l1_weight", "grad_through_draft_states")}
+        return {name: getattr(self, name) for name in ("stage1_window", "stage1_offset_weights", "stage2_steps",
+                                                          "offset_range", "noise_type", "noise_scale",
+                                                          "smooth_l1_weight", "grad_through_draft_states")}
 
 
 class BeagleDataCollator:
@@ -181,6 +188,7 @@ class BeagleTrainer(Trainer):
         loss, stats = stage1_forward(
             self.beagle, inputs["input_ids"], context, top, labels, supervised, inputs["attention_mask"], window,
             self._offsets(inputs["input_ids"].shape[0], window), self.args.smooth_l1_weight, forward=model,
+            weights=offset_weights(window, self.args.stage1_offset_weights),
         )
         if model.training:
             self._accumulate(1, stats)

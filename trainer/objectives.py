@@ -94,12 +94,26 @@ def _windows(input_ids: torch.Tensor, window: int, offsets: torch.Tensor):
     return positions, window_starts(positions, window, offsets)
 
 
-def stage1_forward(beagle, input_ids, context_states, target_states, labels: SoftLabels, loss_mask, attention_mask,
-                   window: int, offsets: torch.Tensor, smooth_l1_weight: float, forward=None):
-    """Stage 1: one forward with the inverse block mask (query p reads true keys j < s(p) only); every supervised
-    query gets a loss, uniform weights. `forward` is the (possibly DDP-wrapped) module to call, default `beagle`.
+def offset_weights(window: int, kind: str) -> torch.Tensor | None:
+    """Per-offset loss weights of stage 1 (`BeagleConfig.stage1_offset_weights`), offsets 1..`window`, mean 1:
+    `"uniform"` (the paper's, None) or `"decay"`, stage 2's β_i = k - i + 1."""
+    if kind == "uniform":
+        return None
+    if kind == "decay":
+        beta = torch.arange(window, 0, -1, dtype=torch.float32)
+        return beta / beta.mean()
+    raise ValueError(f"stage-1 offset weights expected 'uniform' or 'decay', found {kind!r}.")
 
-    Returns the mean loss over supervised positions and per-offset sums (CE, SmoothL1, top-1 agreement, count).
+
+def stage1_forward(beagle, input_ids, context_states, target_states, labels: SoftLabels, loss_mask, attention_mask,
+                   window: int, offsets: torch.Tensor, smooth_l1_weight: float, forward=None,
+                   weights: torch.Tensor | None = None):
+    """Stage 1: one forward with the inverse block mask (query p reads true keys j < s(p) only); every supervised
+    query gets a loss, uniform weights unless `weights` (per offset 1..`window`, see `offset_weights`) are given.
+    `forward` is the (possibly DDP-wrapped) module to call, default `beagle`.
+
+    Returns the weighted mean loss over supervised positions and per-offset sums (CE, SmoothL1, top-1 agreement,
+    count).
     """
     positions, starts = _windows(input_ids, window, offsets)
     out = (forward or beagle)(input_ids=input_ids, position_ids=positions, context_states=context_states,
@@ -108,8 +122,12 @@ def stage1_forward(beagle, input_ids, context_states, target_states, labels: Sof
     supervised = loss_mask.bool()
     ce, regression, agree = position_losses(beagle, out.last_hidden_state[supervised], target_states[supervised],
                                             labels)
-    loss = (ce + smooth_l1_weight * regression).sum() / supervised.sum().clamp(min=1)
-    return loss, _per_offset(window_offsets(positions, starts)[supervised], window, ce, regression, agree)
+    query_offsets = window_offsets(positions, starts)[supervised]
+    per_position = ce + smooth_l1_weight * regression
+    if weights is not None:
+        per_position = per_position * weights.to(per_position.device)[query_offsets - 1]
+    loss = per_position.sum() / supervised.sum().clamp(min=1)
+    return loss, _per_offset(query_offsets, window, ce, regression, agree)
 
 
 def positions_at_offset(length: int, window: int, offsets: torch.Tensor, step: int):

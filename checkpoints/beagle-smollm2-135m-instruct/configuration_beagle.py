@@ -114,6 +114,9 @@ class BeagleConfig(PreTrainedConfig):
         concat_draft_states (`bool`, defaults to `True`): at inference, draft steps >= 2 also see the draft states of
             their ancestors. `False` is the "no-concatenation" mode (true states only).
         stage1_window (`int`, defaults to 5): window size k of stage-1 training.
+        stage1_offset_weights (`"uniform" | "decay"`, defaults to `"uniform"`): weights of the stage-1 queries by
+            their window offset i. `"uniform"` is the paper's; `"decay"` uses stage 2's β_i = k - i + 1 (scaled to
+            mean 1), so the offsets a chain's τ depends on most get more of the gradient.
         stage2_steps (`int`, defaults to 4): simulation steps S of stage-2 training (window k = S).
         offset_range (`int`, *optional*): random window offsets are drawn from `[0, offset_range)`; `None` means
             `[0, k)`.
@@ -166,6 +169,7 @@ class BeagleConfig(PreTrainedConfig):
     draft_vocab_size: int | None = None
     concat_draft_states: bool = True
     stage1_window: int = 5
+    stage1_offset_weights: Literal["uniform", "decay"] = "uniform"
     stage2_steps: int = 4
     offset_range: int | None = None
     noise_type: Literal["uniform", "gaussian", "none"] = "uniform"
@@ -217,6 +221,8 @@ class BeagleConfig(PreTrainedConfig):
             raise _mismatch("rms_norm_eps", "a positive float", self.rms_norm_eps, where)
         if not 0.0 <= self.attention_dropout < 1.0:
             raise _mismatch("attention_dropout", "a float in [0, 1)", self.attention_dropout, where)
+        if self.stage1_offset_weights not in ("uniform", "decay"):
+            raise _mismatch("stage1_offset_weights", "one of 'uniform', 'decay'", self.stage1_offset_weights, where)
         if self.noise_type not in ("uniform", "gaussian", "none"):
             raise _mismatch("noise_type", "one of 'uniform', 'gaussian', 'none'", self.noise_type, where)
         if not self.noise_scale >= 0:
