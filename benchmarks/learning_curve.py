@@ -50,6 +50,8 @@ def beagle_argv(args) -> list[str]:
     argv = ["--recency_bias", "true"] if args.recency_bias else []
     if args.num_key_value_heads:
         argv += ["--num_key_value_heads", str(args.num_key_value_heads)]
+    if args.stage1_offset_weights != "uniform":
+        argv += ["--stage1_offset_weights", args.stage1_offset_weights]
     return argv
 
 
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--recency-bias", action="store_true", help="Beagle with BeagleConfig.recency_bias")
     parser.add_argument("--num-key-value-heads", type=int,
                         help="Beagle with its own key/value head count (default: the target's, 3 for SmolLM2-135M)")
+    parser.add_argument("--stage1-offset-weights", default="uniform", choices=("uniform", "decay"),
+                        help="Beagle's stage-1 loss weights by window offset (BeagleConfig.stage1_offset_weights)")
     parser.add_argument("--suffix", default="", help="appended to each draft's name in the results (a variant)")
     parser.add_argument("--include", action="append", default=[],
                         help="another run's learning_curve.json whose curves join this table and plot")

@@ -417,6 +417,8 @@ def training_recipe(config: dict, record: dict) -> str:
     noise = config.get("noise_type", "uniform")
     rows = [
         ["stage 1 window k (`stage1_window`)", _num(window)],
+        ["stage 1 loss weight by offset i (`stage1_offset_weights`)",
+         "k − i + 1 (as stage 2)" if config.get("stage1_offset_weights") == "decay" else "uniform"],
         ["stage 2 simulation steps S (`stage2_steps`)", _num(config.get("stage2_steps"))],
         ["random window offsets", f"[0, {offsets if offsets is not None else 'k'})"],
         ["state-regression weight λ_v (`smooth_l1_weight`)", _num(config.get("smooth_l1_weight"), 3)],
