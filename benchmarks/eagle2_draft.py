@@ -339,7 +339,7 @@ class Eagle2Trainer(BeagleTrainer):
     logging, DDP / bf16 / checkpointing; only the loss (EAGLE-1/2, one teacher-forced forward) and the evaluation
     differ. There is no stage 2: every step is the single-forward loss (logged as `stage1_*_1`)."""
 
-    def current_stage(self) -> int:
+    def current_stage(self, step: int | None = None) -> int:
         return 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

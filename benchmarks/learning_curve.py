@@ -35,7 +35,8 @@ def train_argv(args, source: str, output_dir: str, name: str) -> list[str]:
             "--max_length", str(args.max_length), "--eval_records", str(args.eval_records),
             "--draft_vocab_size", str(args.draft_vocab_size), "--offline_cache_dir", args.cache_dir or os.path.join(args.work_dir, "cache"),
             "--offline_topk", "32", "--output_dir", output_dir, "--max_steps", str(args.max_steps),
-            "--stage1_ratio", "0.5", "--stage1_window", "4", "--stage2_steps", "4",
+            "--stage1_ratio", str(args.stage1_ratio), "--stage1_window", str(args.stage1_window),
+            "--stage2_steps", "4",
             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
             "--lr_scheduler_type", "cosine", "--warmup_steps", str(args.warmup_steps), "--logging_steps", "25",
             "--save_strategy", "no", "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps),
@@ -105,6 +106,10 @@ def main(argv=None) -> int:
     parser.add_argument("--recency-bias", action="store_true", help="Beagle with BeagleConfig.recency_bias")
     parser.add_argument("--num-key-value-heads", type=int,
                         help="Beagle with its own key/value head count (default: the target's, 3 for SmolLM2-135M)")
+    parser.add_argument("--stage1-ratio", type=float, default=0.5,
+                        help="share of the steps in Beagle's stage 1 (the EAGLE-2-style draft has one stage)")
+    parser.add_argument("--stage1-window", type=int, default=4,
+                        help="Beagle's stage-1 window k (1: plain next-token training, as the EAGLE-2-style draft)")
     parser.add_argument("--stage1-offset-weights", default="uniform", choices=("uniform", "decay"),
                         help="Beagle's stage-1 loss weights by window offset (BeagleConfig.stage1_offset_weights)")
     parser.add_argument("--suffix", default="", help="appended to each draft's name in the results (a variant)")

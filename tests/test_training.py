@@ -175,6 +175,9 @@ def test_training_lowers_loss_and_raises_agreement(tmp_path):
     history = [log for log in trainer.state.log_history if "stage" in log and "loss" in log]
     assert {log["stage"] for log in history} == {1, 2}
     assert any(k.startswith("stage2_agree_") for log in history for k in log)
+    # each log names the stage of the steps it covers (the switch at step 60 falls on a log boundary)
+    assert all({k.split("_")[0] for k in log if k.startswith("stage") and k != "stage"} == {f"stage{log['stage']}"}
+               for log in history)
 
 
 class StopAt(TrainerCallback):

@@ -148,9 +148,10 @@ class BeagleTrainer(Trainer):
     def beagle(self):
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
 
-    def current_stage(self) -> int:
+    def current_stage(self, step: int | None = None) -> int:
+        """The stage that trains optimizer step `step` (0-based; default: the next one, `global_step`)."""
         switch = int(round(self.state.max_steps * self.args.stage1_ratio))
-        return 1 if self.state.global_step < switch else 2
+        return 1 if (self.state.global_step if step is None else step) < switch else 2
 
     @torch.no_grad()
     def target_features(self, inputs: dict):
@@ -246,7 +247,7 @@ class BeagleTrainer(Trainer):
                                 logs[f"{prefix}_{metric}_{i + 1}"] = round(v, 4)
         self._train_stats = {}
         if self.state.max_steps:
-            logs["stage"] = self.current_stage()
+            logs["stage"] = self.current_stage(max(self.state.global_step - 1, 0))  # of the last step trained
         super().log(logs, *args, **kwargs)
 
     # -------------------------------------------------------------------------------------------- evaluation
