@@ -139,7 +139,8 @@ def main(argv=None) -> int:
         curve_path = os.path.join(run_dir, "tau_curve.jsonl")
         if os.path.exists(curve_path):
             os.remove(curve_path)  # a rerun starts a fresh curve
-        status, wall_s, peak = run_child(command + train_argv(args, source, run_dir, name), os.path.join(work, f"{name}.log"))
+        status, wall_s, peak = run_child(command + train_argv(args, source, run_dir, name),
+                                         os.path.join(work, f"{name}.log"))
         if status != 0:
             raise SystemExit(f"{name}: training exited with {status}; see {os.path.join(work, name + '.log')}")
         label = name + args.suffix

@@ -82,7 +82,8 @@ class BeagleTrainingArguments(TrainingArguments):
         if self.offset_range is not None and self.offset_range < 1:
             raise ValueError(f"`offset_range` expected None or a positive integer, found {self.offset_range}.")
         if self.stage1_offset_weights not in ("uniform", "decay"):
-            raise ValueError(f"`stage1_offset_weights` expected uniform or decay, found {self.stage1_offset_weights!r}.")
+            raise ValueError(f"`stage1_offset_weights` expected uniform or decay, "
+                             f"found {self.stage1_offset_weights!r}.")
         if self.noise_type not in ("uniform", "gaussian", "none"):
             raise ValueError(f"`noise_type` expected one of uniform, gaussian, none, found {self.noise_type!r}.")
         if self.remove_unused_columns:

@@ -135,7 +135,8 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
                          "intermediate_size": model_args.intermediate_size,
                          "draft_vocab_size": model_args.draft_vocab_size,
                          "recency_bias": model_args.recency_bias or None,
-                         "target_layer_ids": None if model_args.target_layer_ids == [-1] else model_args.target_layer_ids}
+                         "target_layer_ids": None if model_args.target_layer_ids == [-1]
+                         else model_args.target_layer_ids}
         for name, value in fresh_options.items():
             if value is not None and getattr(beagle.config, name) != value:
                 raise ValueError(f"--{name} {value}: --init_from {model_args.init_from} is a draft with {name}="
