@@ -33,7 +33,8 @@ DRAFTS = {  # name: (the command that trains it, the folder its checkpoint is sa
 def train_argv(args, source: str, output_dir: str, name: str) -> list[str]:
     return ["--target_model", TARGET, "--target_dtype", args.target_dtype, "--dataset", source,
             "--max_length", str(args.max_length), "--eval_records", str(args.eval_records),
-            "--draft_vocab_size", str(args.draft_vocab_size), "--offline_cache_dir", args.cache_dir or os.path.join(args.work_dir, "cache"),
+            "--draft_vocab_size", str(args.draft_vocab_size),
+            "--offline_cache_dir", args.cache_dir or os.path.join(args.work_dir, "cache"),
             "--offline_topk", "32", "--output_dir", output_dir, "--max_steps", str(args.max_steps),
             "--stage1_ratio", str(args.stage1_ratio), "--stage1_window", str(args.stage1_window),
             "--stage2_steps", "4",

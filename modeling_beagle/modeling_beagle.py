@@ -36,7 +36,7 @@ from .generation_beagle import (
     install_generate_hook,
     unavailable_message,
 )
-from .masking_beagle import alibi_slopes, biased_attention_mask, context_causal_mask, key_distances, to_attention_mask
+from .masking_beagle import alibi_slopes, context_causal_mask, key_distances, to_attention_mask
 
 
 # Written into every saved checkpoint as `custom_generate/generate.py`, so that
@@ -285,16 +285,15 @@ class BeagleCrossAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if self.recency_slopes is None:
-            attention_mask = to_attention_mask(allowed, self.config._attn_implementation, query.dtype)
-        else:
+        bias = None
+        if self.recency_slopes is not None:
             if key_distance is None:
                 raise ValueError("BeagleCrossAttention: `key_distance` (batch, queries, keys) is required with "
                                  "recency_bias=True.")
             bias = key_distance[:, None].to(query.dtype) * -self.recency_slopes.to(query.dtype)[None, :, None, None]
             if self.null_key is not None:
                 bias = nn.functional.pad(bias, (1, 0))  # the null slot is at no distance
-            attention_mask = biased_attention_mask(allowed, bias, self.config._attn_implementation)
+        attention_mask = to_attention_mask(allowed, self.config._attn_implementation, query.dtype, bias=bias)
         attn_output, _ = attention_interface(
             self,
             query,

@@ -99,11 +99,11 @@ def test_recency_bias_penalises_distance_from_the_most_recent_state(llama_target
 
 
 def test_recency_bias_refuses_flash_kernels():
-    from modeling_beagle.masking_beagle import biased_attention_mask
+    from modeling_beagle.masking_beagle import to_attention_mask
 
     allowed = torch.ones(1, 2, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="cannot add Beagle's recency bias"):
-        biased_attention_mask(allowed, torch.zeros(1, 4, 2, 3), "flash_attention_2")
+        to_attention_mask(allowed, "flash_attention_2", torch.float32, bias=torch.zeros(1, 4, 2, 3))
 
 
 def test_first_row_without_context_is_finite(llama_target):

@@ -126,14 +126,13 @@ def record_training(trainer, model_args, data_args, report, wall_s: float, argv:
 def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleModel:
     """The draft `beagle train` trains: `--init_from` a checkpoint, or fresh from the target (with a reduced draft
     vocabulary: the most frequent assistant tokens of the training data)."""
+    layout = {name: getattr(model_args, name) for name in ("num_attention_heads", "num_key_value_heads",
+                                                             "intermediate_size") if getattr(model_args, name)}
     if model_args.init_from:
         # float32 master weights whatever the checkpoint's storage dtype (shipped drafts are bf16)
         beagle = BeagleModel.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation,
                                              dtype=torch.float32)
-        fresh_options = {"num_attention_heads": model_args.num_attention_heads,
-                         "num_key_value_heads": model_args.num_key_value_heads,
-                         "intermediate_size": model_args.intermediate_size,
-                         "draft_vocab_size": model_args.draft_vocab_size,
+        fresh_options = {**layout, "draft_vocab_size": model_args.draft_vocab_size,
                          "recency_bias": model_args.recency_bias or None,
                          "target_layer_ids": None if model_args.target_layer_ids == [-1]
                          else model_args.target_layer_ids}
@@ -143,8 +142,6 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
                                  f"{getattr(beagle.config, name)!r}; a continuation keeps the checkpoint's "
                                  f"architecture, so expected the same value or the option left out.")
         return beagle
-    layout = {name: getattr(model_args, name) for name in ("num_attention_heads", "num_key_value_heads",
-                                                             "intermediate_size") if getattr(model_args, name)}
     beagle = BeagleModel.from_target(target, attn_implementation=model_args.attn_implementation,
                                      target_layer_ids=model_args.target_layer_ids,
                                      draft_vocab_size=model_args.draft_vocab_size,

@@ -60,15 +60,20 @@ def tree_ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def to_attention_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
+def to_attention_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype,
+                      bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """Convert a boolean `(batch, q, k)` mask into the 4D form the selected attention backend accepts.
 
+    `bias` `(batch, heads, q, k)`, optional: scores added where `allowed` (the recency bias). It needs a kernel that
+    adds a float mask (eager, sdpa, flex_attention); flash kernels take none.
     Rows that read nothing must be handled by the caller (see `BeagleAttention`): no backend defines them.
     """
     allowed = allowed[:, None, :, :]
-    if attn_implementation == "sdpa":
-        return allowed
     if attn_implementation in ("flash_attention_2", "flash_attention_3"):
+        if bias is not None:
+            raise ValueError(f"attn_implementation={attn_implementation!r} cannot add Beagle's recency bias (flash "
+                             "kernels take no score bias). Use attn_implementation='sdpa' or 'eager', or a draft "
+                             "trained with recency_bias=False.")
         # Flash kernels take no arbitrary masks: only "every query reads every key" is expressible.
         if not bool(allowed.all()):
             raise ValueError(
@@ -77,28 +82,19 @@ def to_attention_mask(allowed: torch.Tensor, attn_implementation: str, dtype: to
                 "or 'eager' for training and tree drafting."
             )
         return None
-    # eager, flex_attention and custom kernels registered in transformers take an additive float mask.
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    if bias is None:
+        if attn_implementation == "sdpa":
+            return allowed
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    # eager, flex_attention and custom kernels registered in transformers (and sdpa with a bias) take an additive
+    # float mask.
+    return bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
 
 
 def key_distances(query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
     """`(batch, q, k)`: how many positions key j lies behind the most recent one query p may read, p - 1 - j
     (0 for the state at p - 1; clamped at 0 for keys a query does not read)."""
     return (query_positions[:, :, None] - 1 - key_positions[:, None, :]).clamp(min=0)
-
-
-def biased_attention_mask(allowed: torch.Tensor, bias: torch.Tensor, attn_implementation: str) -> torch.Tensor:
-    """An additive float mask `(batch, heads, q, k)`: `bias` where `allowed` (`(batch, q, k)`), -inf elsewhere.
-
-    Score biases need a kernel that adds a float mask (eager, sdpa, flex_attention); flash kernels take none.
-    """
-    if attn_implementation in ("flash_attention_2", "flash_attention_3"):
-        raise ValueError(f"attn_implementation={attn_implementation!r} cannot add Beagle's recency bias (flash kernels "
-                         "take no score bias). Use attn_implementation='sdpa' or 'eager', or a draft trained with "
-                         "recency_bias=False.")
-    return bias.masked_fill(~allowed[:, None, :, :], torch.finfo(bias.dtype).min)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -108,7 +104,6 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 __all__ = [
     "alibi_slopes",
-    "biased_attention_mask",
     "key_distances",
     "context_causal_mask",
     "key_padding_mask",
