@@ -43,6 +43,10 @@ def test_truncated_json_array_keeps_every_complete_record(tmp_path):
     assert report.skipped["incomplete record at the end of the file"] == 1
     dataset, report = build_dataset(path, chat_tokenizer(), report=report)
     assert len(dataset) == 2 and "cut off" in report.summary()
+    # with max_records ending before the cut, the cut-off record is not one this dataset skipped
+    dataset, report = build_dataset(path, chat_tokenizer(), max_records=1)
+    assert len(dataset) == 1 and not report.truncated_file and not report.skipped
+    assert report.summary().startswith("1 of the first 1 (of 2) records kept; skipped: none;")
 
 
 def test_loss_mask_covers_assistant_tokens_only(tmp_path):
@@ -213,6 +217,100 @@ def test_beagle_train_recipe_pipeline_regenerate_offline_cache_and_record(tmp_pa
     (tmp_path / "train2.json").write_text(json.dumps(config))
     record = BeagleModel.from_pretrained(run_training([str(tmp_path / "train2.json")])).config.training_record
     assert [r["steps"] for r in record["runs"]] == [4, 2] and record["total_steps"] == 6
+
+
+def test_a_stopped_and_resumed_run_records_the_compute_of_both_processes(tmp_path, monkeypatch):
+    """`resume_from_checkpoint`: each `beagle train` process is a segment of <output_dir>/compute_ledger.json, and
+    the final draft's training_record (the model card's total compute) sums them all; the τ learning curve's time
+    axis continues across the resume instead of restarting at zero."""
+    import trainer.train as train_module
+
+    monkeypatch.setattr(train_module, "load_prompts", lambda name: [{"turns": ["q1x"]}])
+    target = make_target("llama", initializer_range=0.2)
+    target.save_pretrained(tmp_path / "target")
+    chat_tokenizer().save_pretrained(tmp_path / "target")
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt(24)))
+    config = {"target_model": str(tmp_path / "target"), "dataset": str(tmp_path / "sharegpt.json"),
+              "output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
+              "stage1_window": 3, "stage2_steps": 2, "eval_records": 4, "report_to": [], "save_steps": 2,
+              "bf16": False, "eval_strategy": "steps", "eval_steps": 2, "tau_eval_prompts": 1,
+              "tau_eval_new_tokens": 4}
+    (tmp_path / "first.json").write_text(json.dumps(config))
+    train_module.run_training([str(tmp_path / "first.json")])
+    first = json.loads((tmp_path / "run" / "compute_ledger.json").read_text())["segments"]
+    assert [(s["first_step"], s["last_step"], s["steps"]) for s in first] == [(0, 4, 4)]
+    assert first[0]["wall_s"] >= first[0]["train_wall_s"] > 0 and first[0]["token_updates"] > 0
+
+    # the "stopped" run continues from its step-2 checkpoint to a longer schedule (6 steps)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    saved = train_module.run_training([str(tmp_path / "first.json"), "--max_steps", "6",
+                                       "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2")])
+    segments = json.loads((tmp_path / "run" / "compute_ledger.json").read_text())["segments"]
+    assert segments[0] == first[0] and [(s["first_step"], s["last_step"]) for s in segments] == [(0, 4), (2, 6)]
+    record = BeagleModel.from_pretrained(saved).config.training_record
+    assert [r["steps"] for r in record["runs"]] == [4, 4] and record["total_steps"] == 8  # steps 3-4 ran twice
+    assert record["total_wall_s"] == pytest.approx(sum(s["wall_s"] for s in segments), abs=0.2)
+    assert record["total_token_updates"] == sum(s["token_updates"] for s in segments)
+    assert "resume_from_checkpoint" in record["runs"][1]["command"]
+    curve = [json.loads(line) for line in (tmp_path / "run" / "tau_curve.jsonl").read_text().splitlines()]
+    resumed = [p for p in curve[3:]]  # first process: steps 2, 4 and its final evaluation; then the resumed one
+    assert [p["step"] for p in curve] == [2, 4, 4, 4, 6, 6]
+    assert all(p["train_wall_s"] > first[0]["train_wall_s"] for p in resumed)
+
+    # a fresh run into the same folder starts a new ledger; an unreadable ledger is refused on resume
+    config.update(max_steps=2, eval_strategy="no", tau_eval_prompts=0)
+    (tmp_path / "fresh.json").write_text(json.dumps(config))
+    train_module.run_training([str(tmp_path / "fresh.json")])
+    assert len(json.loads((tmp_path / "run" / "compute_ledger.json").read_text())["segments"]) == 1
+    (tmp_path / "run" / "compute_ledger.json").write_text('{"segments": ')
+    with pytest.raises(ValueError, match="compute ledger .*expected a JSON object with a `segments` list"):
+        train_module.run_training([str(tmp_path / "fresh.json"), "--resume_from_checkpoint", "true"])
+
+
+def test_resume_from_checkpoint_true_takes_the_latest_checkpoint_or_starts_at_step_0(tmp_path):
+    """`beagle train recipe.yaml --resume_from_checkpoint true` (a string on the command line, a bool in YAML): the
+    latest checkpoint-N of --output_dir; none yet (stopped while building the cache) starts training at step 0 but
+    still continues the run's compute ledger; a missing folder is an error naming it."""
+    from types import SimpleNamespace
+
+    from trainer.train import resume_checkpoint, resume_requested
+
+    def args(value):
+        return SimpleNamespace(resume_from_checkpoint=value, output_dir=str(tmp_path / "run"))
+
+    for value in ("true", True, "True"):
+        assert resume_requested(args(value)) and resume_checkpoint(args(value)) is None
+    for name in ("checkpoint-4", "checkpoint-12", "checkpoint-8"):
+        (tmp_path / "run" / name).mkdir(parents=True)
+    assert resume_checkpoint(args("true")) == str(tmp_path / "run" / "checkpoint-12")
+    assert resume_checkpoint(args(str(tmp_path / "run" / "checkpoint-4"))) == str(tmp_path / "run" / "checkpoint-4")
+    for value in (None, False, "false"):
+        assert not resume_requested(args(value)) and resume_checkpoint(args(value)) is None
+    with pytest.raises(ValueError, match="--resume_from_checkpoint .*nowhere: expected a checkpoint folder or true"):
+        resume_checkpoint(args(str(tmp_path / "nowhere")))
+
+
+def test_compute_ledger_heartbeat_keeps_a_complete_file_while_the_process_runs(tmp_path):
+    """A process stopped at any moment leaves a ledger that is complete JSON and at most one heartbeat stale: the
+    time before training (data preparation, the offline cache) is counted too."""
+    import time
+
+    from trainer.callbacks import ComputeLedger
+
+    path = tmp_path / "out" / "compute_ledger.json"
+    ledger = ComputeLedger(str(path), {"command": "x"}, started=time.time() - 5.0, heartbeat_s=0.02)
+    assert json.loads(path.read_text())["segments"][0]["wall_s"] >= 5.0
+    ledger.describe(10.0, data="d")
+    walls = []
+    for _ in range(5):
+        time.sleep(0.05)
+        walls.append(json.loads(path.read_text())["segments"][0]["wall_s"])  # never a half-written file
+    assert walls == sorted(walls) and walls[-1] > walls[0]
+    segment = ledger.close()[0]
+    assert segment["data"] == "d" and segment["steps"] == 0 and segment["first_step"] is None
+    silent = ComputeLedger(str(tmp_path / "rank1" / "ledger.json"), {}, main_process=False)
+    silent.close()
+    assert not (tmp_path / "rank1").exists()
 
 
 def test_init_from_refuses_options_that_would_change_the_drafts_architecture(tmp_path):

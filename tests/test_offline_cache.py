@@ -103,13 +103,13 @@ def test_interrupted_build_resumes(tmp_path, monkeypatch):
     data = make_dataset(rows=5)
     reference = build_offline_cache(target, beagle, data, tmp_path / "reference", batch_size=2, progress=False)
 
-    forward, calls, crash_at = target.forward, [], [2]
+    forward, calls, crash_after = target.forward, [], [2]
 
     @functools.wraps(forward)
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        if len(calls) in crash_at:
+    def counting(*args, **kwargs):  # records the rows of each forward; crashes once `crash_after` rows have run
+        if crash_after and sum(calls) >= crash_after[0]:
             raise RuntimeError("simulated crash")
+        calls.append(kwargs["input_ids"].shape[0])
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(target, "forward", counting)
@@ -121,9 +121,9 @@ def test_interrupted_build_resumes(tmp_path, monkeypatch):
         OfflineCache(tmp_path / "cache")
 
     calls.clear()
-    crash_at.clear()
+    crash_after.clear()
     cache = build_offline_cache(target, beagle, data, tmp_path / "cache", batch_size=2, progress=False)
-    assert calls == [2, 1]  # only rows 2..4 ran
+    assert sum(calls) == 3  # only rows 2..4 ran
     assert read_meta(tmp_path / "cache")["complete"] is True
     assert_same_rows(cache, reference)
     calls.clear()
@@ -217,3 +217,28 @@ def test_trainer_trains_from_an_offline_cache(tmp_path):
     assert calls["n"] == 0
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+
+
+def test_build_runs_the_target_on_unpadded_groups_of_equal_length(tmp_path, monkeypatch):
+    """Within a batch, rows of equal length go through the target together and unpadded (no attention mask): the
+    fast causal kernels, and states that do not depend on which rows shared the batch."""
+    target = make_target("llama")
+    beagle = BeagleModel.from_target(target)
+    records = [{"input_ids": list(range(1, n + 1)), "loss_mask": [0, 0] + [1] * (n - 2)} for n in (5, 7, 5, 5, 6)]
+    data = datasets.Dataset.from_list(records)
+    forward, shapes = target.forward, []
+
+    @functools.wraps(forward)
+    def recording(*args, **kwargs):
+        assert kwargs.get("attention_mask") is None
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(target, "forward", recording)
+    cache = build_offline_cache(target, beagle, data, tmp_path, batch_size=4, topk=8, progress=False)
+    assert shapes == [(3, 5), (1, 7), (1, 6)]
+    monkeypatch.undo()
+    for i, record in enumerate(records):  # every row's labels landed at its own offsets
+        _, top, probs = fresh_features(target, beagle, record["input_ids"])
+        assert torch.equal(cache[i]["topk_ids"], probs[2:].topk(8, -1).indices)
+        torch.testing.assert_close(cache[i]["context_states"].float(), top, atol=2e-2, rtol=1e-2)

@@ -32,6 +32,7 @@ class DataReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     truncated_file: bool = False
+    available: int | None = None  # complete records in the source when `max_records` took only the first ones
     supervised_tokens: int = 0
     tokens: int = 0
 
@@ -39,7 +40,8 @@ class DataReport:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
         cut = " (the file was cut off mid-record; every complete record before the cut was kept)" \
             if self.truncated_file else ""
-        return (f"{self.kept} of {self.records} records kept{cut}; skipped: {skipped}; "
+        used = f"{self.records}" if self.available is None else f"the first {self.records} (of {self.available})"
+        return (f"{self.kept} of {used} records kept{cut}; skipped: {skipped}; "
                 f"{self.tokens} tokens, {self.supervised_tokens} supervised (assistant) tokens")
 
 
@@ -162,8 +164,12 @@ def build_dataset(source, tokenizer, max_length: int = 2048, max_records: int | 
     """Read, normalise and tokenize `source` into a Dataset of `input_ids` and `loss_mask` (assistant tokens)."""
     report = report if report is not None else DataReport()
     records = read_records(source, report)
-    if max_records is not None:
+    if max_records is not None and len(records) > max_records:
+        report.available = len(records)
         records = records[:max_records]
+        # a cut-off end of the file lies beyond the records used: nothing this dataset lost
+        report.truncated_file = False
+        report.skipped.pop("incomplete record at the end of the file", None)
     report.records = len(records)
     use_template = getattr(tokenizer, "chat_template", None) is not None
     if not use_template:

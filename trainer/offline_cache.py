@@ -221,8 +221,9 @@ def _target_slot(layer_ids: list[int], num_hidden_layers: int) -> int | None:
     return next((k for k, i in enumerate(layer_ids) if i % (top + 1) == top), None)
 
 
-def _forward_states(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer_ids: list[int]):
-    """(context states, top states) of one padded batch, in the target's precision."""
+def _forward_states(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer_ids: list[int]):
+    """(context states, top states) of one batch (padded with `attention_mask`, or unpadded), in the target's
+    precision."""
     kwargs = {}
     if "logits_to_keep" in inspect.signature(target_model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # only the states are needed: skip the full-vocabulary logits
@@ -325,7 +326,6 @@ def build_offline_cache(target_model, beagle_model, dataset: datasets.Dataset, c
     views = _torch_views(arrays, meta)
 
     device = target_model.device
-    pad = target_model.config.get_text_config().pad_token_id or 0
     was_training = target_model.training
     target_model.eval()
     bar = tqdm(total=meta["num_rows"], initial=done, desc="offline target states", unit="row", disable=not progress)
@@ -333,25 +333,28 @@ def build_offline_cache(target_model, beagle_model, dataset: datasets.Dataset, c
         for start in range(done, meta["num_rows"], batch_size):
             end = min(start + batch_size, meta["num_rows"])
             rows = dataset[start:end]
-            width = int(lengths[start:end].max())
-            input_ids = torch.full((end - start, width), pad, dtype=torch.long)
-            loss_mask = torch.zeros(end - start, width, dtype=torch.bool)
-            attention_mask = torch.zeros(end - start, width, dtype=torch.long)
-            for i, (ids, mask) in enumerate(zip(rows["input_ids"], rows["loss_mask"])):
-                input_ids[i, : len(ids)] = torch.as_tensor(ids)
-                loss_mask[i, : len(ids)] = torch.as_tensor(mask) != 0
-                attention_mask[i, : len(ids)] = 1
-            valid = attention_mask.bool()
-            (t0, s0), (t1, s1) = offsets[start], offsets[end]
-            context, top = _forward_states(target_model, input_ids.to(device), attention_mask.to(device), layer_ids)
-            views["input_ids"][t0:t1] = input_ids[valid].to(torch.int32)
-            views["loss_mask"][t0:t1] = loss_mask[valid].to(torch.uint8)
-            views["context_states"][t0:t1] = context[valid.to(device)].to(dtype).cpu()
-            if "target_states" in views:
-                views["target_states"][t0:t1] = top[valid.to(device)].to(dtype).cpu()
-            probs, ids = _topk_labels(beagle_model, top[(loss_mask & valid).to(device)], meta["topk"])
-            views["topk_ids"][s0:s1] = ids.to(torch.int32).cpu()
-            views["topk_probs"][s0:s1] = probs.to(torch.float16).cpu()
+            # One target forward per group of equal-length rows: no padding, so no attention mask, and the fast
+            # causal kernels (on 2 CPU cores a masked padded batch ran at 2/3 the tokens/s of unpadded rows).
+            groups: dict[int, list[int]] = {}
+            for i, ids in enumerate(rows["input_ids"]):
+                groups.setdefault(len(ids), []).append(i)
+            for members in groups.values():
+                input_ids = torch.tensor([rows["input_ids"][i] for i in members], dtype=torch.long)
+                loss_mask = torch.tensor([rows["loss_mask"][i] for i in members]) != 0
+                context, top = _forward_states(target_model, input_ids.to(device), None, layer_ids)
+                probs, ids = _topk_labels(beagle_model, top[loss_mask.to(device)], meta["topk"])
+                probs, ids = probs.to(torch.float16).cpu(), ids.to(torch.int32).cpu()
+                first_label = 0
+                for j, i in enumerate(members):
+                    (t0, s0), (t1, s1) = offsets[start + i], offsets[start + i + 1]
+                    views["input_ids"][t0:t1] = input_ids[j].to(torch.int32)
+                    views["loss_mask"][t0:t1] = loss_mask[j].to(torch.uint8)
+                    views["context_states"][t0:t1] = context[j].to(dtype).cpu()
+                    if "target_states" in views:
+                        views["target_states"][t0:t1] = top[j].to(dtype).cpu()
+                    views["topk_ids"][s0:s1] = ids[first_label:first_label + s1 - s0]
+                    views["topk_probs"][s0:s1] = probs[first_label:first_label + s1 - s0]
+                    first_label += s1 - s0
             for array in arrays.values():
                 array.flush()
             meta["rows_done"] = end

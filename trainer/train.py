@@ -1,5 +1,7 @@
 """`beagle train`: data preparation and both training stages, end to end, for a target and a dataset."""
 
+import argparse
+import json
 import logging
 import os
 import platform
@@ -9,13 +11,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+import yaml
 from transformers import HfArgumentParser, IntervalStrategy
+from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_beagle import BeagleModel
 
 from .assets import load_prompts, load_target, resolve_dataset_arg
 from .beagle_trainer import BeagleTrainer, BeagleTrainingArguments
-from .callbacks import SpeculativeEvalCallback
+from .callbacks import ComputeLedger, SpeculativeEvalCallback
 from .data import build_dataset, render_chat
 from .offline_cache import build_offline_cache
 from .precision import resolve_dtype
@@ -73,11 +77,18 @@ class BeagleDataArguments:
 
 
 def parse(argv: list[str]):
+    """`beagle train --option value ...`, or `beagle train options.yaml|.json [--option value ...]`: the file's
+    options, each overridable on the command line (`beagle train recipe.yaml --resume_from_checkpoint true`)."""
     parser = HfArgumentParser((BeagleModelArguments, BeagleDataArguments, BeagleTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        with open(argv[0], encoding="utf-8") as handle:
+            values = json.load(handle) if argv[0].endswith(".json") else yaml.safe_load(handle)
+        if not isinstance(values, dict):
+            raise ValueError(f"{argv[0]}: expected a mapping of `beagle train` options, found {type(values).__name__}.")
+        for action in parser._actions:  # the command line: only the options it names, to override the file's
+            action.default, action.required = argparse.SUPPRESS, False
+        overrides = vars(parser.parse_args(argv[1:]))
+        return parser.parse_dict({**values, **overrides})  # an unknown option in the file is an error here
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -93,29 +104,28 @@ def frequent_tokens(dataset, size: int, vocab_size: int) -> torch.Tensor:
     return torch.tensor(sorted(chosen))
 
 
-def record_training(trainer, model_args, data_args, report, wall_s: float, argv: list[str]) -> dict:
-    """Add this run to the draft config's `training_record` (kept across `--init_from` continuations, so the
-    checkpoint and its model card state the total compute): wall time, optimizer steps, supervised token-updates
-    (supervised tokens per batch x steps, one per position and stage-2 step counted once), data and settings."""
-    config = trainer.beagle.config
-    args = trainer.args
-    record = dict(getattr(config, "training_record", None) or {})
-    runs = list(record.get("runs", []))
-    steps = trainer.state.global_step
-    supervised_per_step = report.supervised_tokens / max(report.kept, 1) * args.per_device_train_batch_size * \
-        args.gradient_accumulation_steps * max(args.world_size, 1)
-    runs.append({
+def run_entry(model_args, data_args, args, argv: list[str]) -> dict:
+    """What one `beagle train` process is, for its compute-ledger segment and the draft's `training_record`."""
+    return {
         "command": "beagle train " + " ".join(argv),
         "target": model_args.target_model, "target_dtype": model_args.target_dtype,
-        "dataset": data_args.dataset, "regenerated": data_args.regenerate, "data": report.summary(),
-        "train_records": report.kept, "supervised_tokens": report.supervised_tokens,
-        "max_length": data_args.max_length, "offline_cache": bool(data_args.offline_cache_dir),
-        "steps": steps, "stage1_ratio": args.stage1_ratio, "learning_rate": args.learning_rate,
+        "dataset": data_args.dataset, "regenerated": data_args.regenerate, "max_length": data_args.max_length,
+        "offline_cache": bool(data_args.offline_cache_dir), "stage1_ratio": args.stage1_ratio,
+        "learning_rate": args.learning_rate,
         "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1),
-        "bf16": args.bf16, "token_updates": int(round(supervised_per_step * steps)), "wall_s": round(wall_s, 1),
+        "bf16": args.bf16,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}"
                                                                      if torch.cuda.is_available() else ""),
-    })
+    }
+
+
+def record_training(config, segments: list[dict]) -> dict:
+    """Add this run's processes (`ComputeLedger` segments: one, or several for a run stopped and resumed) to the
+    draft config's `training_record`, kept across `--init_from` continuations, so the checkpoint and its model card
+    state the total compute: wall time, optimizer steps, supervised token-updates (supervised tokens per batch x
+    steps, one per position and stage-2 step counted once), data and settings."""
+    record = dict(getattr(config, "training_record", None) or {})
+    runs = list(record.get("runs", [])) + segments
     record.update(runs=runs, total_wall_s=round(sum(r["wall_s"] for r in runs), 1),
                   total_token_updates=sum(r["token_updates"] for r in runs),
                   total_steps=sum(r["steps"] for r in runs))
@@ -152,7 +162,7 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
     return beagle
 
 
-def tau_callback(trainer, tokenizer, data_args, training_args) -> SpeculativeEvalCallback:
+def tau_callback(trainer, tokenizer, data_args, training_args, wall_offset_s: float = 0.0) -> SpeculativeEvalCallback:
     """`--tau_eval_prompts`: τ of real greedy speculative decoding on MT-bench first turns at each evaluation."""
     if training_args.eval_strategy == IntervalStrategy.NO:
         raise ValueError("--tau_eval_prompts expected evaluations to hook into: pass --eval_strategy steps (and "
@@ -161,7 +171,33 @@ def tau_callback(trainer, tokenizer, data_args, training_args) -> SpeculativeEva
                                         add_generation_prompt=True))
                for row in load_prompts("mt-bench")[: data_args.tau_eval_prompts]]
     return SpeculativeEvalCallback(trainer, prompts, data_args.tau_eval_new_tokens,
-                                   curve_path=os.path.join(training_args.output_dir, "tau_curve.jsonl"))
+                                   curve_path=os.path.join(training_args.output_dir, "tau_curve.jsonl"),
+                                   wall_offset_s=wall_offset_s)
+
+
+def resume_requested(training_args) -> bool:
+    """Whether this process continues a stopped run (`--resume_from_checkpoint` set, and not to false)."""
+    value = training_args.resume_from_checkpoint
+    return value not in (None, False) and str(value).lower() not in ("false", "no", "0", "")
+
+
+def resume_checkpoint(training_args) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder as given, or for `true` the latest `checkpoint-N` in
+    `--output_dir`; None when there is none yet (a run stopped before its first save: the regeneration and the
+    offline cache resume on their own, training starts at step 0)."""
+    value = training_args.resume_from_checkpoint
+    if not resume_requested(training_args):
+        return None
+    if value is True or str(value).lower() in ("true", "yes", "1"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            print(f"[beagle train] --resume_from_checkpoint: no checkpoint in {training_args.output_dir} yet; "
+                  f"training starts at step 0 (data preparation and the offline cache resume where they stopped)")
+        return last
+    if not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint {value}: expected a checkpoint folder or true, found no such "
+                         f"folder.")
+    return value
 
 
 def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTrainer, name: str = "beagle",
@@ -176,6 +212,11 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
     tag = f"[{name} train]"
     dtype = resolve_dtype(model_args.target_dtype, training_args.device, what="`beagle train` runs the target")
     model_args.target_dtype = str(dtype).removeprefix("torch.")  # "auto" resolved: the training record says which
+    # This process's share of the run's compute, on disk from now on (a resumed run adds a segment to the ledger).
+    ledger = ComputeLedger(os.path.join(training_args.output_dir, "compute_ledger.json"),
+                           run_entry(model_args, data_args, training_args, argv),
+                           resume=resume_requested(training_args), started=started,
+                           main_process=training_args.process_index == 0)
     # The target only ever runs on padded batches here: "auto" takes eager attention on CPU (see load_target).
     # On the training device from the start: regeneration and the offline cache run the target there too.
     target, tokenizer = load_target(model_args.target_model, dtype, device=training_args.device,
@@ -192,6 +233,9 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
         source = regenerated
     dataset, report = build_dataset(source, tokenizer, data_args.max_length, data_args.max_records)
     print(f"{tag} data: {report.summary()}")
+    supervised_per_step = report.supervised_tokens / max(report.kept, 1) * ledger.segment["batch_size"]
+    ledger.describe(supervised_per_step, data=report.summary(), train_records=report.kept,
+                    supervised_tokens=report.supervised_tokens)
     eval_size = min(data_args.eval_records, max(len(dataset) // 10, 1)) if len(dataset) > 1 else 0
     split = dataset.train_test_split(test_size=eval_size, seed=training_args.seed) if eval_size else None
     train_data, eval_data = (split["train"], split["test"]) if split else (dataset, None)
@@ -200,20 +244,24 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
     if data_args.offline_cache_dir:
         # The draft's vocabulary is fixed now: the cache stores soft labels over it (and refuses another one).
         train_data, eval_data = (
-            None if part is None else build_offline_cache(target, draft, part, os.path.join(data_args.offline_cache_dir, which),
+            None if part is None else build_offline_cache(target, draft, part,
+                                                          os.path.join(data_args.offline_cache_dir, which),
                                                           topk=data_args.offline_topk)
             for which, part in (("train", train_data), ("eval", eval_data)))
     trainer = trainer_class(model=draft, args=training_args, target_model=target, train_dataset=train_data,
                             eval_dataset=eval_data)
+    trainer.add_callback(ledger)
     if data_args.tau_eval_prompts:
-        trainer.add_callback(tau_callback(trainer, tokenizer, data_args, training_args))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        tau = tau_callback(trainer, tokenizer, data_args, training_args, ledger.previous_train_wall_s)
+        trainer.add_callback(tau)
+        ledger.clock = tau.train_wall_s  # the ledger's training time leaves out the τ evaluations too
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     if eval_data is not None:
         metrics = trainer.evaluate()
         alphas = [f"{metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("eval_alpha_step_")]
         print(f"{tag} held-out alpha per draft step: {' / '.join(alphas)}")
     final = os.path.join(training_args.output_dir, name)
-    record_training(trainer, model_args, data_args, report, time.time() - started, argv)
+    record_training(trainer.beagle.config, ledger.close(trainer.state.global_step))
     trainer.save_model(final)
     print(f"{tag} saved the {label} checkpoint to {final}")
     return final
