@@ -188,21 +188,26 @@ def test_regenerate_skips_prompts_longer_than_the_limit(tmp_path):
     assert written == [records[i]["conversations"][0]["value"] for i in (0, 2, 3)]
 
 
+def tiny_train_options(tmp_path, **options) -> dict:
+    """A tiny chat target and 24 ShareGPT records saved in tmp_path, and `beagle train` options for them (4 steps
+    of both stages into tmp_path/run) updated with `options`."""
+    target = make_target("llama", initializer_range=0.2)
+    target.save_pretrained(tmp_path / "target")
+    chat_tokenizer().save_pretrained(tmp_path / "target")
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt(24)))
+    return {"target_model": str(tmp_path / "target"), "dataset": str(tmp_path / "sharegpt.json"),
+            "output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
+            "stage1_window": 3, "stage2_steps": 2, "eval_records": 4, "report_to": [], "bf16": False, **options}
+
+
 def test_beagle_train_recipe_pipeline_regenerate_offline_cache_and_record(tmp_path):
     """The recipe's steps in one `beagle train`: regenerate with the target, build the offline cache, train both
     stages from it; the checkpoint records the run, and a second run from it (`init_from`) adds to the record."""
     from trainer.offline_cache import OfflineCache
 
-    target = make_target("llama", initializer_range=0.2)
-    target.save_pretrained(tmp_path / "target")
-    chat_tokenizer().save_pretrained(tmp_path / "target")
-    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt(24)))
-    config = {"target_model": str(tmp_path / "target"), "dataset": str(tmp_path / "sharegpt.json"),
-              "output_dir": str(tmp_path / "run"), "regenerate": True, "regenerate_batch_size": 8,
-              "regenerate_max_new_tokens": 8, "offline_cache_dir": str(tmp_path / "cache"), "offline_topk": 8,
-              "max_steps": 4, "per_device_train_batch_size": 4, "stage1_window": 3, "stage2_steps": 2,
-              "eval_records": 4, "draft_vocab_size": 48, "report_to": [], "save_strategy": "no", "logging_steps": 2,
-              "bf16": False}
+    config = tiny_train_options(tmp_path, regenerate=True, regenerate_batch_size=8, regenerate_max_new_tokens=8,
+                                offline_cache_dir=str(tmp_path / "cache"), offline_topk=8, draft_vocab_size=48,
+                                save_strategy="no", logging_steps=2)
     from trainer.train import run_training
 
     (tmp_path / "train.json").write_text(json.dumps(config))
@@ -226,15 +231,8 @@ def test_a_stopped_and_resumed_run_records_the_compute_of_both_processes(tmp_pat
     import trainer.train as train_module
 
     monkeypatch.setattr(train_module, "load_prompts", lambda name: [{"turns": ["q1x"]}])
-    target = make_target("llama", initializer_range=0.2)
-    target.save_pretrained(tmp_path / "target")
-    chat_tokenizer().save_pretrained(tmp_path / "target")
-    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt(24)))
-    config = {"target_model": str(tmp_path / "target"), "dataset": str(tmp_path / "sharegpt.json"),
-              "output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
-              "stage1_window": 3, "stage2_steps": 2, "eval_records": 4, "report_to": [], "save_steps": 2,
-              "bf16": False, "eval_strategy": "steps", "eval_steps": 2, "tau_eval_prompts": 1,
-              "tau_eval_new_tokens": 4}
+    config = tiny_train_options(tmp_path, save_steps=2, eval_strategy="steps", eval_steps=2, tau_eval_prompts=1,
+                                tau_eval_new_tokens=4)
     (tmp_path / "first.json").write_text(json.dumps(config))
     train_module.run_training([str(tmp_path / "first.json")])
     first = json.loads((tmp_path / "run" / "compute_ledger.json").read_text())["segments"]
@@ -336,15 +334,8 @@ def test_beagle_train_writes_the_tau_learning_curve(tmp_path, monkeypatch):
     import trainer.train as train_module
 
     monkeypatch.setattr(train_module, "load_prompts", lambda name: [{"turns": ["q1x"]}, {"turns": ["q22y"]}])
-    target = make_target("llama", initializer_range=0.2)
-    target.save_pretrained(tmp_path / "target")
-    chat_tokenizer().save_pretrained(tmp_path / "target")
-    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt(24)))
-    config = {"target_model": str(tmp_path / "target"), "dataset": str(tmp_path / "sharegpt.json"),
-              "output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
-              "stage1_window": 3, "stage2_steps": 2, "eval_records": 4, "report_to": [], "save_strategy": "no",
-              "bf16": False, "eval_strategy": "steps", "eval_steps": 2, "tau_eval_prompts": 2,
-              "tau_eval_new_tokens": 6}
+    config = tiny_train_options(tmp_path, save_strategy="no", eval_strategy="steps", eval_steps=2,
+                                tau_eval_prompts=2, tau_eval_new_tokens=6)
     (tmp_path / "train.json").write_text(json.dumps(config))
     train_module.run_training([str(tmp_path / "train.json")])
     rows = [json.loads(line) for line in (tmp_path / "run" / "tau_curve.jsonl").read_text().splitlines()]
