@@ -263,6 +263,9 @@ def test_a_stopped_and_resumed_run_records_the_compute_of_both_processes(tmp_pat
     (tmp_path / "run" / "compute_ledger.json").write_text('{"segments": ')
     with pytest.raises(ValueError, match="compute ledger .*expected a JSON object with a `segments` list"):
         train_module.run_training([str(tmp_path / "fresh.json"), "--resume_from_checkpoint", "true"])
+    monkeypatch.setattr(train_module, "load_target", None)  # a wrong folder is refused before any work
+    with pytest.raises(ValueError, match="--resume_from_checkpoint .*nowhere: expected a checkpoint folder or true"):
+        train_module.run_training([str(tmp_path / "fresh.json"), "--resume_from_checkpoint", str(tmp_path / "nowhere")])
 
 
 def test_resume_from_checkpoint_true_takes_the_latest_checkpoint_or_starts_at_step_0(tmp_path):

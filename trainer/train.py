@@ -212,12 +212,15 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
     tag = f"[{name} train]"
     dtype = resolve_dtype(model_args.target_dtype, training_args.device, what="`beagle train` runs the target")
     model_args.target_dtype = str(dtype).removeprefix("torch.")  # "auto" resolved: the training record says which
+    # Resolved (and a wrong folder refused) now, not after hours of regeneration and offline cache.
+    checkpoint = resume_checkpoint(training_args)
     # This process's share of the run's compute, on disk from now on (a resumed run adds a segment to the ledger).
     ledger = ComputeLedger(os.path.join(training_args.output_dir, "compute_ledger.json"),
                            run_entry(model_args, data_args, training_args, argv),
                            resume=resume_requested(training_args), started=started,
                            main_process=training_args.process_index == 0)
-    # The target only ever runs on padded batches here: "auto" takes eager attention on CPU (see load_target).
+    # Online training and regeneration run the target on padded batches: "auto" takes eager attention on CPU (see
+    # load_target). The offline cache runs it unpadded.
     # On the training device from the start: regeneration and the offline cache run the target there too.
     target, tokenizer = load_target(model_args.target_model, dtype, device=training_args.device,
                                     gguf_file=model_args.gguf_file, attn_implementation="auto")
@@ -255,7 +258,7 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
         tau = tau_callback(trainer, tokenizer, data_args, training_args, ledger.previous_train_wall_s)
         trainer.add_callback(tau)
         ledger.clock = tau.train_wall_s  # the ledger's training time leaves out the τ evaluations too
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    trainer.train(resume_from_checkpoint=checkpoint)
     if eval_data is not None:
         metrics = trainer.evaluate()
         alphas = [f"{metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("eval_alpha_step_")]
