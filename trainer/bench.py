@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .allocator import heap_allocator
 from .precision import DTYPES, bf16_is_native, warn_if_slow_bf16
 
 logger = logging.getLogger(__name__)
@@ -350,6 +351,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "allocator": heap_allocator(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
         "torch": torch.__version__,

@@ -97,7 +97,7 @@ class ComputeLedger(TrainerCallback):
     """
 
     def __init__(self, path: str, entry: dict, resume: bool = False, started: float | None = None,
-                 heartbeat_s: float = 60.0, main_process: bool = True):
+                 heartbeat_s: float = 15.0, main_process: bool = True):
         self.path = path
         self.main_process = main_process  # only the main process of a distributed run writes the file
         self.supervised_per_step = 0.0  # set once the data is known (`describe`)

@@ -11,6 +11,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
     import modeling_beagle
 
+    from .allocator import heap_allocator
     from .precision import bf16_is_native, cpu_bf16_features, resolve_dtype
 
     info = {
@@ -19,6 +20,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "threads": torch.get_num_threads(),
+        "allocator": heap_allocator(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_features": cpu_bf16_features(),
         "bf16_native": bf16_is_native(),

@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_beagle import BeagleModel
 
+from .allocator import heap_allocator, warn_if_page_faulting_allocator
 from .assets import load_prompts, load_target, resolve_dataset_arg
 from .beagle_trainer import BeagleTrainer, BeagleTrainingArguments
 from .callbacks import ComputeLedger, SpeculativeEvalCallback
@@ -114,6 +115,7 @@ def run_entry(model_args, data_args, args, argv: list[str]) -> dict:
         "learning_rate": args.learning_rate,
         "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1),
         "bf16": args.bf16,
+        "allocator": heap_allocator(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}"
                                                                      if torch.cuda.is_available() else ""),
     }
@@ -212,6 +214,7 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
     tag = f"[{name} train]"
     dtype = resolve_dtype(model_args.target_dtype, training_args.device, what="`beagle train` runs the target")
     model_args.target_dtype = str(dtype).removeprefix("torch.")  # "auto" resolved: the training record says which
+    warn_if_page_faulting_allocator(f"`{name} train`", training_args.device.type)
     # Resolved (and a wrong folder refused) now, not after hours of regeneration and offline cache.
     checkpoint = resume_checkpoint(training_args)
     # This process's share of the run's compute, on disk from now on (a resumed run adds a segment to the ledger).
