@@ -269,3 +269,28 @@ def test_offline_cache_of_a_beagle_trains_the_eagle2_draft_identically(tmp_path)
         torch.testing.assert_close(a, b)
     trainer.train()  # the cached rows train through the Trainer loop
     assert trainer.state.global_step == 3
+
+
+def test_make_eagle2_takes_the_layout_options_and_refuses_beagle_only_ones(tmp_path):
+    """A recipe shared with `beagle train` sizes the baseline's layer with the same layout options, and an option the
+    baseline has no counterpart for (`recency_bias`) is an error, not silently dropped; a continuation refuses
+    another layout."""
+    from trainer.train import BeagleModelArguments
+
+    target = make_target("llama")
+    args = BeagleModelArguments(target_model="tiny", num_key_value_heads=1, intermediate_size=48)
+    draft = eagle2.make_eagle2(target, args, train_data=None)
+    assert draft.config.num_key_value_heads == 1 and draft.config.intermediate_size == 48
+    assert draft.layer.self_attn.k_proj.out_features == draft.config.head_dim
+    assert draft.layer.mlp.up_proj.out_features == 48
+
+    with pytest.raises(ValueError, match="--recency_bias true: a Beagle option"):
+        eagle2.make_eagle2(target, BeagleModelArguments(target_model="tiny", recency_bias=True), train_data=None)
+
+    draft.save_pretrained(tmp_path / "draft")
+    continued = eagle2.make_eagle2(target, BeagleModelArguments(target_model="tiny", init_from=str(tmp_path / "draft"),
+                                                                num_key_value_heads=1), train_data=None)
+    assert continued.config.num_key_value_heads == 1
+    with pytest.raises(ValueError, match="--num_key_value_heads 2: --init_from .* num_key_value_heads=1"):
+        eagle2.make_eagle2(target, BeagleModelArguments(target_model="tiny", init_from=str(tmp_path / "draft"),
+                                                        num_key_value_heads=2), train_data=None)
