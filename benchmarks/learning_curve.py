@@ -10,6 +10,14 @@ greedy) and records τ and the training wall time so far (evaluations excluded):
 
 Each run is a child process, so its peak resident memory is its own (`os.wait4`). Writes `learning_curve.json`,
 `learning_curve.md` and `learning_curve.png` into `--output-dir`.
+
+Runs trained elsewhere (a recipe run that spanned sessions, say) are compared without training anything:
+
+    python benchmarks/learning_curve.py --from-run beagle=runs/smollm2-135m-instruct \
+        --from-run eagle2=runs/eagle2-recipe --output-dir benchmarks/results/learning_curve_recipe
+
+Each folder is a `beagle train` (or `eagle2_draft.py train`) output folder: its `tau_curve.jsonl` and its saved
+draft's `training_record` (every process of the run: wall time, steps, token-updates); peak memory is not known there.
 """
 
 import argparse
@@ -120,7 +128,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", help="the offline cache (default <work-dir>/cache); another run's cache of the "
                         "same data, vocabulary and target layers is reused as it is")
     parser.add_argument("--output-dir", default="benchmarks/results/learning_curve")
+    parser.add_argument("--from-run", action="append", default=[], metavar="LABEL=OUTPUT_DIR",
+                        help="compare a finished training run's curve instead of training (repeatable)")
     args = parser.parse_args(argv)
+    if args.from_run:
+        runs, curves = finished_runs(args.from_run)
+        return report(args, runs, curves, os.path.abspath(args.output_dir))
     from trainer.assets import resolve_data
     from trainer.data import read_records
 
@@ -154,13 +167,46 @@ def main(argv=None) -> int:
                        "final": curves[label][-1]}
         print(f"[learning_curve] {label}: {json.dumps(runs[label])}", flush=True)
 
+    return report(args, runs, curves, out)
+
+
+def finished_runs(specs: list[str]) -> tuple[dict, dict]:
+    """`--from-run LABEL=OUTPUT_DIR`: each run's τ curve and the totals of its saved draft's `training_record`."""
+    runs, curves = {}, {}
+    for spec in specs:
+        label, sep, folder = spec.partition("=")
+        if not sep or not label or not folder:
+            raise SystemExit(f"--from-run {spec!r}: expected LABEL=OUTPUT_DIR (e.g. beagle=runs/smollm2-135m-instruct).")
+        curve_path = os.path.join(folder, "tau_curve.jsonl")
+        saved = [os.path.join(folder, name, "config.json") for _, name in DRAFTS.values()]
+        config_path = next((path for path in saved if os.path.isfile(path)), None)
+        if not os.path.isfile(curve_path) or config_path is None:
+            raise SystemExit(f"--from-run {spec}: expected a finished training run's folder, with tau_curve.jsonl and "
+                             f"a saved draft ({' or '.join(saved)}); found "
+                             f"{'no tau_curve.jsonl' if not os.path.isfile(curve_path) else 'no saved draft'}.")
+        with open(curve_path, encoding="utf-8") as handle:
+            curves[label] = [json.loads(line) for line in handle if line.strip()]
+        with open(config_path, encoding="utf-8") as handle:
+            record = json.load(handle)["training_record"]
+        runs[label] = {"wall_s_with_cache_and_evals": record["total_wall_s"], "peak_rss_bytes": None,
+                       "token_updates": record["total_token_updates"], "steps": record["total_steps"],
+                       "data": record["runs"][-1].get("data"), "machine": record["runs"][-1].get("machine"),
+                       "final": curves[label][-1], "run_dir": folder}
+    return runs, curves
+
+
+def report(args, runs: dict, curves: dict, out: str) -> int:
+    """Write learning_curve.json / .md / .png into `out` (with `--include`d earlier results) and print the table."""
+    os.makedirs(out, exist_ok=True)
     for path in args.include:
         with open(path, encoding="utf-8") as handle:
             other = json.load(handle)
         curves.update({k: v for k, v in other["curves"].items() if k not in curves})
         runs.update({k: v for k, v in other["runs"].items() if k not in runs})
     valid = all(r["eval_greedy_identical"] == 1.0 for rows in curves.values() for r in rows)
-    report = {"valid": valid, "settings": vars(args), "runs": runs, "curves": curves,
+    # Compared finished runs: their settings are in their training records, not in this command's defaults.
+    settings = {"from_run": args.from_run, "include": args.include} if args.from_run else vars(args)
+    report = {"valid": valid, "settings": settings, "runs": runs, "curves": curves,
               "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
                           "cpu_count": os.cpu_count()}}
     with open(os.path.join(out, "learning_curve.json"), "w") as handle:
@@ -169,7 +215,7 @@ def main(argv=None) -> int:
     names = list(curves)
     lines = ["# Learning curves at equal budget: Beagle vs the EAGLE-2-style draft", "",
              f"**{'VALID' if valid else 'INVALID: a speculative output differed from plain greedy'}**", "",
-             f"Machine: {report['machine']}", "", f"Settings: {vars(args)}", "",
+             f"Machine: {report['machine']}", "", f"Settings: {settings}", "",
              "τ: greedy chain decoding through `target.generate(assistant_model=draft)` on MT-bench first turns, "
              "target in the training dtype, every output identical to plain greedy. Training wall time excludes "
              "the evaluations and the (shared) offline cache build.", "",
@@ -188,7 +234,8 @@ def main(argv=None) -> int:
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines += ["", "| draft | token-updates | peak RSS | wall s (cache, training, evaluations) |", "|---|---|---|---|"]
     for name, run in runs.items():
-        lines.append(f"| {name} | {run['token_updates']:,} | {run['peak_rss_bytes'] / 2**30:.2f} GiB | "
+        peak = "–" if run["peak_rss_bytes"] is None else f"{run['peak_rss_bytes'] / 2**30:.2f} GiB"
+        lines.append(f"| {name} | {run['token_updates']:,} | {peak} | "
                      f"{run['wall_s_with_cache_and_evals']:.0f} |")
     with open(os.path.join(out, "learning_curve.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")

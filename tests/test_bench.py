@@ -160,3 +160,52 @@ def test_cli_parses_bench_options():
                                       "--plugin", "p.py:arg", "--allow-mismatch"])
     assert args.command == "bench" and args.num_prompts == 2 and args.plugin == ["p.py:arg"] and args.allow_mismatch
     assert args.methods == ",".join(BUILTIN_METHODS) and args.max_new_tokens == 256
+
+
+def _learning_curve_module():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "learning_curve.py"
+    spec = importlib.util.spec_from_file_location("learning_curve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finished_run(folder, name, taus, total_wall_s, peak=None):
+    (folder / name).mkdir(parents=True)
+    rows = [{"step": 100 * (i + 1), "eval_tau": tau, "eval_greedy_identical": 1.0, "train_wall_s": 60.0 * (i + 1),
+             "eval_alpha_step_1": tau - 1} for i, tau in enumerate(taus)]
+    (folder / "tau_curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = {"runs": [{"data": "24 records", "machine": "x86_64 2 CPUs", "wall_s": total_wall_s - 10},
+                       {"data": "24 records", "machine": "x86_64 2 CPUs", "wall_s": 10}],
+              "total_wall_s": total_wall_s, "total_token_updates": 5000, "total_steps": 100 * len(taus)}
+    (folder / name / "config.json").write_text(json.dumps({"training_record": record}))
+    return rows
+
+
+def test_learning_curve_compares_finished_runs_from_their_folders(tmp_path):
+    """`learning_curve.py --from-run LABEL=DIR`: a run that spanned sessions is compared from its τ curve and its
+    draft's training record (all processes), without training; a folder that is not a finished run is refused."""
+    curves_module = _learning_curve_module()
+    beagle_rows = _finished_run(tmp_path / "a", "beagle", [1.2, 1.4], total_wall_s=7200.0)
+    eagle_rows = _finished_run(tmp_path / "b", "eagle2", [1.1, 1.3], total_wall_s=3600.0)
+    runs, curves = curves_module.finished_runs([f"beagle={tmp_path / 'a'}", f"eagle2={tmp_path / 'b'}"])
+    assert curves == {"beagle": beagle_rows, "eagle2": eagle_rows}
+    assert runs["beagle"]["wall_s_with_cache_and_evals"] == 7200.0 and runs["beagle"]["steps"] == 200
+    assert runs["eagle2"]["final"]["eval_tau"] == 1.3 and runs["eagle2"]["peak_rss_bytes"] is None
+
+    (tmp_path / "c").mkdir()
+    with pytest.raises(SystemExit, match="expected a finished training run's folder.*found no tau_curve.jsonl"):
+        curves_module.finished_runs([f"x={tmp_path / 'c'}"])
+    with pytest.raises(SystemExit, match="expected LABEL=OUTPUT_DIR"):
+        curves_module.finished_runs([str(tmp_path / "a")])
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        out = tmp_path / "out"
+        assert curves_module.main(["--from-run", f"beagle={tmp_path / 'a'}", "--from-run", f"eagle2={tmp_path / 'b'}",
+                                   "--output-dir", str(out)]) == 0
+        table = (out / "learning_curve.md").read_text()
+        assert "| 200 | 120 | 1.400 | 0.40 | 120 | 1.300 | 0.30 |" in table
+        assert "| beagle | 5,000 | – | 7200 |" in table
+        assert json.loads((out / "learning_curve.json").read_text())["settings"]["from_run"][0].startswith("beagle=")
