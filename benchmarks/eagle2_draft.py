@@ -545,7 +545,7 @@ def make_eagle2(target, model_args, train_data) -> Eagle2Draft:
     `make_beagle` (`--init_from`, `--attn_implementation`, `--draft_vocab_size` with the same frequent tokens, the
     layer's layout `--num_attention_heads` / `--num_key_value_heads` / `--intermediate_size`). `--recency_bias` (a term
     of Beagle's cross-attention) has no counterpart here and is refused, so a shared recipe cannot drop it silently."""
-    from trainer.train import frequent_tokens
+    from trainer.train import check_continuation, frequent_tokens, layout_options
 
     if model_args.target_layer_ids != [-1]:
         raise ValueError(f"--target_layer_ids expected [-1] for the EAGLE-2-style draft, found "
@@ -554,15 +554,11 @@ def make_eagle2(target, model_args, train_data) -> Eagle2Draft:
         raise ValueError("--recency_bias true: a Beagle option (a learned distance penalty in its cross-attention) "
                          "that the EAGLE-2-style draft does not have; expected it left out or false "
                          "(`--recency_bias false` after a recipe file that sets it).")
-    layout = {name: getattr(model_args, name) for name in ("num_attention_heads", "num_key_value_heads",
-                                                             "intermediate_size") if getattr(model_args, name)}
+    layout = layout_options(model_args)
     if model_args.init_from:
         draft = Eagle2Draft.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation,
                                             dtype=torch.float32)
-        for name, value in layout.items():
-            if getattr(draft.config, name) != value:
-                raise ValueError(f"--{name} {value}: --init_from {model_args.init_from} is a draft with {name}="
-                                 f"{getattr(draft.config, name)!r}; expected the same value or the option left out.")
+        check_continuation(draft.config, layout, model_args.init_from)
         return draft
     draft = Eagle2Draft.from_target(target, attn_implementation=model_args.attn_implementation,
                                     draft_vocab_size=model_args.draft_vocab_size,

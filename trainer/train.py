@@ -135,24 +135,34 @@ def record_training(config, segments: list[dict]) -> dict:
     return record
 
 
+def layout_options(model_args: BeagleModelArguments) -> dict:
+    """The draft layer's layout options given on the command line (`--num_attention_heads`, `--num_key_value_heads`,
+    `--intermediate_size`); left out: the target's."""
+    return {name: getattr(model_args, name) for name in ("num_attention_heads", "num_key_value_heads",
+                                                         "intermediate_size") if getattr(model_args, name)}
+
+
+def check_continuation(config, options: dict, init_from: str) -> None:
+    """`--init_from` keeps the checkpoint's architecture: refuse an option (None: left out) that asks for another."""
+    for name, value in options.items():
+        if value is not None and getattr(config, name) != value:
+            raise ValueError(f"--{name} {value}: --init_from {init_from} is a draft with {name}="
+                             f"{getattr(config, name)!r}; a continuation keeps the checkpoint's architecture, so "
+                             f"expected the same value or the option left out.")
+
+
 def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleModel:
     """The draft `beagle train` trains: `--init_from` a checkpoint, or fresh from the target (with a reduced draft
     vocabulary: the most frequent assistant tokens of the training data)."""
-    layout = {name: getattr(model_args, name) for name in ("num_attention_heads", "num_key_value_heads",
-                                                             "intermediate_size") if getattr(model_args, name)}
+    layout = layout_options(model_args)
     if model_args.init_from:
         # float32 master weights whatever the checkpoint's storage dtype (shipped drafts are bf16)
         beagle = BeagleModel.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation,
                                              dtype=torch.float32)
-        fresh_options = {**layout, "draft_vocab_size": model_args.draft_vocab_size,
-                         "recency_bias": model_args.recency_bias or None,
-                         "target_layer_ids": None if model_args.target_layer_ids == [-1]
-                         else model_args.target_layer_ids}
-        for name, value in fresh_options.items():
-            if value is not None and getattr(beagle.config, name) != value:
-                raise ValueError(f"--{name} {value}: --init_from {model_args.init_from} is a draft with {name}="
-                                 f"{getattr(beagle.config, name)!r}; a continuation keeps the checkpoint's "
-                                 f"architecture, so expected the same value or the option left out.")
+        check_continuation(beagle.config, {**layout, "draft_vocab_size": model_args.draft_vocab_size,
+                                           "recency_bias": model_args.recency_bias or None,
+                                           "target_layer_ids": None if model_args.target_layer_ids == [-1]
+                                           else model_args.target_layer_ids}, model_args.init_from)
         return beagle
     beagle = BeagleModel.from_target(target, attn_implementation=model_args.attn_implementation,
                                      target_layer_ids=model_args.target_layer_ids,
