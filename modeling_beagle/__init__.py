@@ -20,6 +20,14 @@ from .masking_beagle import (
     window_starts,
 )
 from .modeling_beagle import BeagleCheckpointError, BeagleModel, BeagleOutput, BeaglePreTrainedModel
+from .prepack_beagle import (
+    PrepackedLinear,
+    is_prepacked,
+    packed_path,
+    prepack_linear_weights,
+    prepacking_available,
+    unpack_linear_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -33,6 +41,12 @@ __all__ = [
     "beagle_generate",
     "draft_tree",
     "measure_verification_cost",
+    "PrepackedLinear",
+    "is_prepacked",
+    "packed_path",
+    "prepack_linear_weights",
+    "prepacking_available",
+    "unpack_linear_weights",
     "BeagleCandidateGenerator",
     "BeagleGenerationError",
     "BeagleGenerationStats",

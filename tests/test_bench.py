@@ -106,6 +106,32 @@ def test_a_different_fp32_greedy_output_invalidates_the_run(tmp_path):
     assert "INVALID" in (tmp_path / "bench.md").read_text()
 
 
+def test_prepacked_target_adds_the_unpacked_reference(tmp_path):
+    """`--prepack`: every method runs the packed target; plain-unpacked times the same target through F.linear, and a
+    greedy difference there (another summation order) is reported, not a lossless failure."""
+    from modeling_beagle import prepack_linear_weights, prepacking_available
+
+    if not prepacking_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
+
+    def load(dtype):
+        target, beagle = tiny_pair(dtype)
+        with pytest.raises(Exception, match="--prepack"):
+            builtin_methods(["plain", "plain-unpacked"], target, beagle)
+        prepack_linear_weights(target)
+        beagle.bind_target(target)
+        names = ["plain", "beagle-chain", "beagle-tree", "plain-unpacked"]
+        return target, None, builtin_methods(names, target, beagle, TreeShape(depth=3, top_k=2, total_tokens=4), 3)
+
+    report = bench(load, PROMPTS, settings())
+    assert report["valid"]
+    by = {r["method"]: r for r in report["results"]}
+    assert by["plain-unpacked"]["status"] == "reference" and by["plain-unpacked"]["identical_share"] is not None
+    assert by["beagle-chain"]["status"] == "valid" and by["beagle-tree"]["status"] == "valid"
+    write_outputs(report, tmp_path)
+    assert "plain-unpacked" in (tmp_path / "bench.md").read_text()
+
+
 def test_bf16_divergences_are_examined_not_invalid():
     report = bench(loader(extra=[wrong_method]), PROMPTS, settings(dtypes=("bfloat16",)))
     assert report["valid"]  # only float32 mismatches invalidate a run

@@ -55,6 +55,7 @@ from .precision import DTYPES, bf16_is_native, warn_if_slow_bf16
 logger = logging.getLogger(__name__)
 
 BUILTIN_METHODS = ("plain", "prompt-lookup", "beagle-chain", "beagle-tree")
+REFERENCE_METHODS = ("plain-unpacked",)  # with --prepack: the same target through unpacked kernels
 BASELINE = "plain"
 # Relative spacing of bfloat16 numbers: 8 significant bits, so neighbours of magnitude m lie 2^-8·m to 2^-7·m apart.
 BF16_RELATIVE_SPACING = 2.0**-7
@@ -97,6 +98,8 @@ class Method:
     name: str
     run: Callable[..., MethodRun]
     description: str = ""
+    reference: bool = False  # another computation of the target (e.g. unpacked kernels): a greedy mismatch is shown,
+    #                          not a lossless failure (status "reference")
 
 
 def generation_kwargs(target, max_new_tokens: int, do_sample: bool, temperature: float) -> dict:
@@ -139,6 +142,12 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return MethodRun(out)
 
+    def plain_unpacked(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
+        from modeling_beagle import packed_path
+
+        with packed_path(target, enabled=False):
+            return plain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed)
+
     def prompt_lookup(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
         out = target.generate(input_ids, attention_mask=attention_mask, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
@@ -172,15 +181,23 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
 
     table = {
         "plain": Method("plain", plain, "target.generate"),
+        "plain-unpacked": Method("plain-unpacked", plain_unpacked, "target.generate with the target's linear layers "
+                                 "unpacked (F.linear): what --prepack alone gains", reference=True),
         "prompt-lookup": Method("prompt-lookup", prompt_lookup,
                                 f"target.generate(prompt_lookup_num_tokens={prompt_lookup_num_tokens})"),
         "beagle-chain": Method("beagle-chain", beagle_chain, f"target.generate(assistant_model=beagle): {chain}"),
         "beagle-tree": Method("beagle-tree", beagle_tree, f"target.generate(custom_generate=beagle_generate): {tree}"),
     }
+    from modeling_beagle import is_prepacked
+
     methods = []
     for name in names:
         if name not in table:
-            raise BeagleBenchError(f"method expected one of {list(BUILTIN_METHODS)} (or a plugin's), found {name!r}.")
+            raise BeagleBenchError(f"method expected one of {list(BUILTIN_METHODS + REFERENCE_METHODS)} (or a plugin's), "
+                                   f"found {name!r}.")
+        if name == "plain-unpacked" and not is_prepacked(target):
+            raise BeagleBenchError("method 'plain-unpacked' compares against a prepacked target: pass `--prepack`, or "
+                                   "leave it out of `--methods`.")
         if name.startswith("beagle") and beagle is None:
             raise BeagleBenchError(f"method {name!r} needs a Beagle checkpoint: pass `--beagle PATH`, or leave "
                                    f"{name!r} out of `--methods`.")
@@ -644,7 +661,9 @@ class _Setting:
                 result["identical_share"] = sum(identical.values()) / len(identical)
                 result["divergences"] = [rs[0]["divergence"] for pid, rs in by_method[method.name].items()
                                          if not identical[pid]]
-                if self.dtype == "float32":
+                if method.reference:
+                    result["status"] = "reference"
+                elif self.dtype == "float32":
                     result["status"] = "valid" if all(identical.values()) else "invalid"
                 else:
                     explained = all(d["within_rounding"] for d in result["divergences"])
@@ -871,6 +890,12 @@ def run_from_args(args) -> int:
         if dtype == "bfloat16":
             warn_if_slow_bf16("`beagle bench --dtypes bfloat16` runs the target", device)
     names = split(args.methods)
+    if args.prepack:
+        if device.type != "cpu":
+            raise BeagleBenchError(f"`--prepack` packs the target's linear layers for CPU inference; the device is "
+                                   f"{device.type}. Leave it out, or pass `--device cpu`.")
+        if "plain-unpacked" not in names:
+            names.append("plain-unpacked")  # what packing alone gains, measured in the same run
     if BASELINE not in names:
         names = [BASELINE] + names  # the baseline and greedy reference is always measured
     if any(n.startswith("beagle") for n in names) and not args.beagle:
@@ -883,10 +908,12 @@ def run_from_args(args) -> int:
 
     def load(dtype_name: str):
         import modeling_beagle  # noqa: F401  (installs the generate hook)
-        from modeling_beagle import BeagleModel
+        from modeling_beagle import BeagleModel, prepack_linear_weights
 
         dtype = DTYPES[dtype_name]
         target, tokenizer = load_target(args.target, dtype, device=device)
+        if args.prepack:
+            prepack_linear_weights(target)
         beagle = None
         if args.beagle:
             beagle = BeagleModel.from_pretrained(args.beagle, dtype=dtype).to(device).eval()
@@ -902,7 +929,8 @@ def run_from_args(args) -> int:
                              progress=not args.no_progress)
     report = bench(load, prompt_sets, settings)
     report["settings"].update(target=args.target, beagle=args.beagle, tree_shape=str(args.tree_shape),
-                              prompt_lookup_num_tokens=args.prompt_lookup_tokens, plugins=list(args.plugin or []))
+                              prompt_lookup_num_tokens=args.prompt_lookup_tokens, plugins=list(args.plugin or []),
+                              prepack=bool(args.prepack))
     report = write_outputs(report, args.output_dir)
     print(report["markdown_table"])
     out = Path(args.output_dir)
@@ -930,7 +958,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtypes", default=None, help="comma-separated target dtypes (default: bfloat16,float32 "
                         "where the device computes bf16 natively, else float32)")
     parser.add_argument("--methods", default=",".join(BUILTIN_METHODS),
-                        help=f"comma-separated among {', '.join(BUILTIN_METHODS)} (plain is always measured)")
+                        help=f"comma-separated among {', '.join(BUILTIN_METHODS + REFERENCE_METHODS)} (plain is always "
+                             "measured)")
+    parser.add_argument("--prepack", action="store_true",
+                        help="CPU: pack the target's linear weights for oneDNN once (modeling_beagle."
+                             "prepack_linear_weights) for every method; adds plain-unpacked, the same target unpacked")
     parser.add_argument("--tree-shape", default="auto", help="beagle-tree: auto, chain, or D,K,N (depth, top-k, nodes)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt-lookup: tokens proposed per round")
     parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and method (median taken)")
@@ -945,7 +977,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-__all__ = ["BUILTIN_METHODS", "BeagleBenchError", "BenchSettings", "Case", "ForwardCounter", "Method", "MethodRun",
+__all__ = ["BUILTIN_METHODS", "REFERENCE_METHODS", "BeagleBenchError", "BenchSettings", "Case", "ForwardCounter", "Method", "MethodRun",
            "PeakMemory", "add_arguments", "bench", "builtin_methods", "examine_divergence", "generation_kwargs",
            "load_plugin", "markdown_table", "parse_tree_shape", "prompt_cases", "render_markdown", "run_from_args",
            "write_outputs", "write_plots"]

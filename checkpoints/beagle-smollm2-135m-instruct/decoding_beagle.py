@@ -38,6 +38,7 @@ from .generation_beagle import (
     target_states,
 )
 from .masking_beagle import to_attention_mask, tree_ancestor_mask
+from .prepack_beagle import is_prepacked
 
 
 @dataclass
@@ -86,7 +87,7 @@ def measure_verification_cost(target, counts=(1, 2, 4, 8, 16, 32, 64), prefix: i
 def auto_tree_shape(target, tolerance: float = 1.3) -> TreeShape:
     """Pick the tree from the target's verification-cost curve on this machine: verify as many nodes as cost at most
     `tolerance` times a one-token forward (at least 4), spread over a depth that grows with that budget."""
-    key = (id(target), str(target.device), str(target.dtype))
+    key = (id(target), str(target.device), str(target.dtype), is_prepacked(target))  # packing changes the curve
     if key not in _VERIFY_COST_CACHE:
         _VERIFY_COST_CACHE[key] = measure_verification_cost(target)
     costs = _VERIFY_COST_CACHE[key]
