@@ -140,6 +140,7 @@ class Eagle2Draft(PreTrainedModel):
     ensure_bound_to = BeagleModel.ensure_bound_to
     is_bound = BeagleModel.is_bound
     set_draft_vocabulary = BeagleModel.set_draft_vocabulary
+    _gather_draft_head = BeagleModel._gather_draft_head
     get_input_embeddings = BeagleModel.get_input_embeddings
     compute_logits = BeagleModel.compute_logits
     _require_bound = BeagleModel._require_bound

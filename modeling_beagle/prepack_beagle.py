@@ -65,6 +65,14 @@ class PrepackedLinear(nn.Linear):
         module.repack()
         return module
 
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, rows_hint: int = 8) -> "PrepackedLinear":
+        """A bias-free, frozen `PrepackedLinear` over `weight` (out_features x in_features), e.g. gathered head rows."""
+        module = cls(weight.shape[1], weight.shape[0], bias=False, device="meta", rows_hint=rows_hint)
+        module.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        module.repack()
+        return module
+
     def _weight_key(self):
         w = self.weight
         return (w.data_ptr(), w.dtype, w.device, w._version)

@@ -132,6 +132,26 @@ def test_speculative_greedy_identity_with_a_prepacked_target_and_draft():
     assert accepted > 20, "no multi-token rounds: the test would not exercise packed multi-row verification"
 
 
+def test_reduced_draft_head_is_packed_with_the_target():
+    """A draft vocabulary gathers rows of the target's head; a prepacked target gets them packed too, also when the
+    target was prepacked after the draft was bound (generate's `ensure_bound_to` rebinds)."""
+    from modeling_beagle import BeagleModel
+
+    target = make_target("llama")
+    beagle = BeagleModel.from_target(target, attn_implementation="eager", draft_vocab_size=48).eval()
+    assert beagle._target_refs.packed_draft_head is None
+    hidden = torch.randn(1, 3, target.config.hidden_size)
+    with torch.no_grad():
+        ref = beagle.compute_logits(hidden)
+    prepack_linear_weights(target)
+    beagle.ensure_bound_to(target)  # the target's lm_head module changed: bound again
+    head = beagle._target_refs.packed_draft_head
+    assert isinstance(head, PrepackedLinear) and head.weight.shape == (48, target.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(beagle.compute_logits(hidden), ref, rtol=1e-5, atol=1e-5)
+    assert "packed_draft_head" not in str(list(beagle.state_dict()))  # derived from the target, never saved
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="rows_hint"):
         prepack_linear_weights(nn.Sequential(nn.Linear(4, 4)), rows_hint=0)

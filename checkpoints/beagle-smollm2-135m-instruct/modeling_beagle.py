@@ -37,6 +37,7 @@ from .generation_beagle import (
     unavailable_message,
 )
 from .masking_beagle import alibi_slopes, context_causal_mask, key_distances, to_attention_mask
+from .prepack_beagle import PrepackedLinear
 
 
 # Written into every saved checkpoint as `custom_generate/generate.py`, so that
@@ -102,6 +103,8 @@ class _TargetRefs:
 
     embed_tokens: nn.Module
     lm_head: nn.Module
+    # The reduced-vocabulary head rows, packed for oneDNN when the target's lm_head is prepacked (`prepack_beagle`).
+    packed_draft_head: nn.Module | None = None
 
 
 class BeagleRMSNorm(nn.Module):
@@ -450,10 +453,17 @@ class BeagleModel(BeaglePreTrainedModel):
         head.requires_grad_(False)
         self._target_refs = _TargetRefs(embed_tokens=embed, lm_head=head)
         if self.draft_to_target is not None and self.lm_head is None:
-            self.draft_head_weight = head.weight.detach()[self.draft_to_target.to(head.weight.device)]
+            self._gather_draft_head()
         if self.config.target_model_name_or_path is None and getattr(target_model, "name_or_path", ""):
             self.config.target_model_name_or_path = target_model.name_or_path
         return self
+
+    def _gather_draft_head(self) -> None:
+        """The draft vocabulary's rows of the bound target's lm_head (packed too if the target's head is prepacked)."""
+        head = self._target_refs.lm_head
+        self.draft_head_weight = head.weight.detach()[self.draft_to_target.to(head.weight.device)]
+        packed = isinstance(head, PrepackedLinear) and head.use_packed
+        self._target_refs.packed_draft_head = PrepackedLinear.from_weight(self.draft_head_weight) if packed else None
 
     @property
     def is_bound(self) -> bool:
@@ -484,8 +494,7 @@ class BeagleModel(BeaglePreTrainedModel):
                                     f"[{int(draft_to_target.min())}, {int(draft_to_target.max())}].")
         self.draft_to_target.copy_(draft_to_target)
         if self._target_refs is not None and self.lm_head is None:
-            head = self._target_refs.lm_head.weight.detach()
-            self.draft_head_weight = head[self.draft_to_target.to(head.device)]
+            self._gather_draft_head()
         elif self._target_refs is not None:
             self.copy_target_embeddings()
 
@@ -514,7 +523,9 @@ class BeagleModel(BeaglePreTrainedModel):
         if self.lm_head is not None:
             logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
         elif self.draft_head_weight is not None:
-            logits = F.linear(hidden_states.to(self.draft_head_weight.dtype), self.draft_head_weight)
+            hidden_states = hidden_states.to(self.draft_head_weight.dtype)
+            packed = self._target_refs.packed_draft_head
+            logits = packed(hidden_states) if packed is not None else F.linear(hidden_states, self.draft_head_weight)
         else:
             head = self._target_refs.lm_head
             logits = head(hidden_states.to(head.weight.dtype))
@@ -686,7 +697,8 @@ class BeagleModel(BeaglePreTrainedModel):
     def ensure_bound_to(self, target_model: PreTrainedModel) -> None:
         """Bind `target_model` unless it is already the bound target (a target that does not match is refused)."""
         refs = self._target_refs
-        if refs is None or refs.embed_tokens is not target_model.get_input_embeddings():
+        if (refs is None or refs.embed_tokens is not target_model.get_input_embeddings()
+                or refs.lm_head is not target_model.get_output_embeddings()):  # e.g. prepacked since binding
             self.bind_target(target_model)
 
     def attach(self, target_model: PreTrainedModel) -> "BeagleModel":
