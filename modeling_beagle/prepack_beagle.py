@@ -154,9 +154,15 @@ def unpack_linear_weights(model: nn.Module) -> int:
     return restored
 
 
+def uses_packed_path(module: nn.Module) -> bool:
+    """Whether `module` is a [`PrepackedLinear`] with its packed path on. By class name, so that a checkpoint's
+    remote-code copy of this file and the installed package recognise each other's layers."""
+    return type(module).__name__ == PrepackedLinear.__name__ and bool(getattr(module, "use_packed", False))
+
+
 def is_prepacked(model: nn.Module) -> bool:
     """Whether any linear layer of `model` is a [`PrepackedLinear`] with its packed path on."""
-    return any(isinstance(m, PrepackedLinear) and m.use_packed for m in model.modules())
+    return any(uses_packed_path(m) for m in model.modules())
 
 
 @contextmanager

@@ -97,3 +97,39 @@ def test_smoke_recipe_runs_the_shipped_pipeline_end_to_end(tmp_path):
     assert all(p["eval_greedy_identical"] == 1.0 and p["eval_tau"] >= 1.0 for p in curve)
     ledger = json.loads((tmp_path / "run" / "compute_ledger.json").read_text())["segments"]
     assert len(ledger) == 1 and ledger[0]["steps"] == 20 and ledger[0]["wall_s"] > ledger[0]["train_wall_s"] > 0
+
+
+def test_prepacked_real_target_is_lossless_and_packs_the_remote_code_drafts_head(real):
+    """The packed target (oneDNN layout) with the shipped draft loaded as remote code: the draft's reduced head is
+    packed too (the two copies of PrepackedLinear recognise each other), and greedy output equals the packed target's
+    plain greedy on MT-bench prompts, through the assisted chain and Beagle's auto tree."""
+    from modeling_beagle import beagle_generate, is_prepacked, prepack_linear_weights, prepacking_available
+
+    if not prepacking_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
+    _, tokenizer, _, prompts = real
+    target, _ = load_target(TARGET, dtype=torch.float32)  # a fresh copy: the shared fixture stays unpacked
+    prepack_linear_weights(target)
+    beagle = AutoModel.from_pretrained(SHIPPED, trust_remote_code=True, dtype=torch.float32).bind_target(target)
+    assert is_prepacked(target) and beagle._target_refs.packed_draft_head is not None
+    for ids in prompts:
+        plain = target.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        chain = target.generate(ids, assistant_model=beagle, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(chain, plain), tokenizer.decode(plain[0, ids.shape[1]:])
+        tree = target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
+                               beagle=beagle, tree_shape="auto", max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(tree, plain), tokenizer.decode(plain[0, ids.shape[1]:])
+
+
+def test_demo_answers_with_identical_output(capsys):
+    """`beagle demo` (the README's main job), shortened: it must report identical output and exit 0."""
+    import argparse
+
+    from trainer.demo import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--beagle", str(SHIPPED), "--max-new-tokens", "24", "--repeats", "1"])
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert "output identical to plain greedy: yes" in out and "speedup" in out and "tau" in out

@@ -22,18 +22,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["tree", "chain"], default="tree",
                         help="tree: Beagle's own loop with draft trees; chain: target.generate(assistant_model=...)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (interleaved); medians reported")
+    parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
+                        help="pack the target's linear weights for oneDNN (modeling_beagle.prepack_linear_weights) "
+                             "before both runs; default: on where this CPU can pack the target's dtype")
 
 
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModel
 
-    from modeling_beagle import beagle_generate  # importing modeling_beagle installs the generate hook
+    from modeling_beagle import beagle_generate, prepack_linear_weights, prepacking_available  # (+ the generate hook)
 
     from .assets import load_prompts, load_target
 
     dtype = getattr(torch, args.dtype)
     print(f"[beagle demo] target {args.target} ({args.dtype}), draft {args.beagle}")
     target, tokenizer = load_target(args.target, dtype=dtype)
+    prepack = prepacking_available(dtype) if args.prepack is None else args.prepack
+    if prepack:  # both runs use the packed target: the speedup is Beagle's alone
+        prepack_linear_weights(target)
     if Path(args.beagle).is_dir() or "/" in args.beagle:
         beagle = AutoModel.from_pretrained(args.beagle, trust_remote_code=True)
     else:
@@ -72,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
           f"Beagle {args.mode} {beagle_s:.2f} s ({(outputs['beagle'].shape[1] - ids.shape[1]) / beagle_s:.1f} tok/s)")
     print(f"[beagle demo] speedup {plain_s / beagle_s:.2f}x, tau {stats.tau:.2f} tokens per target forward, "
           f"acceptance per draft position {[round(a, 2) for a in stats.acceptance_per_position()[:6]]}")
-    print(f"[beagle demo] output identical to plain greedy: {'yes' if identical else 'NO'} ({args.dtype}; "
-          f"medians of {len(times['plain'])} interleaved runs, {torch.get_num_threads()} threads)")
+    print(f"[beagle demo] output identical to plain greedy: {'yes' if identical else 'NO'} ({args.dtype}"
+          f"{', prepacked target' if prepack else ''}; medians of {len(times['plain'])} interleaved runs, "
+          f"{torch.get_num_threads()} threads)")
     if not identical and args.dtype == "float32":
         print("[beagle demo] error: in float32 the outputs must be identical; please report this.")
         return 1

@@ -37,7 +37,7 @@ from .generation_beagle import (
     unavailable_message,
 )
 from .masking_beagle import alibi_slopes, context_causal_mask, key_distances, to_attention_mask
-from .prepack_beagle import PrepackedLinear
+from .prepack_beagle import PrepackedLinear, uses_packed_path
 
 
 # Written into every saved checkpoint as `custom_generate/generate.py`, so that
@@ -462,7 +462,7 @@ class BeagleModel(BeaglePreTrainedModel):
         """The draft vocabulary's rows of the bound target's lm_head (packed too if the target's head is prepacked)."""
         head = self._target_refs.lm_head
         self.draft_head_weight = head.weight.detach()[self.draft_to_target.to(head.weight.device)]
-        packed = isinstance(head, PrepackedLinear) and head.use_packed
+        packed = uses_packed_path(head)
         self._target_refs.packed_draft_head = PrepackedLinear.from_weight(self.draft_head_weight) if packed else None
 
     @property
