@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.train import run_training
 
     run_training(argv[1:], make_draft=make_eagle2, trainer_class=Eagle2Trainer, name="eagle2",
-                 label="EAGLE-2-style draft")
+                 label="EAGLE-2-style draft", program="python benchmarks/eagle2_draft.py train")
     return 0
 
 

@@ -151,6 +151,11 @@ def test_reduced_draft_head_is_packed_with_the_target():
         torch.testing.assert_close(beagle.compute_logits(hidden), ref, rtol=1e-5, atol=1e-5)
     assert "packed_draft_head" not in str(list(beagle.state_dict()))  # derived from the target, never saved
 
+    fresh = BeagleModel.from_target(make_target("llama"), attn_implementation="eager", draft_vocab_size=48).eval()
+    other = make_target("llama")
+    fresh.prepack_for_cpu(other)  # the one call a remote-code user makes: target, draft block and reduced head
+    assert is_prepacked(other) and is_prepacked(fresh) and fresh._target_refs.packed_draft_head is not None
+
 
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="rows_hint"):

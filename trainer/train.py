@@ -105,10 +105,10 @@ def frequent_tokens(dataset, size: int, vocab_size: int) -> torch.Tensor:
     return torch.tensor(sorted(chosen))
 
 
-def run_entry(model_args, data_args, args, argv: list[str]) -> dict:
+def run_entry(model_args, data_args, args, argv: list[str], program: str = "beagle train") -> dict:
     """What one `beagle train` process is, for its compute-ledger segment and the draft's `training_record`."""
     return {
-        "command": "beagle train " + " ".join(argv),
+        "command": program + " " + " ".join(argv),
         "target": model_args.target_model, "target_dtype": model_args.target_dtype,
         "dataset": data_args.dataset, "regenerated": data_args.regenerate, "max_length": data_args.max_length,
         "offline_cache": bool(data_args.offline_cache_dir), "stage1_ratio": args.stage1_ratio,
@@ -213,11 +213,11 @@ def resume_checkpoint(training_args) -> str | None:
 
 
 def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTrainer, name: str = "beagle",
-                 label: str = "Beagle") -> str:
+                 label: str = "Beagle", program: str = "beagle train") -> str:
     """Parse `beagle train`'s arguments, load the target and the data, build the draft with
     `make_draft(target, model_args, train_data)`, train it with `trainer_class` (a `BeagleTrainer`), evaluate and save
-    it to `<output_dir>/<name>` (`label` names the draft in messages). `beagle train` and the benchmark baselines
-    (benchmarks/eagle2_draft.py) share this code path."""
+    it to `<output_dir>/<name>` (`label` names the draft in messages, `program` the command in the compute ledger).
+    `beagle train` and the benchmark baselines (benchmarks/eagle2_draft.py) share this code path."""
     model_args, data_args, training_args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.time()
@@ -229,7 +229,7 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
     checkpoint = resume_checkpoint(training_args)
     # This process's share of the run's compute, on disk from now on (a resumed run adds a segment to the ledger).
     ledger = ComputeLedger(os.path.join(training_args.output_dir, "compute_ledger.json"),
-                           run_entry(model_args, data_args, training_args, argv),
+                           run_entry(model_args, data_args, training_args, argv, program),
                            resume=resume_requested(training_args), started=started,
                            main_process=training_args.process_index == 0)
     # Online training and regeneration run the target on padded batches: "auto" takes eager attention on CPU (see

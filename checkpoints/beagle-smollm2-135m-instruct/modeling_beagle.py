@@ -37,7 +37,7 @@ from .generation_beagle import (
     unavailable_message,
 )
 from .masking_beagle import alibi_slopes, context_causal_mask, key_distances, to_attention_mask
-from .prepack_beagle import PrepackedLinear, uses_packed_path
+from .prepack_beagle import PrepackedLinear, prepack_linear_weights, uses_packed_path
 
 
 # Written into every saved checkpoint as `custom_generate/generate.py`, so that
@@ -464,6 +464,14 @@ class BeagleModel(BeaglePreTrainedModel):
         self.draft_head_weight = head.weight.detach()[self.draft_to_target.to(head.weight.device)]
         packed = uses_packed_path(head)
         self._target_refs.packed_draft_head = PrepackedLinear.from_weight(self.draft_head_weight) if packed else None
+
+    def prepack_for_cpu(self, target_model: PreTrainedModel) -> "BeagleModel":
+        """CPU inference: pack the target's and this draft's linear weights for oneDNN ([`prepack_linear_weights`]:
+        cheaper multi-token verification, same parameters) and bind the target again so that the draft's reduced head
+        is packed too. Compare outputs against the packed target's own plain decoding."""
+        prepack_linear_weights(target_model)
+        prepack_linear_weights(self)
+        return self.bind_target(target_model)
 
     @property
     def is_bound(self) -> bool:
