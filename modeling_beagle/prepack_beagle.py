@@ -5,12 +5,12 @@ handles matmuls with a handful of rows. On a 2-core AMD EPYC (AVX2, fp32) PyTorc
 (`torch.nn.functional.linear`, i.e. MKL) takes 131 ms for one SmolLM2-135M token on a 256-token cache but 193 ms for 2
 tokens and 233 ms for 4: verifying is expensive. With each weight reordered once into oneDNN's blocked layout the same
 forwards take 98 / 111 / 128 ms: decoding itself is faster and a multi-token forward costs little more than a
-one-token one (numbers in README "Results").
+one-token one (README "Generation"; the bench with and without it in "Results").
 
 `prepack_linear_weights(model)` swaps every `nn.Linear` of a model for a [`PrepackedLinear`] holding the same
 `Parameter`s (tied weights stay tied, `state_dict()` is unchanged) plus the packed copy. Gradient-free forwards on CPU
-in float32 (bfloat16 where the CPU packs it) use the packed copy; anything else (autograd, another device or dtype) falls back to
-`F.linear`. If the weight changes (in-place update, `.to()`), it is repacked on the next forward. The results equal
+in float32 (bfloat16 where the CPU packs it) use the packed copy; anything else (autograd, another device or dtype)
+falls back to `F.linear`. If the weight changes (in-place update, `.to()`), it is repacked on the next forward. The results equal
 `F.linear`'s up to float rounding (a different summation order), so compare greedy outputs between runs that both use
 the packed model, as `beagle bench --prepack` does.
 """

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="target dtype; float32 gives exact token identity (bf16 can flip near-ties)")
-    parser.add_argument("--mode", choices=["tree", "chain"], default="tree",
-                        help="tree: Beagle's own loop with draft trees; chain: target.generate(assistant_model=...)")
+    parser.add_argument("--mode", choices=["tree", "chain"], default="chain",
+                        help="chain: target.generate(assistant_model=...) (the faster one on a 2-core CPU, README "
+                             "Results); tree: Beagle's own loop with draft trees")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (interleaved); medians reported")
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                         help="pack the target's linear weights for oneDNN (modeling_beagle.prepack_linear_weights) "
