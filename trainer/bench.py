@@ -977,7 +977,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-__all__ = ["BUILTIN_METHODS", "REFERENCE_METHODS", "BeagleBenchError", "BenchSettings", "Case", "ForwardCounter", "Method", "MethodRun",
-           "PeakMemory", "add_arguments", "bench", "builtin_methods", "examine_divergence", "generation_kwargs",
+__all__ = ["BUILTIN_METHODS", "REFERENCE_METHODS", "BeagleBenchError", "BenchSettings", "Case", "ForwardCounter",
+           "Method", "MethodRun", "PeakMemory", "add_arguments", "bench", "builtin_methods", "examine_divergence", "generation_kwargs",
            "load_plugin", "markdown_table", "parse_tree_shape", "prompt_cases", "render_markdown", "run_from_args",
            "write_outputs", "write_plots"]

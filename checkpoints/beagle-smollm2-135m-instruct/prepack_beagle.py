@@ -10,9 +10,9 @@ one-token one (README "Generation"; the bench with and without it in "Results").
 `prepack_linear_weights(model)` swaps every `nn.Linear` of a model for a [`PrepackedLinear`] holding the same
 `Parameter`s (tied weights stay tied, `state_dict()` is unchanged) plus the packed copy. Gradient-free forwards on CPU
 in float32 (bfloat16 where the CPU packs it) use the packed copy; anything else (autograd, another device or dtype)
-falls back to `F.linear`. If the weight changes (in-place update, `.to()`), it is repacked on the next forward. The results equal
-`F.linear`'s up to float rounding (a different summation order), so compare greedy outputs between runs that both use
-the packed model, as `beagle bench --prepack` does.
+falls back to `F.linear`. If the weight changes (in-place update, `.to()`), it is repacked on the next forward. The
+results equal `F.linear`'s up to float rounding (a different summation order), so compare greedy outputs between runs
+that both use the packed model, as `beagle bench --prepack` does.
 """
 
 from contextlib import contextmanager
