@@ -45,7 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from modeling_beagle import BeagleConfig, BeagleModel  # noqa: E402  (also installs the generate hook)
+from modeling_beagle import (  # noqa: E402  (also installs the generate hook)
+    BeagleConfig,
+    BeagleModel,
+    is_prepacked,
+    prepack_linear_weights,
+)
 from modeling_beagle.configuration_beagle import BeagleConfigError  # noqa: E402
 from modeling_beagle.generation_beagle import (  # noqa: E402
     BeagleCandidateGenerator,
@@ -513,9 +518,12 @@ except ImportError:  # the same contract, should trainer/bench.py be absent
 
 def load_draft(checkpoint, target) -> Eagle2Draft:
     """A trained Eagle2Draft from `checkpoint` in the target's dtype, on its device, in eval mode, bound to it
-    (as `beagle bench` loads a Beagle checkpoint)."""
+    (as `beagle bench` loads a Beagle checkpoint); its linear layers are prepacked when the target's are
+    (`beagle bench --prepack` packs both drafts alike)."""
     dtype = next(target.parameters()).dtype
     draft = Eagle2Draft.from_pretrained(checkpoint, dtype=dtype).to(target.device).eval()
+    if is_prepacked(target):
+        prepack_linear_weights(draft)
     return draft.bind_target(target)
 
 

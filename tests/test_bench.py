@@ -175,8 +175,12 @@ def test_plugin_loader(tmp_path):
 def test_tree_shape_option():
     assert parse_tree_shape("auto") == "auto" and parse_tree_shape("chain") == "chain"
     assert parse_tree_shape("4,2,6") == TreeShape(depth=4, top_k=2, total_tokens=6)
-    with pytest.raises(ValueError, match="D,K,N"):
-        parse_tree_shape("4,2")
+    assert parse_tree_shape("4,2,6,0.05") == TreeShape(depth=4, top_k=2, total_tokens=6, min_prob=0.05)
+    for bad in ("4,2", "4,2,6,x", "4,2,6,0.1,1"):
+        with pytest.raises(ValueError, match="D,K,N"):
+            parse_tree_shape(bad)
+    with pytest.raises(ValueError, match="min_prob"):
+        parse_tree_shape("4,2,6,1.5")
 
 
 def test_cli_parses_bench_options():

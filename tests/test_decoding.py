@@ -15,7 +15,8 @@ from modeling_beagle.decoding_beagle import _keep_cache_rows, auto_tree_shape
 from modeling_beagle.masking_beagle import to_attention_mask, tree_ancestor_mask
 
 SHAPES = ["chain", TreeShape(depth=4, top_k=3, total_tokens=10), TreeShape(depth=3, top_k=2, total_tokens=6),
-          TreeShape(depth=6, top_k=4, total_tokens=24), TreeShape(depth=1, top_k=1, total_tokens=1)]
+          TreeShape(depth=6, top_k=4, total_tokens=24), TreeShape(depth=1, top_k=1, total_tokens=1),
+          TreeShape(depth=5, top_k=3, total_tokens=12, min_prob=0.05)]
 
 
 def spec(target, beagle, ids, shape, **kwargs):
@@ -48,7 +49,9 @@ def padded_batch(g, batch, vocab=96, pad=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("shape", ["chain", TreeShape(depth=4, top_k=3, total_tokens=10)], ids=["chain", "tree"])
+@pytest.mark.parametrize("shape", ["chain", TreeShape(depth=4, top_k=3, total_tokens=10),
+                                   TreeShape(depth=4, top_k=3, total_tokens=10, min_prob=0.1)],
+                         ids=["chain", "tree", "pruned-tree"])
 def test_greedy_identity_batches_of_mixed_lengths(shape):
     target, beagle = trained_pair()
     g = torch.Generator().manual_seed(4)
@@ -198,6 +201,81 @@ def test_draft_tree_structure():
     top = first[:, 0].topk(3).indices
     for b in range(2):
         assert set(tokens[b][depths[b] == 1].tolist()) <= set(top[b].tolist())
+
+
+def test_draft_topk_in_the_draft_vocabulary_equals_topk_over_the_target_vocabulary():
+    """The tree ranks a reduced-vocabulary draft's children in the draft vocabulary: the same log-probabilities and
+    (target) ids as a top-k over the logits scattered into the target's vocabulary."""
+    from modeling_beagle.generation_beagle import draft_logits_to_target_vocab, draft_topk
+
+    target = make_target("llama")
+    torch.manual_seed(3)
+    beagle = BeagleModel.from_target(target, attn_implementation="eager", draft_vocab_size=40).eval()
+    beagle.set_draft_vocabulary(torch.randperm(target.config.vocab_size)[:40])
+    beagle.bind_target(target)
+    logits = torch.randn(2, 3, 40)
+    scores, ids = draft_topk(beagle, logits, 4)
+    full_scores, full_ids = draft_logits_to_target_vocab(beagle, logits).log_softmax(-1).topk(4, dim=-1)
+    torch.testing.assert_close(scores, full_scores)
+    assert torch.equal(ids, full_ids)
+    assert set(ids.flatten().tolist()) <= set(beagle.draft_to_target.tolist())
+
+
+def _paths(tokens, parents):
+    """Each node of one row as the tuple of tokens from the root's child down to it."""
+    paths = []
+    for i in range(tokens.shape[0]):
+        p = int(parents[i])
+        paths.append((paths[p] if p >= 0 else ()) + (int(tokens[i]),))
+    return paths
+
+
+def test_min_prob_prunes_the_tree_to_its_most_confident_nodes():
+    target, beagle = trained_pair()
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        states = target(ids, output_hidden_states=True).hidden_states[-1]
+    forwards = []
+    hook = beagle.register_forward_hook(lambda module, args, output: forwards.append(1))
+
+    def drafted(shape):
+        cache = BeagleCache()
+        beagle.append_context(cache, states[:, :6], torch.arange(6).expand(2, -1))
+        forwards.clear()
+        return draft_tree(beagle, cache, ids[:, 6], torch.tensor([6, 6]), shape), len(forwards)
+
+    (full, full_forwards) = drafted(TreeShape(depth=4, top_k=3, total_tokens=12))
+    (pruned, pruned_forwards) = drafted(TreeShape(depth=4, top_k=3, total_tokens=12, min_prob=0.05))
+    (sure, sure_forwards) = drafted(TreeShape(depth=4, top_k=3, total_tokens=12, min_prob=0.999))
+    hook.remove()
+    assert full_forwards == 4 and full[0].shape == (2, 12)
+    # Pruning keeps a prefix of the same ranking: every kept path is one the unpruned tree verifies too.
+    n = pruned[0].shape[1]
+    assert 1 <= n < 12 and pruned_forwards <= 4
+    for b in range(2):
+        assert set(_paths(pruned[0][b], pruned[1][b])) <= set(_paths(full[0][b], full[1][b]))
+    # A threshold nothing reaches: one node (the draft's first choice) and no draft step after the first.
+    assert sure[0].shape == (2, 1) and sure_forwards == 1 and bool((sure[2] == 1).all())
+    # The first-level node kept is the draft's argmax for the root.
+    with torch.no_grad():
+        cache = BeagleCache()
+        beagle.append_context(cache, states[:, :6], torch.arange(6).expand(2, -1))
+        first = beagle(input_ids=ids[:, 6:], position_ids=torch.tensor([[6], [6]]), past_key_values=cache).logits
+    assert torch.equal(sure[0][:, 0], first[:, 0].argmax(-1))
+
+
+def test_tree_shape_resolution_and_min_prob_validation():
+    from modeling_beagle.decoding_beagle import resolve_tree_shape
+
+    target, beagle = trained_pair()
+    threshold = beagle.config.draft_confidence_threshold
+    assert resolve_tree_shape(target, beagle, "auto").min_prob == threshold
+    chain = resolve_tree_shape(target, beagle, "chain")
+    assert (chain.top_k, chain.total_tokens, chain.min_prob) == (1, beagle.config.num_draft_tokens, threshold)
+    assert resolve_tree_shape(target, beagle, dict(depth=3, top_k=2, total_tokens=4, min_prob=0.2)).min_prob == 0.2
+    for bad in (-0.1, 1.0, "0.1", True):
+        with pytest.raises(BeagleGenerationError, match="min_prob"):
+            TreeShape(depth=3, top_k=2, total_tokens=4, min_prob=bad)
 
 
 # ------------------------------------------------------------------------------------------------ sampling

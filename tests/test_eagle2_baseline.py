@@ -202,6 +202,19 @@ def test_training_lowers_the_loss_and_generation_stays_lossless(tmp_path):
     sampled = method.run(prompt, torch.ones_like(prompt), 12, True, 0.7, 0).output_ids
     assert sampled.shape[0] == 1 and sampled.shape[1] <= prompt.shape[1] + 12
 
+    # `beagle bench --prepack` packs the target first; the plugin then packs its draft alike, still lossless.
+    from modeling_beagle import is_prepacked, prepack_linear_weights, prepacking_available, unpack_linear_weights
+
+    if prepacking_available():
+        prepack_linear_weights(target)
+        assert is_prepacked(eagle2.load_draft(str(tmp_path / "eagle2"), target))
+        (method,) = factory(target, None, arg)
+        result = method.run(prompt, torch.ones_like(prompt), 12, False, 0.0, 0)
+        assert torch.equal(result.output_ids, target.generate(prompt, do_sample=False, max_new_tokens=12,
+                                                              attention_mask=torch.ones_like(prompt)))
+        unpack_linear_weights(target)
+    assert not is_prepacked(eagle2.load_draft(str(tmp_path / "eagle2"), target))
+
 
 # ------------------------------------------------------------------------------------------------- the command
 def test_train_command_end_to_end(tmp_path):

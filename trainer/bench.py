@@ -123,15 +123,24 @@ def _beagle_run(output_ids, beagle) -> MethodRun:
 
 
 def parse_tree_shape(value):
-    """`auto`, `chain`, or `D,K,N` (depth, top_k, total_tokens) for Beagle's own loop."""
+    """`auto`, `chain`, or `D,K,N[,P]` (depth, top_k, total_tokens, optional min_prob) for Beagle's own loop."""
     if value in (None, "auto", "chain"):
         return value or "auto"
     from modeling_beagle import TreeShape
 
-    parts = str(value).split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise BeagleBenchError(f"`--tree-shape` expected auto, chain or D,K,N (three integers), found {value!r}.")
-    return TreeShape(*(int(p) for p in parts))
+    parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[:3]) or not _is_float(parts[3:] or ["0"]):
+        raise BeagleBenchError(f"`--tree-shape` expected auto, chain or D,K,N[,P] (three integers, then optionally "
+                               f"the pruning probability min_prob), found {value!r}.")
+    return TreeShape(*(int(p) for p in parts[:3]), min_prob=float(parts[3]) if len(parts) == 4 else 0.0)
+
+
+def _is_float(parts: list[str]) -> bool:
+    try:
+        float(parts[0])
+    except ValueError:
+        return False
+    return True
 
 
 def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup_num_tokens: int = 10) -> list[Method]:
@@ -177,7 +186,8 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
         chain = (f"{c.draft_schedule} chain (num_draft_tokens={c.num_draft_tokens}, max_draft_tokens="
                  f"{c.max_draft_tokens}, draft_confidence_threshold={c.draft_confidence_threshold})")
     tree = "tree" if shape is None else (f"tree_shape={tree_shape if isinstance(tree_shape, str) else 'given'}: "
-                                         f"depth={shape.depth}, top_k={shape.top_k}, total_tokens={shape.total_tokens}")
+                                         f"depth={shape.depth}, top_k={shape.top_k}, total_tokens={shape.total_tokens}, "
+                                         f"min_prob={shape.min_prob}")
 
     table = {
         "plain": Method("plain", plain, "target.generate"),
@@ -219,7 +229,9 @@ def load_plugin(spec: str) -> tuple[Callable, str | None]:
     the target's distribution at `temperature`, no top-k / top-p) and return a `MethodRun` (import both classes from
     `trainer.bench`). The bench counts the target's forwards itself (a hook on `target.get_decoder()`), so a plugin
     that runs the target through `target(...)` or its decoder needs to report nothing but `output_ids`; draft
-    methods should also return `accepted_per_position` (and `drafted_per_position`, `draft_time_s`).
+    methods should also return `accepted_per_position` (and `drafted_per_position`, `draft_time_s`). With `--prepack`
+    the target arrives packed (`modeling_beagle.is_prepacked(target)`): pack the plugin's draft too
+    (`prepack_linear_weights`), as the bench packs Beagle's, so that drafts are compared alike.
     """
     match = re.fullmatch(r"(.+?\.py)(?::(.*))?", spec)
     if match is None:
@@ -917,6 +929,8 @@ def run_from_args(args) -> int:
         beagle = None
         if args.beagle:
             beagle = BeagleModel.from_pretrained(args.beagle, dtype=dtype).to(device).eval()
+            if args.prepack:
+                prepack_linear_weights(beagle)  # the draft's block too; a plugin packs its own draft likewise
             beagle.bind_target(target)
         methods = builtin_methods(names, target, beagle, tree_shape, args.prompt_lookup_tokens)
         for factory, arg in plugins:
@@ -961,9 +975,11 @@ def add_arguments(parser) -> None:
                         help=f"comma-separated among {', '.join(BUILTIN_METHODS + REFERENCE_METHODS)} (plain is always "
                              "measured)")
     parser.add_argument("--prepack", action="store_true",
-                        help="CPU: pack the target's linear weights for oneDNN once (modeling_beagle."
-                             "prepack_linear_weights) for every method; adds plain-unpacked, the same target unpacked")
-    parser.add_argument("--tree-shape", default="auto", help="beagle-tree: auto, chain, or D,K,N (depth, top-k, nodes)")
+                        help="CPU: pack the linear weights of the target and of every draft for oneDNN once "
+                             "(modeling_beagle.prepack_linear_weights); adds plain-unpacked, the same target unpacked")
+    parser.add_argument("--tree-shape", default="auto", help="beagle-tree: auto, chain, or D,K,N[,P] (depth, top-k, "
+                        "nodes, and optionally min_prob: prune paths the draft gives less than P; auto and chain use "
+                        "the draft's draft_confidence_threshold)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt-lookup: tokens proposed per round")
     parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and method (median taken)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -9,7 +9,8 @@ Reached through transformers' `custom_generate` mechanism:
 One round, for every row of the batch at once:
   1. draft: Beagle expands a tree from the row's pending token (the "root", not yet read by the target): the top-k
      children of the `top_k` best frontier nodes by cumulative draft log-probability, for `depth` levels; the
-     `total_tokens` best nodes are kept (a chain is the tree with top_k = 1).
+     `total_tokens` best nodes are kept (a chain is the tree with top_k = 1). With `min_prob`, nodes whose path the
+     draft itself gives less than that probability are dropped and drafting stops once no frontier node reaches it.
   2. verify: one target forward over [root; kept nodes] with a tree attention mask and explicit positions.
   3. accept: walk down from the root. At each node the target picks its token exactly as plain decoding would
      (argmax, or a sample from its processed distribution); if a child carries that token the walk descends,
@@ -20,8 +21,9 @@ One round, for every row of the batch at once:
      that accepted fewer tokens get masked slots), append the path's true states to Beagle's cache.
 """
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn import functional as F
@@ -34,7 +36,7 @@ from .generation_beagle import (
     BeagleGenerationStats,
     cache_kwargs,
     check_generation_config,
-    draft_logits_to_target_vocab,
+    draft_topk,
     target_states,
 )
 from .masking_beagle import to_attention_mask, tree_ancestor_mask
@@ -43,17 +45,27 @@ from .prepack_beagle import is_prepacked
 
 @dataclass
 class TreeShape:
-    """Size of the draft tree: `depth` levels, `top_k` children per expanded node, `total_tokens` nodes verified."""
+    """Size of the draft tree: `depth` levels, `top_k` children per expanded node, `total_tokens` nodes verified.
+
+    `min_prob` (default 0: off) prunes the tree by the draft's own confidence, as EAGLE-2 reads it (the draft's path
+    probability approximates the chance that the target accepts the path): a node whose cumulative draft probability
+    (the product of the draft's probabilities along its path) is below `min_prob` is not verified, and drafting stops
+    at the first level where no frontier node reaches it (its descendants could only score lower). At least one node
+    is verified. Unconfident rounds then cost fewer draft steps and a smaller verification.
+    """
 
     depth: int
     top_k: int
     total_tokens: int
+    min_prob: float = 0.0
 
     def __post_init__(self):
         for name in ("depth", "top_k", "total_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise BeagleGenerationError(f"tree `{name}` expected a positive integer, found {value!r}.")
+        if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float)) or not 0 <= self.min_prob < 1:
+            raise BeagleGenerationError(f"tree `min_prob` expected a probability in [0, 1), found {self.min_prob!r}.")
         max_nodes = self.top_k + (self.depth - 1) * self.top_k * self.top_k
         if self.total_tokens > max_nodes:
             raise BeagleGenerationError(
@@ -113,10 +125,12 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
     """Expand an EAGLE-2 dynamic draft tree per row from `roots` `(batch,)` at `root_positions` `(batch,)`.
 
     Returns `tokens`, `parents` (index of the parent among the returned nodes, -1 for the root) and `depths`
-    (1 = child of the root), each `(batch, total_tokens)`, parents before children. The draft states of expanded
-    nodes are appended to `cache` (method.md §2); the caller drops them with `cache.discard_drafts()`.
+    (1 = child of the root), each `(batch, n)` with n = `total_tokens`, or fewer when `shape.min_prob` prunes (every
+    row keeps as many nodes as the row with the most confident ones), parents before children. The draft states of
+    expanded nodes are appended to `cache` (method.md §2); the caller drops them with `cache.discard_drafts()`.
     """
     batch, device, k = roots.shape[0], roots.device, shape.top_k
+    log_min_prob = math.log(shape.min_prob) if shape.min_prob > 0 else -math.inf
     if cache.num_draft:
         raise RuntimeError("draft_tree: the cache still holds draft states; call `cache.discard_drafts()` first.")
     true_allowed = cache.positions < root_positions[:, None]  # (batch, true slots); padding is masked by the model
@@ -139,8 +153,7 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
         allowed = torch.cat([true_allowed[:, None, :].expand(-1, num_queries, -1), draft_allowed], dim=-1)
         out = beagle(input_ids=frontier_tokens, position_ids=(root_positions[:, None] + level).expand(-1, num_queries),
                      past_key_values=cache, attention_mask=allowed, **draft_kwargs)
-        log_probs = draft_logits_to_target_vocab(beagle, out.logits.float()).log_softmax(-1)
-        child_scores, child_tokens = log_probs.topk(k, dim=-1)
+        child_scores, child_tokens = draft_topk(beagle, out.logits, k)
         # Strictly below the parent, so any top-N selection by score contains every selected node's ancestors.
         child_scores = (frontier_scores[..., None] + child_scores - 1e-6).flatten(1)
         child_tokens = child_tokens.flatten(1)
@@ -158,9 +171,14 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
         frontier_tokens, frontier_scores = child_tokens.gather(1, best), child_scores.gather(1, best)
         if states is None:
             previous_frontier = None
-    keep = scores.topk(shape.total_tokens, dim=-1).indices.sort(dim=-1).values
+        if shape.min_prob > 0 and bool((frontier_scores < log_min_prob).all()):
+            break  # every deeper node would score lower still: none would be kept
+    num_keep = min(shape.total_tokens, scores.shape[1])
+    if shape.min_prob > 0:
+        num_keep = min(num_keep, max(1, int((scores >= log_min_prob).sum(-1).max())))
+    keep = scores.topk(num_keep, dim=-1).indices.sort(dim=-1).values
     new_index = torch.full_like(parents, -1)
-    new_index.scatter_(1, keep, torch.arange(shape.total_tokens, device=device).expand(batch, -1))
+    new_index.scatter_(1, keep, torch.arange(num_keep, device=device).expand(batch, -1))
     kept_parents = parents.gather(1, keep)
     kept_parents = torch.where(kept_parents >= 0, new_index.gather(1, kept_parents.clamp(min=0)), kept_parents)
     return tokens.gather(1, keep), kept_parents, depths.gather(1, keep)
@@ -182,17 +200,18 @@ ALLOWED_MODEL_KWARGS = {"attention_mask", "cache", "past_key_values", "use_cache
 
 
 def resolve_tree_shape(target, beagle, tree_shape) -> TreeShape:
+    """"auto" and "chain" prune by the draft's `draft_confidence_threshold` (as the assisted chain stops on it)."""
     if tree_shape is None or tree_shape == "auto":
-        return auto_tree_shape(target)
+        return replace(auto_tree_shape(target), min_prob=beagle.config.draft_confidence_threshold)
     if tree_shape == "chain":
         k = beagle.config.num_draft_tokens
-        return TreeShape(depth=k, top_k=1, total_tokens=k)
+        return TreeShape(depth=k, top_k=1, total_tokens=k, min_prob=beagle.config.draft_confidence_threshold)
     if isinstance(tree_shape, TreeShape):
         return tree_shape
     if isinstance(tree_shape, dict):
         return TreeShape(**tree_shape)
     raise BeagleGenerationError(f"`tree_shape` expected 'auto', 'chain', a TreeShape or a dict of depth/top_k/"
-                                f"total_tokens, found {tree_shape!r}.")
+                                f"total_tokens[/min_prob], found {tree_shape!r}.")
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -302,6 +321,7 @@ def beagle_generate(
         started = time.perf_counter()
         tokens, parents, depths = draft_tree(beagle, beagle_cache, roots, root_positions, shape)
         beagle_cache.discard_drafts()
+        drafted_depth = int(depths.max())
         drafted_at = time.perf_counter()
         stats.draft_time_s += drafted_at - started
 
@@ -331,7 +351,7 @@ def beagle_generate(
                     break
                 node = int(match[0, 0])
                 paths[b].append(node)
-            stats.drafted.append(shape.depth)
+            stats.drafted.append(drafted_depth)
             stats.accepted.append(len(paths[b]) - 1)
 
         # 4. Keep only the accepted paths in both caches.

@@ -118,6 +118,15 @@ def draft_logits_to_target_vocab(beagle, logits: torch.Tensor) -> torch.Tensor:
     return full
 
 
+def draft_topk(beagle, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` most probable draft tokens as (log-probabilities, target ids), computed in the draft vocabulary: the
+    same values as over `draft_logits_to_target_vocab` (the -inf rows add nothing), without the target-sized tensor."""
+    scores, ids = logits.float().log_softmax(-1).topk(k, dim=-1)
+    if beagle.draft_to_target is not None:
+        ids = beagle.draft_to_target[ids]
+    return scores, ids
+
+
 def check_generation_config(generation_config) -> None:
     """Refuse settings the speculative loop cannot honour, saying what to change."""
     if getattr(generation_config, "num_return_sequences", 1) not in (None, 1):
