@@ -131,7 +131,8 @@ class BeagleConfig(PreTrainedConfig):
         draft_schedule (`"adaptive" | "fixed"`): adaptive grows the draft by one after a fully accepted round and
             shrinks it by one otherwise.
         draft_confidence_threshold (`float`, defaults to 0.1): a round stops drafting early once the draft's
-            probability of its own token falls below this.
+            probability of its own token falls below this. Beagle's own loop uses it as the trees' `min_prob` (for
+            `tree_shape="auto"` and `"chain"`): paths the draft gives less probability are not verified.
     """
 
     model_type = "beagle"
