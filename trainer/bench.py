@@ -129,18 +129,14 @@ def parse_tree_shape(value):
     from modeling_beagle import TreeShape
 
     parts = [p.strip() for p in str(value).split(",")]
-    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[:3]) or not _is_float(parts[3:] or ["0"]):
-        raise BeagleBenchError(f"`--tree-shape` expected auto, chain or D,K,N[,P] (three integers, then optionally "
-                               f"the pruning probability min_prob), found {value!r}.")
-    return TreeShape(*(int(p) for p in parts[:3]), min_prob=float(parts[3]) if len(parts) == 4 else 0.0)
-
-
-def _is_float(parts: list[str]) -> bool:
     try:
-        float(parts[0])
+        if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[:3]):
+            raise ValueError
+        min_prob = float(parts[3]) if len(parts) == 4 else 0.0
     except ValueError:
-        return False
-    return True
+        raise BeagleBenchError(f"`--tree-shape` expected auto, chain or D,K,N[,P] (three integers, then optionally "
+                               f"the pruning probability min_prob), found {value!r}.") from None
+    return TreeShape(*(int(p) for p in parts[:3]), min_prob=min_prob)
 
 
 def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup_num_tokens: int = 10) -> list[Method]:
@@ -186,8 +182,8 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
         chain = (f"{c.draft_schedule} chain (num_draft_tokens={c.num_draft_tokens}, max_draft_tokens="
                  f"{c.max_draft_tokens}, draft_confidence_threshold={c.draft_confidence_threshold})")
     tree = "tree" if shape is None else (f"tree_shape={tree_shape if isinstance(tree_shape, str) else 'given'}: "
-                                         f"depth={shape.depth}, top_k={shape.top_k}, total_tokens={shape.total_tokens}, "
-                                         f"min_prob={shape.min_prob}")
+                                         f"depth={shape.depth}, top_k={shape.top_k}, "
+                                         f"total_tokens={shape.total_tokens}, min_prob={shape.min_prob}")
 
     table = {
         "plain": Method("plain", plain, "target.generate"),

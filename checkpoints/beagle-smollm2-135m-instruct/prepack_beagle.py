@@ -4,8 +4,8 @@ Speculative decoding verifies several tokens in one target forward, so on a CPU 
 handles matmuls with a handful of rows. On a 2-core AMD EPYC (AVX2, fp32) PyTorch's default path
 (`torch.nn.functional.linear`, i.e. MKL) takes 120 ms for one SmolLM2-135M token on a 256-token cache but 204 ms for 2
 tokens and 216 ms for 4: verifying is expensive. With each weight reordered once into oneDNN's blocked layout the same
-forwards take 106 / 118 / 133 ms (benchmarks/verify_cost.py): decoding itself is faster and a multi-token forward costs little more than a
-one-token one (README "Generation"; the bench with and without it in "Results").
+forwards take 106 / 118 / 133 ms (benchmarks/verify_cost.py): decoding itself is faster and a multi-token forward
+costs little more than a one-token one (README "Generation"; the bench with and without it in "Results").
 
 `prepack_linear_weights(model)` swaps every `nn.Linear` of a model for a [`PrepackedLinear`] holding the same
 `Parameter`s (tied weights stay tied, `state_dict()` is unchanged) plus the packed copy. Gradient-free forwards on CPU
