@@ -46,6 +46,9 @@ class BeagleGenerationStats:
 
     drafted: list[int] = field(default_factory=list)  # draft tokens proposed per round
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted per round (bonus excluded)
+    # of those, per round, the tokens only the prompt-lookup branch proposed (Beagle's own loop with
+    # `prompt_lookup_num_tokens`; empty otherwise)
+    accepted_from_lookup: list[int] = field(default_factory=list)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
 
@@ -74,6 +77,7 @@ class BeagleGenerationStats:
             "drafted": self.drafted,
             "accepted": self.accepted,
             "acceptance_per_position": self.acceptance_per_position(),
+            "accepted_from_lookup": self.accepted_from_lookup,
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
         }

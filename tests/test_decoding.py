@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import briefly_train, make_target, trained_pair
 from test_generation import _chi_square_p_value, _exact_joint_of_tokens_2_and_3, tiny_tokenizer
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TextStreamer, TopKLogitsWarper
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TextStreamer, TopKLogitsWarper
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from modeling_beagle import BeagleCache, BeagleGenerationError, BeagleModel, TreeShape, beagle_generate, draft_tree
-from modeling_beagle.decoding_beagle import _keep_cache_rows, auto_tree_shape
+from modeling_beagle.decoding_beagle import _keep_cache_rows, add_lookup_branch, auto_tree_shape, prompt_lookup
 from modeling_beagle.masking_beagle import to_attention_mask, tree_ancestor_mask
 
 SHAPES = ["chain", TreeShape(depth=4, top_k=3, total_tokens=10), TreeShape(depth=3, top_k=2, total_tokens=6),
@@ -278,8 +278,108 @@ def test_tree_shape_resolution_and_min_prob_validation():
             TreeShape(depth=3, top_k=2, total_tokens=4, min_prob=bad)
 
 
+# ------------------------------------------------------------------------------------------ prompt-lookup branch
+def test_prompt_lookup_proposes_what_transformers_prompt_lookup_proposes():
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    g = torch.Generator().manual_seed(0)
+    found = 0
+    for _ in range(300):
+        sequence = torch.randint(0, int(torch.randint(2, 7, (1,), generator=g)),
+                                 (int(torch.randint(2, 30, (1,), generator=g)),), generator=g)
+        num_tokens, max_ngram = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        reference = PromptLookupCandidateGenerator(num_output_tokens=num_tokens, max_matching_ngram_size=max_ngram,
+                                                   max_length=1000)
+        candidates, _ = reference.get_candidates(sequence[None])
+        proposal = prompt_lookup(sequence, num_tokens, max_ngram)
+        assert proposal == candidates[0, sequence.shape[0] :].tolist(), (sequence.tolist(), num_tokens, max_ngram)
+        found += bool(proposal)
+    assert 50 < found < 300  # both outcomes exercised
+
+
+def test_lookup_branch_merges_into_the_tree():
+    target, beagle = trained_pair()
+    ids = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        states = target(ids, output_hidden_states=True).hidden_states[-1]
+    cache = BeagleCache()
+    beagle.append_context(cache, states[:, :6], torch.arange(6).expand(3, -1))
+    tokens, parents, depths = draft_tree(beagle, cache, ids[:, 6], torch.tensor([6, 6, 6]),
+                                         TreeShape(depth=3, top_k=2, total_tokens=6))
+    tree_paths = [_paths(tokens[b], parents[b]) for b in range(3)]
+    deepest = max(tree_paths[0], key=len)
+    proposals = [list(deepest) + [90, 91],  # runs along row 0's deepest path, then leaves the tree
+                 [], [95, 94, 93]]  # nothing for row 1; row 2: (almost surely) off the tree from the root
+    merged, merged_parents, merged_depths, from_lookup = add_lookup_branch(tokens, parents, depths, proposals)
+    assert merged.shape == merged_parents.shape == merged_depths.shape == from_lookup.shape
+    assert torch.equal(merged[:, :6], tokens) and torch.equal(merged_parents[:, :6], parents)
+    for b, proposal in enumerate(proposals):
+        added = [p for p in (tuple(proposal[:i]) for i in range(1, len(proposal) + 1)) if p not in tree_paths[b]]
+        paths = _paths(merged[b], merged_parents[b])
+        real = 6 + len(added)
+        assert paths[:real] == tree_paths[b] + added  # the tree unchanged, then the proposal's new nodes in order
+        assert from_lookup[b].tolist() == [False] * 6 + [True] * len(added) + [False] * (merged.shape[1] - real)
+        assert all(len(path) == int(d) for path, d in zip(paths, merged_depths[b]))
+        assert all(int(p) < i for i, p in enumerate(merged_parents[b]))  # parents before children
+        # padding: copies of the row's first node, so the accept walk (first matching child) never picks them
+        assert all(paths[i] == paths[0] and int(merged_parents[b, i]) == int(merged_parents[b, 0])
+                   for i in range(real, merged.shape[1]))
+    assert int(from_lookup[0].sum()) == 2 and int(from_lookup[1].sum()) == 0 and int(from_lookup[2].sum()) == 3
+
+
+@pytest.mark.parametrize("shape", ["chain", TreeShape(depth=3, top_k=2, total_tokens=6, min_prob=0.05)],
+                         ids=["chain", "pruned-tree"])
+def test_greedy_identity_with_the_lookup_branch(shape):
+    """The lookup branch is one more branch of the verified tree: output stays plain greedy, single rows and padded
+    batches, and the branch's tokens are accepted (the peaky tiny target repeats itself, as greedy text does)."""
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(8)
+    from_lookup = 0
+    for i in range(16):
+        ids = torch.randint(3, 96, (1, int(torch.randint(2, 16, (1,), generator=g))), generator=g)
+        new = int(torch.randint(1, 48, (1,), generator=g))
+        ref = target.generate(ids, do_sample=False, max_new_tokens=new)
+        out = spec(target, beagle, ids, shape, do_sample=False, max_new_tokens=new, prompt_lookup_num_tokens=1 + i % 6,
+                   max_matching_ngram_size=1 + i % 3)
+        assert torch.equal(out, ref), f"prompt {i}: output differs from plain greedy"
+        stats = beagle.generation_stats
+        assert len(stats.accepted_from_lookup) == stats.rounds
+        assert all(0 <= f <= a for f, a in zip(stats.accepted_from_lookup, stats.accepted))
+        from_lookup += sum(stats.accepted_from_lookup)
+    for _ in range(6):
+        ids, mask = padded_batch(g, int(torch.randint(2, 5, (1,), generator=g)))
+        new = int(torch.randint(5, 40, (1,), generator=g))
+        ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new)
+        out = spec(target, beagle, ids, shape, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                   prompt_lookup_num_tokens=4)
+        assert torch.equal(out, ref)
+        from_lookup += sum(beagle.generation_stats.accepted_from_lookup)
+    assert from_lookup > 20, "the lookup branch was rarely accepted: the test would not exercise it"
+
+
+def test_bad_prompt_lookup_settings_are_refused():
+    from modeling_beagle.decoding_beagle import resolve_prompt_lookup
+
+    assert resolve_prompt_lookup(GenerationConfig()) == (0, 2)
+    assert resolve_prompt_lookup(GenerationConfig(prompt_lookup_num_tokens=5, max_matching_ngram_size=3)) == (5, 3)
+    for bad in (0, -2, 1.5, True):
+        config = GenerationConfig()
+        config.prompt_lookup_num_tokens = bad
+        with pytest.raises(BeagleGenerationError, match="prompt_lookup_num_tokens"):
+            resolve_prompt_lookup(config)
+    config = GenerationConfig(prompt_lookup_num_tokens=4)
+    config.max_matching_ngram_size = 0
+    with pytest.raises(BeagleGenerationError, match="max_matching_ngram_size"):
+        resolve_prompt_lookup(config)
+
+
 # ------------------------------------------------------------------------------------------------ sampling
-def test_tree_sampling_matches_target_distribution():
+@pytest.mark.parametrize("shape, new, lookup", [
+    (TreeShape(depth=2, top_k=2, total_tokens=4), 3, {}),
+    # one draft node and up to two lookup tokens (max_new_tokens=4 leaves room for them): the branch gets accepted
+    (TreeShape(depth=1, top_k=1, total_tokens=1), 4, {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 1}),
+], ids=["tree", "tree-and-lookup"])
+def test_tree_sampling_matches_target_distribution(shape, new, lookup):
     target = make_target("llama", vocab_size=8, initializer_range=0.2, eos_token_id=None, bos_token_id=None,
                          pad_token_id=0)
     torch.manual_seed(0)
@@ -289,15 +389,17 @@ def test_tree_sampling_matches_target_distribution():
     exact = _exact_joint_of_tokens_2_and_3(target, prompt,
                                            LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(6)]))
     counts = torch.zeros(64)
-    accepted = 0
+    accepted = from_lookup = 0
     torch.manual_seed(7)
     for _ in range(1200):
-        out = spec(target, beagle, prompt, TreeShape(depth=2, top_k=2, total_tokens=4), do_sample=True,
-                   temperature=0.8, top_k=6, max_new_tokens=3)
+        out = spec(target, beagle, prompt, shape, do_sample=True, temperature=0.8, top_k=6, max_new_tokens=new, **lookup)
         t2, t3 = out[0, 5:7].tolist()
         counts[t2 * 8 + t3] += 1
         accepted += sum(beagle.generation_stats.accepted)
+        from_lookup += sum(beagle.generation_stats.accepted_from_lookup)
     assert accepted > 120, "tree branches were rarely accepted: the test would not exercise the descent"
+    if lookup:
+        assert from_lookup > 60, "the lookup branch was rarely accepted: the test would not exercise it"
     assert _chi_square_p_value(counts, exact) > 1e-3
 
 

@@ -54,7 +54,7 @@ from .precision import DTYPES, bf16_is_native, warn_if_slow_bf16
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_METHODS = ("plain", "prompt-lookup", "beagle-chain", "beagle-tree")
+BUILTIN_METHODS = ("plain", "prompt-lookup", "beagle-chain", "beagle-tree", "beagle-tree-lookup")
 REFERENCE_METHODS = ("plain-unpacked",)  # with --prepack: the same target through unpacked kernels
 BASELINE = "plain"
 # Relative spacing of bfloat16 numbers: 8 significant bits, so neighbours of magnitude m lie 2^-8·m to 2^-7·m apart.
@@ -164,7 +164,7 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
         return _beagle_run(out, beagle)
 
     shape = None
-    if beagle is not None and "beagle-tree" in names:
+    if beagle is not None and {"beagle-tree", "beagle-tree-lookup"} & set(names):
         from modeling_beagle.decoding_beagle import resolve_tree_shape
 
         shape = resolve_tree_shape(target, beagle, tree_shape)  # "auto" measures this machine now, not in a timed run
@@ -174,6 +174,14 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
 
         out = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate, beagle=beagle,
                               tree_shape=shape, **generation_kwargs(target, max_new_tokens, do_sample, temperature))
+        return _beagle_run(out, beagle)
+
+    def beagle_tree_lookup(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
+        from modeling_beagle import beagle_generate
+
+        out = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate, beagle=beagle,
+                              tree_shape=shape, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+                              **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
     chain = "chain"
@@ -193,6 +201,9 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                                 f"target.generate(prompt_lookup_num_tokens={prompt_lookup_num_tokens})"),
         "beagle-chain": Method("beagle-chain", beagle_chain, f"target.generate(assistant_model=beagle): {chain}"),
         "beagle-tree": Method("beagle-tree", beagle_tree, f"target.generate(custom_generate=beagle_generate): {tree}"),
+        "beagle-tree-lookup": Method("beagle-tree-lookup", beagle_tree_lookup,
+                                     f"target.generate(custom_generate=beagle_generate, prompt_lookup_num_tokens="
+                                     f"{prompt_lookup_num_tokens}): {tree}, plus the prompt-lookup branch"),
     }
     from modeling_beagle import is_prepacked
 

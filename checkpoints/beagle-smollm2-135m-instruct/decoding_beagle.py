@@ -11,6 +11,8 @@ One round, for every row of the batch at once:
      children of the `top_k` best frontier nodes by cumulative draft log-probability, for `depth` levels; the
      `total_tokens` best nodes are kept (a chain is the tree with top_k = 1). With `min_prob`, nodes whose path the
      draft itself gives less than that probability are dropped and drafting stops once no frontier node reaches it.
+     With `prompt_lookup_num_tokens`, the continuation that followed the last n-gram's earlier occurrence in the
+     row's own text joins the tree as one more branch (transformers' prompt lookup, merged where the tree shares it).
   2. verify: one target forward over [root; kept nodes] with a tree attention mask and explicit positions.
   3. accept: walk down from the root. At each node the target picks its token exactly as plain decoding would
      (argmax, or a sample from its processed distribution); if a child carries that token the walk descends,
@@ -184,6 +186,57 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
     return tokens.gather(1, keep), kept_parents, depths.gather(1, keep)
 
 
+# ------------------------------------------------------------------------------------------ prompt-lookup branch
+def prompt_lookup(sequence: torch.Tensor, num_tokens: int, max_ngram: int) -> list[int]:
+    """transformers' prompt-lookup proposal for one row: up to `num_tokens` tokens that followed the earliest earlier
+    occurrence of the sequence's last n-gram, for the largest n <= `max_ngram` that has one; [] when none has."""
+    length = sequence.shape[0]
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        starts = (sequence.unfold(0, n, 1) == sequence[-n:]).all(-1).nonzero().flatten() + n
+        starts = starts[starts < length]
+        if starts.numel():
+            start = int(starts[0])
+            return sequence[start : start + num_tokens].tolist()
+    return []
+
+
+def add_lookup_branch(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, proposals: list[list[int]]):
+    """Merge one proposed continuation of the root per row into a draft tree (`draft_tree`'s layout).
+
+    The proposal follows the tree as long as the tree already holds its tokens; its remaining tokens are appended as
+    a chain below the last shared node. Rows are brought to one node count with copies of their first node (same
+    token, same parent, later index): the accept walk descends into the first matching child, so a copy is never on
+    an accepted path. Returns the merged `tokens, parents, depths` and `from_lookup` (True for nodes only the
+    proposal holds).
+    """
+    rows = []
+    for b, proposal in enumerate(proposals):
+        row_tokens, row_parents, row_depths = tokens[b].tolist(), parents[b].tolist(), depths[b].tolist()
+        children = {(p, t): i for i, (p, t) in reversed(list(enumerate(zip(row_parents, row_tokens))))}
+        added, node = [], -1
+        for depth, token in enumerate(proposal, start=1):
+            if (node, token) in children:
+                node = children[(node, token)]
+                continue
+            row_tokens.append(token)
+            row_parents.append(node)
+            row_depths.append(depth)
+            node = len(row_tokens) - 1
+            added.append(node)
+        rows.append((row_tokens, row_parents, row_depths, added))
+    width = max(len(r[0]) for r in rows)
+    merged = torch.empty(3, len(rows), width, dtype=torch.long)
+    from_lookup = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, (row_tokens, row_parents, row_depths, added) in enumerate(rows):
+        pad = width - len(row_tokens)
+        merged[0, b] = torch.tensor(row_tokens + [row_tokens[0]] * pad)
+        merged[1, b] = torch.tensor(row_parents + [row_parents[0]] * pad)
+        merged[2, b] = torch.tensor(row_depths + [row_depths[0]] * pad)
+        from_lookup[b, added] = True
+    merged = merged.to(tokens.device)
+    return merged[0], merged[1], merged[2], from_lookup
+
+
 # ----------------------------------------------------------------------------------------------- target cache
 def _keep_cache_rows(cache: DynamicCache, start: int, index: torch.Tensor) -> None:
     """Keep, per batch row, the slots `start + index[b]` of the last forward (in that order) and drop the rest."""
@@ -214,6 +267,18 @@ def resolve_tree_shape(target, beagle, tree_shape) -> TreeShape:
                                 f"total_tokens[/min_prob], found {tree_shape!r}.")
 
 
+def resolve_prompt_lookup(generation_config) -> tuple[int, int]:
+    """`prompt_lookup_num_tokens` / `max_matching_ngram_size` (transformers' prompt-lookup settings) for the loop's
+    lookup branch: (0, _) when off; the n-gram size defaults to 2 as in transformers."""
+    num_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None)
+    max_ngram = getattr(generation_config, "max_matching_ngram_size", None)
+    max_ngram = 2 if max_ngram is None else max_ngram
+    for name, value in (("prompt_lookup_num_tokens", num_tokens), ("max_matching_ngram_size", max_ngram)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BeagleGenerationError(f"`{name}` expected a positive integer, found {value!r}.")
+    return num_tokens or 0, max_ngram
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 @torch.no_grad()
 def beagle_generate(
@@ -233,7 +298,10 @@ def beagle_generate(
 
     Use as `target.generate(input_ids, custom_generate=beagle_generate, beagle=beagle, tree_shape=...)`.
     `tree_shape`: "auto" (default: sized from this machine's verification-cost curve), "chain", a `TreeShape`, or a
-    dict with depth / top_k / total_tokens. Statistics of the run are left in `beagle.generation_stats`.
+    dict with depth / top_k / total_tokens. `prompt_lookup_num_tokens=N` (with `max_matching_ngram_size`, default 2:
+    transformers' prompt-lookup settings) adds to every round's tree the up-to-N tokens that followed the last n-gram's
+    earliest earlier occurrence in the prompt and output, as one more branch verified in the same forward (lossless
+    like every branch). Statistics of the run are left in `beagle.generation_stats`.
     transformers does not hand `streamer` to a `custom_generate` callable: pass it as `beagle_streamer=` (the
     checkpoint folder's `custom_generate/generate.py` does so for you).
     """
@@ -254,6 +322,7 @@ def beagle_generate(
         raise BeagleGenerationError("`synced_gpus` expected False: Beagle's loop does not run under ZeRO-3/FSDP sync.")
     beagle.ensure_bound_to(model)
     shape = resolve_tree_shape(model, beagle, tree_shape)
+    lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config)
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
         raise BeagleGenerationError("the target's cache expected an empty DynamicCache, found "
@@ -275,6 +344,7 @@ def beagle_generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     kv_valid = attention_mask.bool()
+    first_valid = attention_mask.long().argmax(-1).tolist()  # the first prompt token of each left-padded row
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     rows_seq = [input_ids[b] for b in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
@@ -321,6 +391,12 @@ def beagle_generate(
         started = time.perf_counter()
         tokens, parents, depths = draft_tree(beagle, beagle_cache, roots, root_positions, shape)
         beagle_cache.discard_drafts()
+        from_lookup = None
+        if lookup_tokens:
+            proposals = [[] if done[b] else prompt_lookup(rows_seq[b][first_valid[b]:],
+                                                          min(lookup_tokens, max_new - num_new[b] - 1), max_ngram)
+                         for b in range(batch)]
+            tokens, parents, depths, from_lookup = add_lookup_branch(tokens, parents, depths, proposals)
         drafted_depth = int(depths.max())
         drafted_at = time.perf_counter()
         stats.draft_time_s += drafted_at - started
@@ -353,6 +429,8 @@ def beagle_generate(
                 paths[b].append(node)
             stats.drafted.append(drafted_depth)
             stats.accepted.append(len(paths[b]) - 1)
+            if from_lookup is not None:
+                stats.accepted_from_lookup.append(int(from_lookup[b, [n - 1 for n in paths[b][1:]]].sum()))
 
         # 4. Keep only the accepted paths in both caches.
         lengths = torch.tensor([len(p) for p in paths], device=device)
