@@ -58,6 +58,8 @@ def train_argv(args, source: str, output_dir: str, name: str) -> list[str]:
 def beagle_argv(args) -> list[str]:
     """Options of the Beagle variant under test (the EAGLE-2-style draft has none of them)."""
     argv = ["--recency_bias", "true"] if args.recency_bias else []
+    if args.query_newest_state:
+        argv += ["--query_newest_state", "true"]
     if args.num_key_value_heads:
         argv += ["--num_key_value_heads", str(args.num_key_value_heads)]
     if args.stage1_offset_weights != "uniform":
@@ -113,6 +115,8 @@ def main(argv=None) -> int:
                         help="target layers whose states the drafts read (Beagle fuses several with an FC; the "
                              "EAGLE-2-style draft takes only [-1])")
     parser.add_argument("--recency-bias", action="store_true", help="Beagle with BeagleConfig.recency_bias")
+    parser.add_argument("--query-newest-state", action="store_true",
+                        help="Beagle with BeagleConfig.query_newest_state")
     parser.add_argument("--num-key-value-heads", type=int,
                         help="Beagle with its own key/value head count (default: the target's, 3 for SmolLM2-135M)")
     parser.add_argument("--stage1-ratio", type=float, default=0.5,

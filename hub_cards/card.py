@@ -379,9 +379,10 @@ out = target.generate(ids, assistant_model=beagle, max_new_tokens={max_new_token
 print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 print("tokens per target forward:", beagle.generation_stats.to_dict()["tau"])
 
-# Beagle's own loop with dynamic draft trees (also batches of padded prompts), from this repo's custom_generate/.
+# Beagle's own loop with dynamic draft trees (also batches of padded prompts), from this repo's custom_generate/;
+# prompt_lookup_num_tokens adds transformers' prompt-lookup continuation to each tree as one more branch.
 out = target.generate(ids, custom_generate=beagle_id, assistant_model=beagle, trust_remote_code=True,
-                      max_new_tokens={max_new_tokens}, do_sample=False)
+                      prompt_lookup_num_tokens=10, max_new_tokens={max_new_tokens}, do_sample=False)
 print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 '''
 

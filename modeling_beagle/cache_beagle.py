@@ -20,6 +20,7 @@ class BeagleCache:
         self._values: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None  # (batch, capacity), long
         self._valid: torch.Tensor | None = None  # (batch, capacity), bool
+        self._features: torch.Tensor | None = None  # (batch, capacity, hidden): config.query_newest_state only
         self.length = 0  # slots in use
         self.num_true = 0  # the first `num_true` slots hold true states
 
@@ -39,6 +40,11 @@ class BeagleCache:
     @property
     def valid(self) -> torch.Tensor:
         return self._valid[:, : self.length]
+
+    @property
+    def features(self) -> torch.Tensor | None:
+        """Each slot's state projected for the queries that read it as their newest (`query_newest_state`)."""
+        return None if self._features is None else self._features[:, : self.length]
 
     @property
     def num_draft(self) -> int:
@@ -63,8 +69,11 @@ class BeagleCache:
         positions: torch.Tensor,
         valid: torch.Tensor | None = None,
         draft: bool = False,
+        features: torch.Tensor | None = None,
     ) -> None:
-        """Append projected states: `keys`/`values` `(batch, kv_heads, n, head_dim)`, `positions` `(batch, n)`.
+        """Append projected states: `keys`/`values` `(batch, kv_heads, n, head_dim)`, `positions` `(batch, n)`,
+        and `features` `(batch, n, hidden)` when the model fuses the newest state into its queries (then every append
+        carries them).
 
         True states may only be appended when the cache holds no draft states (call `discard_drafts` first):
         the cache never mixes a finished round's drafts with the true states that replace them.
@@ -88,12 +97,20 @@ class BeagleCache:
                 "BeagleCache.append: (batch, kv_heads, head_dim) expected "
                 f"{(self._keys.shape[0], self._keys.shape[1], self._keys.shape[3])}, found {(batch, heads, head_dim)}."
             )
-        self._reserve(self.length + n, keys, positions)
+        if (features is None) != (self._features is None) and self._keys is not None:
+            raise ValueError(f"BeagleCache.append: `features` expected {'present' if self._features is not None else 'absent'} "
+                             "like every earlier append (one model fills a cache).")
+        if features is not None and features.shape[:2] != (batch, n):
+            raise ValueError(f"BeagleCache.append: `features` shape expected {(batch, n)} + (hidden,), found "
+                             f"{tuple(features.shape)}.")
+        self._reserve(self.length + n, keys, positions, features)
         end = self.length + n
         self._keys[:, :, self.length : end] = keys
         self._values[:, :, self.length : end] = values
         self._positions[:, self.length : end] = positions
         self._valid[:, self.length : end] = valid
+        if features is not None:
+            self._features[:, self.length : end] = features
         self.length = end
         if not draft:
             self.num_true = end
@@ -110,11 +127,14 @@ class BeagleCache:
         self._values = self._values[indices]
         self._positions = self._positions[indices]
         self._valid = self._valid[indices]
+        if self._features is not None:
+            self._features = self._features[indices]
 
     def reset(self) -> None:
         self.__init__()
 
-    def _reserve(self, needed: int, like: torch.Tensor, like_positions: torch.Tensor) -> None:
+    def _reserve(self, needed: int, like: torch.Tensor, like_positions: torch.Tensor,
+                 like_features: torch.Tensor | None = None) -> None:
         capacity = 0 if self._keys is None else self._keys.shape[2]
         if needed <= capacity:
             return
@@ -124,12 +144,18 @@ class BeagleCache:
         values = like.new_zeros(batch, heads, new_capacity, head_dim)
         positions = like_positions.new_zeros(batch, new_capacity)
         valid = torch.zeros(batch, new_capacity, dtype=torch.bool, device=like.device)
+        features = None
+        if like_features is not None:
+            features = like_features.new_zeros(batch, new_capacity, like_features.shape[-1])
         if self._keys is not None:
             keys[:, :, : self.length] = self.keys
             values[:, :, : self.length] = self.values
             positions[:, : self.length] = self.positions
             valid[:, : self.length] = self.valid
+            if features is not None:
+                features[:, : self.length] = self.features
         self._keys, self._values, self._positions, self._valid = keys, values, positions, valid
+        self._features = features
 
     def __repr__(self) -> str:
         return f"BeagleCache(batch={self.batch_size}, true={self.num_true}, draft={self.num_draft})"

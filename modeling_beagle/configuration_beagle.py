@@ -107,6 +107,10 @@ class BeagleConfig(PreTrainedConfig):
             attention score of the state at position j read by the query at p (ALiBi-style; slopes start at ALiBi's
             geometric values), so heads can favour the most recent states from the first step. Needs an attention
             kernel that adds a float mask (eager, sdpa, flex_attention).
+        query_newest_state (`bool`, defaults to `False`): add a learned projection of the newest context state each
+            query may read (its key at the highest position: the last true state, or the parent's draft state) to
+            the query's token embedding before the block, as EAGLE's FC fuses feature and token. A departure from
+            the paper's pure cross-attention (method.md §1), for measuring what the newest state is worth.
         carry_target_embeddings (`bool`, defaults to `False`): the checkpoint carries its own frozen copies of the
             target's token embedding and (draft-vocabulary) head, so it runs without the target's weights at hand.
         draft_vocab_size (`int`, *optional*): a reduced draft vocabulary (the most frequent target tokens); the
@@ -166,6 +170,7 @@ class BeagleConfig(PreTrainedConfig):
     final_norm: bool = False
     null_kv_slot: bool = True
     recency_bias: bool = False
+    query_newest_state: bool = False
     carry_target_embeddings: bool = False
     draft_vocab_size: int | None = None
     concat_draft_states: bool = True

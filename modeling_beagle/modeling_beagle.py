@@ -206,6 +206,14 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def newest_state_features(features: torch.Tensor, allowed: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Per query, the features `(batch, keys, hidden)` of the readable key at the highest position (the last true
+    state, or in a draft round the parent's draft state); zero for a query that may read nothing."""
+    newest = torch.where(allowed, key_positions[:, None, :], -1).argmax(dim=-1)  # (batch, queries)
+    picked = features.gather(1, newest[..., None].expand(-1, -1, features.shape[-1]))
+    return picked * allowed.any(dim=-1, keepdim=True).to(picked.dtype)
+
+
 class BeagleMLP(nn.Module):
     def __init__(self, config: BeagleConfig):
         super().__init__()
@@ -314,6 +322,13 @@ class BeagleCrossAttention(nn.Module):
         return self.o_proj(attn_output)
 
 
+class BeagleStateProjection(nn.Linear):
+    """`query_newest_state`: projects a (normalised) context state into the query's embedding space; zero at init."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, hidden_size, bias=False)
+
+
 class BeagleBlock(GradientCheckpointingLayer):
     """The single Beagle block: cross-attention then a gated MLP, each with a pre-norm and a residual."""
 
@@ -324,13 +339,17 @@ class BeagleBlock(GradientCheckpointingLayer):
         self.cross_attn = BeagleCrossAttention(config)
         self.norm_mlp = BeagleRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = BeagleMLP(config)
+        # config.query_newest_state: the newest readable state, projected and added to the query's token embedding
+        self.state_proj = BeagleStateProjection(config.hidden_size) if config.query_newest_state else None
 
     def project_context(
         self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys, values and (with `query_newest_state`) the features a query adds when the state is its newest."""
         if self.norm_kv is not None:
             states = self.norm_kv(states)
-        return self.cross_attn.project_context(states, position_embeddings)
+        keys, values = self.cross_attn.project_context(states, position_embeddings)
+        return keys, values, self.state_proj(states) if self.state_proj is not None else None
 
     def forward(
         self,
@@ -370,6 +389,8 @@ class BeaglePreTrainedModel(PreTrainedModel):
             init.zeros_(module.null_value)
         if isinstance(module, BeagleCrossAttention) and module.recency_slopes is not None:
             init.copy_(module.recency_slopes, alibi_slopes(module.num_heads))
+        if isinstance(module, BeagleStateProjection):
+            init.zeros_(module.weight)  # starts as the paper's block: queries from token embeddings alone
 
 
 class BeagleModel(BeaglePreTrainedModel):
@@ -554,8 +575,8 @@ class BeagleModel(BeaglePreTrainedModel):
 
     def project_context(
         self, states: torch.Tensor, position_ids: torch.Tensor, draft: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of context states at `position_ids`.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys, values and newest-state features (`query_newest_state`; else None) of context states at `position_ids`.
 
         True states (`draft=False`) have the target's layout: `hidden_size` features, or the concatenation of
         `len(target_layer_ids)` layers, fused by `fc`. In training mode they receive the configured noise.
@@ -586,8 +607,8 @@ class BeagleModel(BeaglePreTrainedModel):
         draft: bool = False,
     ) -> BeagleCache:
         """Project context states into `cache` without running any query (the nearly free prefill)."""
-        keys, values = self.project_context(states, position_ids, draft=draft)
-        cache.append(keys, values, position_ids, valid, draft=draft)
+        keys, values, features = self.project_context(states, position_ids, draft=draft)
+        cache.append(keys, values, position_ids, valid, draft=draft, features=features)
         return cache
 
     # ------------------------------------------------------------------------------------------------ forward
@@ -634,23 +655,25 @@ class BeagleModel(BeaglePreTrainedModel):
                                  "implied by the number of cached states).")
             position_ids = torch.arange(num_queries, device=device).expand(batch, -1)
 
-        sources = []  # (keys, values, positions, valid, draft)
+        sources = []  # (keys, values, positions, valid, draft, features)
         if context_states is not None:
             if context_position_ids is None:
                 context_position_ids = torch.arange(context_states.shape[1], device=device).expand(batch, -1)
-            keys, values = self.project_context(context_states, context_position_ids, draft=False)
-            sources.append((keys, values, context_position_ids, context_valid, False))
+            keys, values, features = self.project_context(context_states, context_position_ids, draft=False)
+            sources.append((keys, values, context_position_ids, context_valid, False, features))
         if draft_states is not None:
             if draft_position_ids is None:
                 raise ValueError("BeagleModel: `draft_position_ids` are required with `draft_states`.")
-            keys, values = self.project_context(draft_states, draft_position_ids, draft=True)
-            sources.append((keys, values, draft_position_ids, None, True))
+            keys, values, features = self.project_context(draft_states, draft_position_ids, draft=True)
+            sources.append((keys, values, draft_position_ids, None, True, features))
 
+        features = None
         if past_key_values is not None:
-            for keys, values, positions, valid, draft in sources:
-                past_key_values.append(keys, values, positions, valid, draft=draft)
+            for keys, values, positions, valid, draft, source_features in sources:
+                past_key_values.append(keys, values, positions, valid, draft=draft, features=source_features)
             keys, values = past_key_values.keys, past_key_values.values
             key_positions, key_valid = past_key_values.positions, past_key_values.valid
+            features = past_key_values.features
         elif sources:
             keys = torch.cat([s[0] for s in sources], dim=2)
             values = torch.cat([s[1] for s in sources], dim=2)
@@ -658,6 +681,8 @@ class BeagleModel(BeaglePreTrainedModel):
             key_valid = torch.cat(
                 [s[3] if s[3] is not None else torch.ones_like(s[2], dtype=torch.bool) for s in sources], dim=1
             )
+            if self.block.state_proj is not None:
+                features = torch.cat([s[5] for s in sources], dim=1)
         else:
             kv_shape = (batch, self.config.num_key_value_heads, 0, self.config.head_dim)
             keys = values = hidden_states.new_zeros(kv_shape)
@@ -675,6 +700,8 @@ class BeagleModel(BeaglePreTrainedModel):
             if allowed.dtype != torch.bool:
                 raise ValueError(f"BeagleModel: `attention_mask` dtype expected torch.bool, found {allowed.dtype}.")
         allowed = allowed & key_valid[:, None, :]
+        if self.block.state_proj is not None and num_keys:
+            hidden_states = hidden_states + newest_state_features(features, allowed, key_positions)
 
         key_distance = key_distances(position_ids, key_positions) if self.config.recency_bias else None
         position_embeddings = self.rotary_emb(hidden_states, position_ids)

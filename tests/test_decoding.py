@@ -422,9 +422,12 @@ def test_bad_input_to_the_loop():
         spec(target, other, ids, "chain", max_new_tokens=4)
 
 
-def test_greedy_identity_with_a_recency_bias_draft():
-    """A draft with `recency_bias` (a float score bias in every attention call) stays lossless on both paths."""
-    target, beagle = trained_pair(recency_bias=True)
+@pytest.mark.parametrize("variant", [{"recency_bias": True}, {"query_newest_state": True}],
+                         ids=["recency", "newest-state"])
+def test_greedy_identity_with_draft_variants(variant):
+    """Drafts with `recency_bias` (a float score bias in every attention call) or `query_newest_state` (queries
+    that add their newest readable state) stay lossless on both paths."""
+    target, beagle = trained_pair(**variant)
     g = torch.Generator().manual_seed(4)
     accepted = 0
     for i in range(16):

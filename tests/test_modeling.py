@@ -23,12 +23,14 @@ def make_beagle(target, **overrides):
     return beagle
 
 
-@pytest.mark.parametrize("recency_bias", [False, True])
+@pytest.mark.parametrize("recency_bias, query_newest_state", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "recency", "newest-state"])
 @pytest.mark.parametrize("null_kv_slot", [True, False])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_no_leakage(llama_target, null_kv_slot, attn, recency_bias):
+def test_no_leakage(llama_target, null_kv_slot, attn, recency_bias, query_newest_state):
     """Changing a true state at j >= p leaves the output at p unchanged; changing one at j < p changes it."""
-    beagle = make_beagle(llama_target, null_kv_slot=null_kv_slot, attn_implementation=attn, recency_bias=recency_bias)
+    beagle = make_beagle(llama_target, null_kv_slot=null_kv_slot, attn_implementation=attn, recency_bias=recency_bias,
+                         query_newest_state=query_newest_state)
     ids = torch.randint(0, 96, (1, 12))
     h = target_states(llama_target, ids)
     base = beagle(input_ids=ids, context_states=h).last_hidden_state
@@ -113,10 +115,12 @@ def test_first_row_without_context_is_finite(llama_target):
         assert torch.isfinite(out.logits).all()
 
 
-@pytest.mark.parametrize("recency_bias", [False, True])
+@pytest.mark.parametrize("recency_bias, query_newest_state", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "recency", "newest-state"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_cached_step_by_step_equals_full_forward(llama_target, attn, recency_bias):
-    beagle = make_beagle(llama_target, attn_implementation=attn, recency_bias=recency_bias)
+def test_cached_step_by_step_equals_full_forward(llama_target, attn, recency_bias, query_newest_state):
+    beagle = make_beagle(llama_target, attn_implementation=attn, recency_bias=recency_bias,
+                         query_newest_state=query_newest_state)
     ids = torch.randint(0, 96, (2, 10))
     h = target_states(llama_target, ids)
     full = beagle(input_ids=ids, context_states=h)
@@ -130,9 +134,10 @@ def test_cached_step_by_step_equals_full_forward(llama_target, attn, recency_bia
     assert cache.num_true == 10 and cache.num_draft == 0
 
 
-def test_cached_draft_chain_equals_full_forward_with_draft_states(llama_target):
+@pytest.mark.parametrize("query_newest_state", [False, True], ids=["plain", "newest-state"])
+def test_cached_draft_chain_equals_full_forward_with_draft_states(llama_target, query_newest_state):
     """A draft round with lazily appended draft states equals one uncached forward over [true; draft] keys."""
-    beagle = make_beagle(llama_target)
+    beagle = make_beagle(llama_target, query_newest_state=query_newest_state)
     ids = torch.randint(0, 96, (1, 9))
     n = 5  # true states h_0..h_4; draft round starts at position 5
     h = target_states(llama_target, ids)[:, :n]
@@ -155,6 +160,32 @@ def test_cached_draft_chain_equals_full_forward_with_draft_states(llama_target):
     full = beagle(input_ids=ids[:, n : n + 4], position_ids=torch.arange(n, n + 4)[None], context_states=h,
                   draft_states=drafts, draft_position_ids=torch.arange(n, n + 3)[None])
     torch.testing.assert_close(full.last_hidden_state, torch.cat(steps, dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_query_newest_state_adds_the_newest_readable_state():
+    """`query_newest_state`: each query adds the features of its readable key at the highest position (true or
+    draft), nothing when it may read none; the cache refuses to mix appends with and without features."""
+    from modeling_beagle.modeling_beagle import newest_state_features
+
+    features = torch.arange(2 * 5, dtype=torch.float).view(2, 5, 1).expand(-1, -1, 3)
+    positions = torch.tensor([[0, 1, 2, 2, 3], [4, 0, 1, 2, 3]])
+    allowed = torch.tensor([[[True, True, False, False, False],    # newest readable: position 1 (slot 1)
+                             [True, False, False, True, False],    # position 2 in slot 3 (a draft slot)
+                             [False, False, False, False, False]],  # nothing readable: zero
+                            [[True, True, True, True, True],        # position 4 in slot 0
+                             [False, True, True, False, False],     # position 1 in slot 2
+                             [False, True, False, False, False]]])
+    picked = newest_state_features(features, allowed, positions)
+    assert picked[..., 0].tolist() == [[1.0, 3.0, 0.0], [5.0, 7.0, 6.0]]
+    target = make_target("llama")
+    beagle = BeagleModel.from_target(target, query_newest_state=True)
+    assert beagle.block.state_proj is not None and BeagleModel.from_target(target).block.state_proj is None
+    cache = BeagleCache()
+    beagle.append_context(cache, torch.randn(1, 3, 64), torch.arange(3)[None])
+    assert cache.features.shape == (1, 3, 64)
+    keys, values, _ = beagle.project_context(torch.randn(1, 1, 64), torch.tensor([[3]]))
+    with pytest.raises(ValueError, match="features"):
+        cache.append(keys, values, torch.tensor([[3]]))
 
 
 def test_cache_refuses_true_states_while_drafts_are_cached(llama_target):

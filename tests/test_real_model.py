@@ -102,7 +102,8 @@ def test_smoke_recipe_runs_the_shipped_pipeline_end_to_end(tmp_path):
 def test_prepacked_real_target_is_lossless_and_packs_the_remote_code_drafts_head(real):
     """The packed target (oneDNN layout) with the shipped draft loaded as remote code: the draft's reduced head is
     packed too (the two copies of PrepackedLinear recognise each other), and greedy output equals the packed target's
-    plain greedy on MT-bench prompts, through the assisted chain and Beagle's auto tree."""
+    plain greedy on MT-bench prompts, through the assisted chain and Beagle's auto tree (also with the prompt-lookup
+    branch)."""
     from modeling_beagle import beagle_generate, is_prepacked, prepack_linear_weights, prepacking_available
 
     if not prepacking_available():
@@ -116,9 +117,11 @@ def test_prepacked_real_target_is_lossless_and_packs_the_remote_code_drafts_head
         plain = target.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
         chain = target.generate(ids, assistant_model=beagle, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(chain, plain), tokenizer.decode(plain[0, ids.shape[1]:])
-        tree = target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
-                               beagle=beagle, tree_shape="auto", max_new_tokens=NEW_TOKENS, do_sample=False)
-        assert torch.equal(tree, plain), tokenizer.decode(plain[0, ids.shape[1]:])
+        for lookup in ({}, {"prompt_lookup_num_tokens": 10}):  # the tree, then with the prompt-lookup branch
+            tree = target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
+                                   beagle=beagle, tree_shape="auto", max_new_tokens=NEW_TOKENS, do_sample=False,
+                                   **lookup)
+            assert torch.equal(tree, plain), (lookup, tokenizer.decode(plain[0, ids.shape[1]:]))
 
 
 def test_demo_answers_with_identical_output(capsys):

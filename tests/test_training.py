@@ -44,12 +44,14 @@ def test_stage_masks_match_brute_force(k):
 
 
 # ------------------------------------------------------------------------------------------------ exactness
-@pytest.mark.parametrize("recency_bias", [False, True])
-def test_stage2_equals_inference_draft_steps(recency_bias):
+@pytest.mark.parametrize("recency_bias, query_newest_state", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "recency", "newest-state"])
+def test_stage2_equals_inference_draft_steps(recency_bias, query_newest_state):
     """With the same weights and tokens, the stage-2 output of the query at offset t (step t) equals the inference
     draft output at draft step t when the drafted tokens are the true tokens."""
     target = make_target("llama", initializer_range=0.2)
-    beagle = BeagleModel.from_target(target, attn_implementation="eager", recency_bias=recency_bias).eval()
+    beagle = BeagleModel.from_target(target, attn_implementation="eager", recency_bias=recency_bias,
+                                     query_newest_state=query_newest_state).eval()
     with torch.no_grad():
         for p in beagle.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -987,7 +987,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tree-shape", default="auto", help="beagle-tree: auto, chain, or D,K,N[,P] (depth, top-k, "
                         "nodes, and optionally min_prob: prune paths the draft gives less than P; auto and chain use "
                         "the draft's draft_confidence_threshold)")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt-lookup: tokens proposed per round")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10,
+                        help="tokens proposed per round by prompt-lookup and by beagle-tree-lookup's lookup branch")
     parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and method (median taken)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -19,9 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="target dtype; float32 gives exact token identity (bf16 can flip near-ties)")
-    parser.add_argument("--mode", choices=["tree", "chain"], default="chain",
-                        help="chain: target.generate(assistant_model=...) (the faster one on a 2-core CPU, README "
-                             "Results); tree: Beagle's own loop with draft trees")
+    parser.add_argument("--mode", choices=["tree-lookup", "tree", "chain"], default="tree-lookup",
+                        help="tree-lookup: Beagle's own loop with draft trees plus a prompt-lookup branch "
+                             "(prompt_lookup_num_tokens=10; the fastest on a 2-core CPU, README Results); tree: the "
+                             "same without the branch; chain: target.generate(assistant_model=...)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (interleaved); medians reported")
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                         help="pack the target's linear weights for oneDNN (modeling_beagle.prepack_linear_weights) "
@@ -57,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     def speculative():
         if args.mode == "chain":
             return target.generate(ids, assistant_model=beagle, **settings)
+        lookup = {"prompt_lookup_num_tokens": 10} if args.mode == "tree-lookup" else {}
         return target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
-                               beagle=beagle, tree_shape="auto", **settings)
+                               beagle=beagle, tree_shape="auto", **lookup, **settings)
 
     target.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up (and the auto tree's cost curve below)
     speculative()

@@ -51,6 +51,9 @@ class BeagleModelArguments:
     recency_bias: bool = field(default=False, metadata={
         "help": "a fresh Beagle adds a learned per-head distance penalty to its attention scores (ALiBi-style), so "
                 "heads can favour the most recent target states (BeagleConfig.recency_bias)"})
+    query_newest_state: bool = field(default=False, metadata={
+        "help": "a fresh Beagle adds a projection of the newest state each query may read to its token embedding "
+                "(EAGLE-style fusion; a departure from the paper's pure cross-attention: BeagleConfig.query_newest_state)"})
 
 
 @dataclass
@@ -161,6 +164,7 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
                                              dtype=torch.float32)
         check_continuation(beagle.config, {**layout, "draft_vocab_size": model_args.draft_vocab_size,
                                            "recency_bias": model_args.recency_bias or None,
+                                           "query_newest_state": model_args.query_newest_state or None,
                                            "target_layer_ids": None if model_args.target_layer_ids == [-1]
                                            else model_args.target_layer_ids}, model_args.init_from)
         return beagle
@@ -168,6 +172,7 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
                                      target_layer_ids=model_args.target_layer_ids,
                                      draft_vocab_size=model_args.draft_vocab_size,
                                      recency_bias=model_args.recency_bias,
+                                     query_newest_state=model_args.query_newest_state,
                                      target_model_name_or_path=model_args.target_model, **layout)
     if model_args.draft_vocab_size:
         beagle.set_draft_vocabulary(frequent_tokens(train_data, model_args.draft_vocab_size, beagle.config.vocab_size))
