@@ -7,7 +7,14 @@ import pytest
 import torch
 from conftest import briefly_train, make_target, trained_pair
 from test_generation import _chi_square_p_value, _exact_joint_of_tokens_2_and_3, tiny_tokenizer
-from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TextStreamer, TopKLogitsWarper
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TextStreamer,
+    TopKLogitsWarper,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from modeling_beagle import BeagleCache, BeagleGenerationError, BeagleModel, TreeShape, beagle_generate, draft_tree
@@ -392,7 +399,8 @@ def test_tree_sampling_matches_target_distribution(shape, new, lookup):
     accepted = from_lookup = 0
     torch.manual_seed(7)
     for _ in range(1200):
-        out = spec(target, beagle, prompt, shape, do_sample=True, temperature=0.8, top_k=6, max_new_tokens=new, **lookup)
+        out = spec(target, beagle, prompt, shape, do_sample=True, temperature=0.8, top_k=6, max_new_tokens=new,
+                   **lookup)
         t2, t3 = out[0, 5:7].tolist()
         counts[t2 * 8 + t3] += 1
         accepted += sum(beagle.generation_stats.accepted)

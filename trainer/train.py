@@ -53,7 +53,8 @@ class BeagleModelArguments:
                 "heads can favour the most recent target states (BeagleConfig.recency_bias)"})
     query_newest_state: bool = field(default=False, metadata={
         "help": "a fresh Beagle adds a projection of the newest state each query may read to its token embedding "
-                "(EAGLE-style fusion; a departure from the paper's pure cross-attention: BeagleConfig.query_newest_state)"})
+                "(EAGLE-style fusion; a departure from the paper's pure cross-attention: "
+                "BeagleConfig.query_newest_state)"})
 
 
 @dataclass

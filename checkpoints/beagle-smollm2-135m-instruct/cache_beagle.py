@@ -98,8 +98,9 @@ class BeagleCache:
                 f"{(self._keys.shape[0], self._keys.shape[1], self._keys.shape[3])}, found {(batch, heads, head_dim)}."
             )
         if (features is None) != (self._features is None) and self._keys is not None:
-            raise ValueError(f"BeagleCache.append: `features` expected {'present' if self._features is not None else 'absent'} "
-                             "like every earlier append (one model fills a cache).")
+            expected = "present" if self._features is not None else "absent"
+            raise ValueError(f"BeagleCache.append: `features` expected {expected} like every earlier append (one model "
+                             f"fills a cache), found {'absent' if features is None else 'present'}.")
         if features is not None and features.shape[:2] != (batch, n):
             raise ValueError(f"BeagleCache.append: `features` shape expected {(batch, n)} + (hidden,), found "
                              f"{tuple(features.shape)}.")
