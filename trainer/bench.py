@@ -29,6 +29,7 @@ Outputs (`write_outputs`): bench.json, bench.md, acceptance.png and speedup.png.
 """
 
 import datetime
+import functools
 import gc
 import importlib.util
 import json
@@ -169,20 +170,16 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
 
         shape = resolve_tree_shape(target, beagle, tree_shape)  # "auto" measures this machine now, not in a timed run
 
-    def beagle_tree(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
+    def beagle_tree(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, **lookup):
+        """Beagle's own loop; `lookup` (prompt_lookup_num_tokens) adds the prompt-lookup branch."""
         from modeling_beagle import beagle_generate
 
         out = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate, beagle=beagle,
-                              tree_shape=shape, **generation_kwargs(target, max_new_tokens, do_sample, temperature))
-        return _beagle_run(out, beagle)
-
-    def beagle_tree_lookup(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
-        from modeling_beagle import beagle_generate
-
-        out = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate, beagle=beagle,
-                              tree_shape=shape, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+                              tree_shape=shape, **lookup,
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
+
+    beagle_tree_lookup = functools.partial(beagle_tree, prompt_lookup_num_tokens=prompt_lookup_num_tokens)
 
     chain = "chain"
     if beagle is not None:
