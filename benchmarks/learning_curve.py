@@ -60,6 +60,8 @@ def beagle_argv(args) -> list[str]:
     argv = ["--recency_bias", "true"] if args.recency_bias else []
     if args.query_newest_state:
         argv += ["--query_newest_state", "true"]
+    if args.context_next_token:
+        argv += ["--context_next_token", "true"]
     if args.num_key_value_heads:
         argv += ["--num_key_value_heads", str(args.num_key_value_heads)]
     if args.stage1_offset_weights != "uniform":
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--recency-bias", action="store_true", help="Beagle with BeagleConfig.recency_bias")
     parser.add_argument("--query-newest-state", action="store_true",
                         help="Beagle with BeagleConfig.query_newest_state")
+    parser.add_argument("--context-next-token", action="store_true",
+                        help="Beagle with BeagleConfig.context_next_token")
     parser.add_argument("--num-key-value-heads", type=int,
                         help="Beagle with its own key/value head count (default: the target's, 3 for SmolLM2-135M)")
     parser.add_argument("--stage1-ratio", type=float, default=0.5,

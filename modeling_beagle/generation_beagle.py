@@ -219,7 +219,8 @@ class BeagleCandidateGenerator(CandidateGenerator):
                 "target's states for every prompt token (do not pass a pre-filled `past_key_values`)."
             )
         new = slice(cache.num_true, cur_len - 1)
-        beagle.append_context(cache, states[:, :num_new], positions[:, new], None if valid is None else valid[:, new])
+        beagle.append_context(cache, states[:, :num_new], positions[:, new], None if valid is None else valid[:, new],
+                              next_ids=input_ids[:, new.start + 1 :])
 
         # 2. Draft a chain from the bonus token.
         budget = self.max_length - cur_len - 1  # the verification forward adds one bonus token itself
@@ -235,7 +236,8 @@ class BeagleCandidateGenerator(CandidateGenerator):
         for step in range(num_steps):
             draft_kwargs = {}
             if parent_state is not None:
-                draft_kwargs = dict(draft_states=parent_state, draft_position_ids=position + step - 1)
+                draft_kwargs = dict(draft_states=parent_state, draft_position_ids=position + step - 1,
+                                    draft_next_ids=token)
             out = beagle(input_ids=token, position_ids=position + step, past_key_values=cache, **draft_kwargs)
             logits = draft_logits_to_target_vocab(beagle, out.logits[:, -1].float())
             if len(self.logits_processor) > 0:

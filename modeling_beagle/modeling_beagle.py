@@ -323,7 +323,9 @@ class BeagleCrossAttention(nn.Module):
 
 
 class BeagleStateProjection(nn.Linear):
-    """`query_newest_state`: projects a (normalised) context state into the query's embedding space; zero at init."""
+    """A square projection added to a residual input, zero at init (the block then starts as the paper's):
+    `query_newest_state` projects the newest (normalised) context state into a query's embedding;
+    `context_next_token` projects the embedding of the token that followed a context state into that state."""
 
     def __init__(self, hidden_size: int):
         super().__init__(hidden_size, hidden_size, bias=False)
@@ -341,15 +343,26 @@ class BeagleBlock(GradientCheckpointingLayer):
         self.mlp = BeagleMLP(config)
         # config.query_newest_state: the newest readable state, projected and added to the query's token embedding
         self.state_proj = BeagleStateProjection(config.hidden_size) if config.query_newest_state else None
+        # config.context_next_token: the embedding of the token that followed each state, projected and added to it
+        self.next_token_proj = BeagleStateProjection(config.hidden_size) if config.context_next_token else None
 
     def project_context(
-        self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        next_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Keys, values and (with `query_newest_state`) the features a query adds when the state is its newest."""
+        """Keys, values and (with `query_newest_state`) the features a query adds when the state is its newest.
+
+        `next_embeds`: the token embedding of the token that followed each state (`context_next_token` only).
+        """
         if self.norm_kv is not None:
             states = self.norm_kv(states)
+        features = self.state_proj(states) if self.state_proj is not None else None
+        if self.next_token_proj is not None:
+            states = states + self.next_token_proj(next_embeds)
         keys, values = self.cross_attn.project_context(states, position_embeddings)
-        return keys, values, self.state_proj(states) if self.state_proj is not None else None
+        return keys, values, features
 
     def forward(
         self,
@@ -574,13 +587,15 @@ class BeagleModel(BeaglePreTrainedModel):
         return states + noise
 
     def project_context(
-        self, states: torch.Tensor, position_ids: torch.Tensor, draft: bool = False
+        self, states: torch.Tensor, position_ids: torch.Tensor, draft: bool = False,
+        next_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys, values and newest-state features (`query_newest_state`; else None) of context states at `position_ids`.
 
         True states (`draft=False`) have the target's layout: `hidden_size` features, or the concatenation of
         `len(target_layer_ids)` layers, fused by `fc`. In training mode they receive the configured noise.
-        Draft states are Beagle's own outputs (`hidden_size`).
+        Draft states are Beagle's own outputs (`hidden_size`). `next_ids` `(batch, n)`: the token that followed each
+        state, read with it under `context_next_token` (required then, unused otherwise).
         """
         dtype = self.block.norm_q.weight.dtype
         expected = self.config.hidden_size * (1 if draft else self.config.num_target_layers_fused)
@@ -590,13 +605,21 @@ class BeagleModel(BeaglePreTrainedModel):
         if position_ids.shape != states.shape[:2]:
             raise ValueError(f"BeagleModel: positions of `{kind}` shape expected {tuple(states.shape[:2])}, "
                              f"found {tuple(position_ids.shape)}.")
+        next_embeds = None
+        if self.config.context_next_token:
+            ids_name = "draft_next_ids" if draft else "context_next_ids"
+            if next_ids is None or next_ids.shape != states.shape[:2]:
+                found = "None" if next_ids is None else tuple(next_ids.shape)
+                raise ValueError(f"BeagleModel: `{ids_name}` (the token that followed each of `{kind}`, read with it: "
+                                 f"context_next_token=True) shape expected {tuple(states.shape[:2])}, found {found}.")
+            next_embeds = self.embed(next_ids)
         states = states.to(dtype)
         if not draft:
             states = self._add_state_noise(states)
             if self.fc is not None:
                 states = self.fc(states)
         position_embeddings = self.rotary_emb(states, position_ids)
-        return self.block.project_context(states, position_embeddings)
+        return self.block.project_context(states, position_embeddings, next_embeds)
 
     def append_context(
         self,
@@ -605,9 +628,11 @@ class BeagleModel(BeaglePreTrainedModel):
         position_ids: torch.Tensor,
         valid: torch.Tensor | None = None,
         draft: bool = False,
+        next_ids: torch.Tensor | None = None,
     ) -> BeagleCache:
-        """Project context states into `cache` without running any query (the nearly free prefill)."""
-        keys, values, features = self.project_context(states, position_ids, draft=draft)
+        """Project context states into `cache` without running any query (the nearly free prefill). `next_ids`: the
+        token that followed each state (`context_next_token`)."""
+        keys, values, features = self.project_context(states, position_ids, draft=draft, next_ids=next_ids)
         cache.append(keys, values, position_ids, valid, draft=draft, features=features)
         return cache
 
@@ -619,8 +644,10 @@ class BeagleModel(BeaglePreTrainedModel):
         context_states: torch.Tensor | None = None,
         context_position_ids: torch.LongTensor | None = None,
         context_valid: torch.BoolTensor | None = None,
+        context_next_ids: torch.LongTensor | None = None,
         draft_states: torch.Tensor | None = None,
         draft_position_ids: torch.LongTensor | None = None,
+        draft_next_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: BeagleCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -635,9 +662,13 @@ class BeagleModel(BeaglePreTrainedModel):
                 the cache when one is given).
             context_position_ids (`(batch, n)`): their positions j. Defaults to `0..n-1`.
             context_valid (`(batch, n)` bool): `False` marks padding states.
+            context_next_ids (`(batch, n)`): the token that followed each true state (t_{j+1} for h_j), read with it
+                when `config.context_next_token` (required then, unused otherwise).
             draft_states (`(batch, m, hidden)`): Beagle's own earlier outputs ĥ_j to read (appended to the cache as
                 draft states, dropped at the round's end by `cache.discard_drafts()`).
             draft_position_ids (`(batch, m)`): their positions j.
+            draft_next_ids (`(batch, m)`): the token that followed each draft state on its path
+                (`config.context_next_token`).
             attention_mask (`(batch, q, keys)` or `(batch, 1, q, keys)` bool): which keys each query reads, over
                 `[true states; draft states]` (or over every cache slot). Default: keys at positions j < p. Padding
                 keys are always excluded.
@@ -659,12 +690,14 @@ class BeagleModel(BeaglePreTrainedModel):
         if context_states is not None:
             if context_position_ids is None:
                 context_position_ids = torch.arange(context_states.shape[1], device=device).expand(batch, -1)
-            keys, values, features = self.project_context(context_states, context_position_ids, draft=False)
+            keys, values, features = self.project_context(context_states, context_position_ids, draft=False,
+                                                          next_ids=context_next_ids)
             sources.append((keys, values, context_position_ids, context_valid, False, features))
         if draft_states is not None:
             if draft_position_ids is None:
                 raise ValueError("BeagleModel: `draft_position_ids` are required with `draft_states`.")
-            keys, values, features = self.project_context(draft_states, draft_position_ids, draft=True)
+            keys, values, features = self.project_context(draft_states, draft_position_ids, draft=True,
+                                                          next_ids=draft_next_ids)
             sources.append((keys, values, draft_position_ids, None, True, features))
 
         features = None

@@ -70,11 +70,12 @@ def briefly_train(beagle, target, steps: int = 500, batch: int = 16, length: int
                                 pad_token_id=0, eos_token_id=None)
         out = target(texts, output_hidden_states=True)
         states, soft = out.hidden_states[-1], out.logits.softmax(-1)
+        next_ids = torch.cat([texts[:, 1:], texts[:, -1:]], dim=1)  # the token after each state (context_next_token)
     optimizer = torch.optim.AdamW([p for p in beagle.parameters() if p.requires_grad], lr=3e-3)
     beagle.train()
     for _ in range(steps):
         rows = torch.randint(0, texts.shape[0], (batch,), generator=g)
-        pred = beagle(input_ids=texts[rows], context_states=states[rows]).logits
+        pred = beagle(input_ids=texts[rows], context_states=states[rows], context_next_ids=next_ids[rows]).logits
         loss = -(soft[rows] * pred.log_softmax(-1)).sum(-1).mean()
         optimizer.zero_grad()
         loss.backward()

@@ -430,11 +430,13 @@ def test_bad_input_to_the_loop():
         spec(target, other, ids, "chain", max_new_tokens=4)
 
 
-@pytest.mark.parametrize("variant", [{"recency_bias": True}, {"query_newest_state": True}],
-                         ids=["recency", "newest-state"])
+@pytest.mark.parametrize("variant", [{"recency_bias": True}, {"query_newest_state": True},
+                                     {"context_next_token": True}],
+                         ids=["recency", "newest-state", "next-token"])
 def test_greedy_identity_with_draft_variants(variant):
-    """Drafts with `recency_bias` (a float score bias in every attention call) or `query_newest_state` (queries
-    that add their newest readable state) stay lossless on both paths."""
+    """Drafts with `recency_bias` (a float score bias in every attention call), `query_newest_state` (queries
+    that add their newest readable state) or `context_next_token` (states read with the token that followed them)
+    stay lossless on both paths."""
     target, beagle = trained_pair(**variant)
     g = torch.Generator().manual_seed(4)
     accepted = 0
@@ -445,3 +447,61 @@ def test_greedy_identity_with_draft_variants(variant):
         accepted += sum(beagle.generation_stats.accepted)
         assert torch.equal(spec(target, beagle, ids, SHAPES[1 + i % 3], do_sample=False, max_new_tokens=24), ref)
     assert accepted > 16
+
+
+def _path_logits(beagle, states, next_ids, path, root_position):
+    """Draft logits after the last token of `path` (root first), drafted one step at a time as method.md §2 says:
+    true states read with the tokens that followed them, then each ancestor's draft state with its child's token."""
+    cache = BeagleCache()
+    beagle.append_context(cache, states, torch.arange(root_position)[None], next_ids=next_ids)
+    parent = None
+    for depth, token in enumerate(path):
+        kwargs = {} if parent is None else dict(draft_states=parent, draft_next_ids=torch.tensor([[token]]),
+                                                draft_position_ids=torch.tensor([[root_position + depth - 1]]))
+        with torch.no_grad():
+            out = beagle(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[root_position + depth]]),
+                         past_key_values=cache, **kwargs)
+        parent = out.last_hidden_state
+    return out.logits[0, 0]
+
+
+@pytest.mark.parametrize("variant", [{}, {"context_next_token": True}], ids=["plain", "next-token"])
+def test_drafts_are_what_the_model_computes_along_each_path(variant):
+    """Every node of a draft tree is among the top-k of its parent's logits computed along the parent's own path
+    (its siblings' draft states and tokens unseen), and the assisted chain's candidates are the greedy chain of the
+    same computation: the generation paths hand each draft step exactly the context training simulated."""
+    from modeling_beagle.generation_beagle import BeagleCandidateGenerator, draft_topk
+
+    target = make_target("llama", initializer_range=0.2)
+    torch.manual_seed(7)
+    beagle = BeagleModel.from_target(target, draft_confidence_threshold=0.0, **variant).eval()
+    with torch.no_grad():  # random, not zero-initialised, so the token projection matters
+        for param in beagle.parameters():
+            param.normal_(0, 0.2) if param.dim() > 1 else param.add_(torch.randn_like(param) * 0.1)
+    ids = torch.randint(3, 96, (1, 8))
+    with torch.no_grad():
+        out = target(ids, output_hidden_states=True)
+    states, n = out.hidden_states[-1][:, :7], 7  # the root (bonus) token ids[:, 7] has no state yet
+    cache = BeagleCache()
+    beagle.append_context(cache, states, torch.arange(n)[None], next_ids=ids[:, 1:])
+    shape = TreeShape(depth=4, top_k=3, total_tokens=14)
+    tokens, parents, depths = draft_tree(beagle, cache, ids[:, n], torch.tensor([n]), shape)
+    root = int(ids[0, n])
+    for i in range(tokens.shape[1]):
+        path, node = [], int(parents[0, i])
+        while node >= 0:
+            path.insert(0, int(tokens[0, node]))
+            node = int(parents[0, node])
+        logits = _path_logits(beagle, states, ids[:, 1:], [root] + path, n)
+        _, top = draft_topk(beagle, logits, shape.top_k)
+        assert int(tokens[0, i]) in top.tolist(), f"node {i} at depth {int(depths[0, i])}"
+    assert int(depths.max()) == 4
+
+    config = GenerationConfig(do_sample=False, max_length=40)
+    generator = BeagleCandidateGenerator(beagle, config, LogitsProcessorList(), num_draft_tokens=4)
+    candidates, _ = generator.get_candidates(ids, model_outputs=out)
+    drafted = candidates[0, n + 1 :].tolist()
+    assert len(drafted) == 4
+    for d in range(4):
+        logits = _path_logits(beagle, states, ids[:, 1:], [root] + drafted[:d], n)
+        assert draft_topk(beagle, logits, 1)[1].item() == drafted[d], f"chain step {d + 1}"

@@ -134,21 +134,23 @@ def test_cached_step_by_step_equals_full_forward(llama_target, attn, recency_bia
     assert cache.num_true == 10 and cache.num_draft == 0
 
 
-@pytest.mark.parametrize("query_newest_state", [False, True], ids=["plain", "newest-state"])
-def test_cached_draft_chain_equals_full_forward_with_draft_states(llama_target, query_newest_state):
+@pytest.mark.parametrize("variant", [{}, {"query_newest_state": True}, {"context_next_token": True}],
+                         ids=["plain", "newest-state", "next-token"])
+def test_cached_draft_chain_equals_full_forward_with_draft_states(llama_target, variant):
     """A draft round with lazily appended draft states equals one uncached forward over [true; draft] keys."""
-    beagle = make_beagle(llama_target, query_newest_state=query_newest_state)
+    beagle = make_beagle(llama_target, **variant)
     ids = torch.randint(0, 96, (1, 9))
     n = 5  # true states h_0..h_4; draft round starts at position 5
     h = target_states(llama_target, ids)[:, :n]
     cache = BeagleCache()
-    beagle.append_context(cache, h, torch.arange(n)[None])
+    beagle.append_context(cache, h, torch.arange(n)[None], next_ids=ids[:, 1 : n + 1])
     states, steps = [], []
     for d in range(4):
         pos = n + d
         kwargs = {}
         if d > 0:
-            kwargs = dict(draft_states=states[-1], draft_position_ids=torch.tensor([[pos - 1]]))
+            kwargs = dict(draft_states=states[-1], draft_position_ids=torch.tensor([[pos - 1]]),
+                          draft_next_ids=ids[:, pos : pos + 1])
         out = beagle(input_ids=ids[:, pos : pos + 1], position_ids=torch.tensor([[pos]]), past_key_values=cache, **kwargs)
         states.append(out.last_hidden_state)
         steps.append(out.last_hidden_state)
@@ -158,8 +160,39 @@ def test_cached_draft_chain_equals_full_forward_with_draft_states(llama_target, 
     # Uncached: query positions n..n+3 over [h_0..h_4 ; ĥ_n..ĥ_{n+2}] with the position-causal rule.
     drafts = torch.cat(states[:3], dim=1)
     full = beagle(input_ids=ids[:, n : n + 4], position_ids=torch.arange(n, n + 4)[None], context_states=h,
-                  draft_states=drafts, draft_position_ids=torch.arange(n, n + 3)[None])
+                  context_next_ids=ids[:, 1 : n + 1], draft_states=drafts, draft_position_ids=torch.arange(n, n + 3)[None],
+                  draft_next_ids=ids[:, n + 1 : n + 4])
     torch.testing.assert_close(full.last_hidden_state, torch.cat(steps, dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_context_next_token_reads_each_state_with_the_token_that_followed_it(llama_target, attn):
+    """`context_next_token`: the query at p reads the tokens t_1..t_p (each with the state before it) and no later
+    token; the projection starts at zero (the paper's block); the forward refuses states without their tokens."""
+    plain = BeagleModel.from_target(llama_target).eval()
+    fused = BeagleModel.from_target(llama_target, context_next_token=True).eval()
+    assert torch.equal(fused.block.next_token_proj.weight, torch.zeros(64, 64))
+    ids = torch.randint(0, 96, (1, 12))
+    h = target_states(llama_target, ids)
+    next_ids = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+    fused.load_state_dict({**plain.state_dict(), "block.next_token_proj.weight": torch.zeros(64, 64)})
+    torch.testing.assert_close(fused(input_ids=ids, context_states=h, context_next_ids=next_ids).last_hidden_state,
+                               plain(input_ids=ids, context_states=h).last_hidden_state)
+    beagle = make_beagle(llama_target, attn_implementation=attn, context_next_token=True)
+    base = beagle(input_ids=ids, context_states=h, context_next_ids=next_ids).last_hidden_state
+    for k in range(12):
+        other = ids.clone()
+        other[0, k] = (other[0, k] + 1) % 96
+        moved = torch.cat([other[:, 1:], other[:, -1:]], dim=1)
+        out = beagle(input_ids=other, context_states=h, context_next_ids=moved).last_hidden_state
+        for p in range(12):
+            changed = not torch.equal(out[:, p], base[:, p])
+            assert changed == (k == p or 1 <= k < p), f"token {k} {'reached' if changed else 'did not reach'} query {p}"
+    with pytest.raises(ValueError, match="context_next_ids"):
+        beagle(input_ids=ids, context_states=h)
+    with pytest.raises(ValueError, match="draft_next_ids"):
+        beagle(input_ids=ids, context_states=h, context_next_ids=next_ids, draft_states=h,
+               draft_position_ids=torch.arange(12)[None])
 
 
 def test_query_newest_state_adds_the_newest_readable_state():

@@ -44,14 +44,14 @@ def test_stage_masks_match_brute_force(k):
 
 
 # ------------------------------------------------------------------------------------------------ exactness
-@pytest.mark.parametrize("recency_bias, query_newest_state", [(False, False), (True, False), (False, True)],
-                         ids=["plain", "recency", "newest-state"])
-def test_stage2_equals_inference_draft_steps(recency_bias, query_newest_state):
+@pytest.mark.parametrize("variant", [{}, {"recency_bias": True}, {"query_newest_state": True},
+                                     {"context_next_token": True}],
+                         ids=["plain", "recency", "newest-state", "next-token"])
+def test_stage2_equals_inference_draft_steps(variant):
     """With the same weights and tokens, the stage-2 output of the query at offset t (step t) equals the inference
     draft output at draft step t when the drafted tokens are the true tokens."""
     target = make_target("llama", initializer_range=0.2)
-    beagle = BeagleModel.from_target(target, attn_implementation="eager", recency_bias=recency_bias,
-                                     query_newest_state=query_newest_state).eval()
+    beagle = BeagleModel.from_target(target, attn_implementation="eager", **variant).eval()
     with torch.no_grad():
         for p in beagle.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -76,13 +76,15 @@ def test_stage2_equals_inference_draft_steps(recency_bias, query_newest_state):
             if s < 0:
                 continue
             cache = BeagleCache()
-            beagle.append_context(cache, h[b : b + 1, :s], torch.arange(s)[None])
+            # each true state is read with the token that followed it: h_{s-1} with t_s, the round's first query
+            beagle.append_context(cache, h[b : b + 1, :s], torch.arange(s)[None], next_ids=ids[b : b + 1, 1 : s + 1])
             parent = None
             for t in range(1, steps + 1):
                 p = s + t - 1
                 if p >= 14:
                     break
-                kwargs = {} if parent is None else dict(draft_states=parent, draft_position_ids=torch.tensor([[p - 1]]))
+                kwargs = {} if parent is None else dict(draft_states=parent, draft_position_ids=torch.tensor([[p - 1]]),
+                                                        draft_next_ids=ids[b : b + 1, p : p + 1])
                 with torch.no_grad():
                     out = beagle(input_ids=ids[b : b + 1, p : p + 1], position_ids=torch.tensor([[p]]),
                                  past_key_values=cache, **kwargs)

@@ -88,6 +88,12 @@ def position_losses(beagle, hidden: torch.Tensor, target_states: torch.Tensor, l
     return ce, regression, agree
 
 
+def next_token_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """t_{j+1} for the state h_j at each position j of a training row (`context_next_token`); the last position,
+    whose state no query reads, repeats its own token."""
+    return torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+
+
 def _windows(input_ids: torch.Tensor, window: int, offsets: torch.Tensor):
     batch, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
@@ -117,7 +123,7 @@ def stage1_forward(beagle, input_ids, context_states, target_states, labels: Sof
     """
     positions, starts = _windows(input_ids, window, offsets)
     out = (forward or beagle)(input_ids=input_ids, position_ids=positions, context_states=context_states,
-                              context_valid=attention_mask.bool(),
+                              context_valid=attention_mask.bool(), context_next_ids=next_token_ids(input_ids),
                               attention_mask=inverse_block_mask(positions, positions, starts), return_logits=False)
     supervised = loss_mask.bool()
     ce, regression, agree = position_losses(beagle, out.last_hidden_state[supervised], target_states[supervised],
@@ -160,11 +166,13 @@ def stage2_step(beagle, input_ids, context_states, draft_buffer, target_states, 
     at_step = window_offsets(positions, starts) == step
     query_positions, exists = positions_at_offset(input_ids.shape[1], window, offsets, step)
     query_starts = window_starts(query_positions, window, offsets)
+    next_ids = next_token_ids(input_ids)  # D[p] is read with t_{p+1}, as at inference (the drafted tokens are true)
     mask = torch.cat([inverse_block_mask(query_positions, positions, query_starts),
                       window_draft_mask(query_positions, positions, query_starts, step)], dim=-1)
     out = (forward or beagle)(input_ids=input_ids.gather(1, query_positions), position_ids=query_positions,
                               context_states=context_states, context_valid=attention_mask.bool(),
-                              draft_states=draft_buffer, draft_position_ids=positions, attention_mask=mask,
+                              context_next_ids=next_ids, draft_states=draft_buffer, draft_position_ids=positions,
+                              draft_next_ids=next_ids, attention_mask=mask,
                               return_logits=False)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(query_positions)
     supervised = exists & loss_mask.bool().gather(1, query_positions)

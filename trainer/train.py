@@ -55,6 +55,9 @@ class BeagleModelArguments:
         "help": "a fresh Beagle adds a projection of the newest state each query may read to its token embedding "
                 "(EAGLE-style fusion; a departure from the paper's pure cross-attention: "
                 "BeagleConfig.query_newest_state)"})
+    context_next_token: bool = field(default=False, metadata={
+        "help": "a fresh Beagle reads every context state together with the token that followed it (EAGLE-style "
+                "fusion; a departure from the paper's keys: BeagleConfig.context_next_token)"})
 
 
 @dataclass
@@ -166,6 +169,7 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
         check_continuation(beagle.config, {**layout, "draft_vocab_size": model_args.draft_vocab_size,
                                            "recency_bias": model_args.recency_bias or None,
                                            "query_newest_state": model_args.query_newest_state or None,
+                                           "context_next_token": model_args.context_next_token or None,
                                            "target_layer_ids": None if model_args.target_layer_ids == [-1]
                                            else model_args.target_layer_ids}, model_args.init_from)
         return beagle
@@ -174,6 +178,7 @@ def make_beagle(target, model_args: BeagleModelArguments, train_data) -> BeagleM
                                      draft_vocab_size=model_args.draft_vocab_size,
                                      recency_bias=model_args.recency_bias,
                                      query_newest_state=model_args.query_newest_state,
+                                     context_next_token=model_args.context_next_token,
                                      target_model_name_or_path=model_args.target_model, **layout)
     if model_args.draft_vocab_size:
         beagle.set_draft_vocabulary(frequent_tokens(train_data, model_args.draft_vocab_size, beagle.config.vocab_size))

@@ -111,6 +111,12 @@ class BeagleConfig(PreTrainedConfig):
             query may read (its key at the highest position: the last true state, or the parent's draft state) to
             the query's token embedding before the block, as EAGLE's FC fuses feature and token. A departure from
             the paper's pure cross-attention (method.md §1), for measuring what the newest state is worth.
+        context_next_token (`bool`, defaults to `False`): read every context state (true or draft) together with
+            the token that followed it: keys and values project `norm_kv(c_j) + W e(t_{j+1})`, with W a learned
+            projection of the target's token embedding, zero at init (so it starts as the paper's block). EAGLE's FC
+            fuses each feature with the token that followed it in the same way. A departure from the paper's keys
+            (method.md §1), for measuring what the tokens are worth; the forward then needs `context_next_ids` (and
+            `draft_next_ids` with draft states).
         carry_target_embeddings (`bool`, defaults to `False`): the checkpoint carries its own frozen copies of the
             target's token embedding and (draft-vocabulary) head, so it runs without the target's weights at hand.
         draft_vocab_size (`int`, *optional*): a reduced draft vocabulary (the most frequent target tokens); the
@@ -171,6 +177,7 @@ class BeagleConfig(PreTrainedConfig):
     null_kv_slot: bool = True
     recency_bias: bool = False
     query_newest_state: bool = False
+    context_next_token: bool = False
     carry_target_embeddings: bool = False
     draft_vocab_size: int | None = None
     concat_draft_states: bool = True

@@ -139,15 +139,18 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
     empty = torch.empty(batch, 0, dtype=torch.long, device=device)
     tokens, parents, depths = empty, empty, empty
     scores = torch.empty(batch, 0, device=device)
-    slot_nodes = empty  # the node whose draft state each cached draft slot holds (-1: the root)
+    # Each cached draft slot belongs to one node: it holds the draft state of that node's parent, read with the
+    # node's own token (the token that followed the state on this path: `context_next_token`). The node and its
+    # descendants read it; its siblings hold slots of their own.
+    slot_nodes = empty
     frontier = torch.full((batch, 1), -1, dtype=torch.long, device=device)
     frontier_tokens, frontier_scores = roots[:, None], torch.zeros(batch, 1, device=device)
-    states = previous_frontier = None
+    states = None  # the frontier's slots: each frontier node's parent's draft state
     for level in range(shape.depth):
         draft_kwargs = {}
         if states is not None:
-            slot_nodes = torch.cat([slot_nodes, previous_frontier], dim=1)
-            draft_kwargs = dict(draft_states=states,
+            slot_nodes = torch.cat([slot_nodes, frontier], dim=1)
+            draft_kwargs = dict(draft_states=states, draft_next_ids=frontier_tokens,
                                 draft_position_ids=(root_positions[:, None] + level - 1).expand(-1, states.shape[1]))
         lineage = _self_and_ancestors(frontier, parents, level)  # (batch, q, level + 1)
         draft_allowed = (slot_nodes[:, None, :, None] == lineage[:, :, None, :]).any(-1)
@@ -167,12 +170,11 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
         if level + 1 == shape.depth:
             break
         best = child_scores.topk(k, dim=-1).indices
-        previous_frontier = frontier
-        states = out.last_hidden_state if beagle.config.concat_draft_states else None
+        if beagle.config.concat_draft_states:  # child c of this level is a child of query c // k
+            hidden = out.last_hidden_state
+            states = hidden.gather(1, (best // k)[..., None].expand(-1, -1, hidden.shape[-1]))
         frontier = first + best
         frontier_tokens, frontier_scores = child_tokens.gather(1, best), child_scores.gather(1, best)
-        if states is None:
-            previous_frontier = None
         if shape.min_prob > 0 and bool((frontier_scores < log_min_prob).all()):
             break  # every deeper node would score lower still: none would be kept
     num_keep = min(shape.total_tokens, scores.shape[1])
@@ -377,12 +379,13 @@ def beagle_generate(
         raise BeagleGenerationError("the target's cache expected full-attention DynamicCache layers, found "
                                     f"{sorted({type(l).__name__ for l in cache.layers})} (sliding-window caches cannot "
                                     "keep a tree's accepted path).")
-    beagle_cache = BeagleCache()
-    beagle.append_context(beagle_cache, target_states(out, layer_ids), positions, kv_valid)
     roots = torch.empty(batch, dtype=torch.long, device=device)
     for b in range(batch):
         roots[b] = choose(b, out.logits[b, -1])
         emit(b, int(roots[b]))
+    beagle_cache = BeagleCache()
+    beagle.append_context(beagle_cache, target_states(out, layer_ids), positions, kv_valid,
+                          next_ids=torch.cat([input_ids[:, 1:], roots[:, None]], dim=1))
     root_positions = positions[:, -1] + 1
     stats.verify_time_s += time.perf_counter() - started
 
@@ -441,8 +444,11 @@ def beagle_generate(
         kv_valid = torch.cat([kv_valid, path_valid], dim=1)
         states = target_states(out, layer_ids)
         states = states.gather(1, index[..., None].expand(-1, -1, states.shape[-1]))
+        # each accepted state is followed by the next node on its path, the last one by the new root (bonus token)
+        next_ids = torch.cat([inputs.gather(1, index)[:, 1:], roots[:, None]], dim=1)
+        next_ids = next_ids.scatter(1, (lengths - 1)[:, None], roots[:, None])
         beagle.append_context(beagle_cache, states, root_positions[:, None] + torch.arange(width, device=device),
-                              path_valid)
+                              path_valid, next_ids=next_ids)
         root_positions = root_positions + lengths
         stats.verify_time_s += time.perf_counter() - drafted_at
 
