@@ -61,6 +61,8 @@ def _deterministic():
 def briefly_train(beagle, target, steps: int = 500, batch: int = 16, length: int = 40, seed: int = 0):
     """A few hundred offset-1 steps on the target's own sampled text: enough for the draft to agree with the
     target often, so speculative rounds accept multi-token drafts (a random draft almost never does)."""
+    from trainer.objectives import next_token_ids
+
     g = torch.Generator().manual_seed(seed)
     vocab = target.config.vocab_size
     with torch.no_grad():
@@ -70,7 +72,7 @@ def briefly_train(beagle, target, steps: int = 500, batch: int = 16, length: int
                                 pad_token_id=0, eos_token_id=None)
         out = target(texts, output_hidden_states=True)
         states, soft = out.hidden_states[-1], out.logits.softmax(-1)
-        next_ids = torch.cat([texts[:, 1:], texts[:, -1:]], dim=1)  # the token after each state (context_next_token)
+        next_ids = next_token_ids(texts)  # the token after each state (context_next_token)
     optimizer = torch.optim.AdamW([p for p in beagle.parameters() if p.requires_grad], lr=3e-3)
     beagle.train()
     for _ in range(steps):

@@ -169,12 +169,14 @@ def test_cached_draft_chain_equals_full_forward_with_draft_states(llama_target, 
 def test_context_next_token_reads_each_state_with_the_token_that_followed_it(llama_target, attn):
     """`context_next_token`: the query at p reads the tokens t_1..t_p (each with the state before it) and no later
     token; the projection starts at zero (the paper's block); the forward refuses states without their tokens."""
+    from trainer.objectives import next_token_ids
+
     plain = BeagleModel.from_target(llama_target).eval()
     fused = BeagleModel.from_target(llama_target, context_next_token=True).eval()
     assert torch.equal(fused.block.next_token_proj.weight, torch.zeros(64, 64))
     ids = torch.randint(0, 96, (1, 12))
     h = target_states(llama_target, ids)
-    next_ids = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+    next_ids = next_token_ids(ids)
     fused.load_state_dict({**plain.state_dict(), "block.next_token_proj.weight": torch.zeros(64, 64)})
     torch.testing.assert_close(fused(input_ids=ids, context_states=h, context_next_ids=next_ids).last_hidden_state,
                                plain(input_ids=ids, context_states=h).last_hidden_state)
@@ -183,8 +185,7 @@ def test_context_next_token_reads_each_state_with_the_token_that_followed_it(lla
     for k in range(12):
         other = ids.clone()
         other[0, k] = (other[0, k] + 1) % 96
-        moved = torch.cat([other[:, 1:], other[:, -1:]], dim=1)
-        out = beagle(input_ids=other, context_states=h, context_next_ids=moved).last_hidden_state
+        out = beagle(input_ids=other, context_states=h, context_next_ids=next_token_ids(other)).last_hidden_state
         for p in range(12):
             changed = not torch.equal(out[:, p], base[:, p])
             assert changed == (k == p or 1 <= k < p), f"token {k} {'reached' if changed else 'did not reach'} query {p}"
