@@ -28,6 +28,7 @@ Inference: `target.generate(ids, assistant_model=draft)` (Beagle's generate hook
 """
 
 import inspect
+import logging
 import os
 import sys
 import time
@@ -41,6 +42,7 @@ from transformers.generation.candidate_generator import CandidateGenerator  # no
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.utils import ModelOutput
 
+logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -553,7 +555,9 @@ def make_eagle2(target, model_args, train_data) -> Eagle2Draft:
     """The draft `python benchmarks/eagle2_draft.py train` trains: the same options as `beagle train`'s
     `make_beagle` (`--init_from`, `--attn_implementation`, `--draft_vocab_size` with the same frequent tokens, the
     layer's layout `--num_attention_heads` / `--num_key_value_heads` / `--intermediate_size`). `--recency_bias` (a term
-    of Beagle's cross-attention) has no counterpart here and is refused, so a shared recipe cannot drop it silently."""
+    of Beagle's cross-attention) has no counterpart here and is refused, so a shared recipe cannot drop it silently.
+    `--query_newest_state` / `--context_next_token` give Beagle the inputs this draft always has (the newest state
+    and the next token fused by its FC): accepted, with a note in the log, since they change nothing here."""
     from trainer.train import check_continuation, frequent_tokens, layout_options
 
     if model_args.target_layer_ids != [-1]:
@@ -563,6 +567,10 @@ def make_eagle2(target, model_args, train_data) -> Eagle2Draft:
         raise ValueError("--recency_bias true: a Beagle option (a learned distance penalty in its cross-attention) "
                          "that the EAGLE-2-style draft does not have; expected it left out or false "
                          "(`--recency_bias false` after a recipe file that sets it).")
+    for name in ("query_newest_state", "context_next_token"):
+        if getattr(model_args, name):
+            logger.info("--%s true: the EAGLE-2-style draft always reads these inputs (its FC fuses the newest state "
+                        "with the next token's embedding); nothing to change", name)
     layout = layout_options(model_args)
     if model_args.init_from:
         draft = Eagle2Draft.from_pretrained(model_args.init_from, attn_implementation=model_args.attn_implementation,

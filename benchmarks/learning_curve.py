@@ -172,7 +172,7 @@ def main(argv=None) -> int:
             record = json.load(handle)["training_record"]["runs"][-1]
         runs[label] = {"wall_s_with_cache_and_evals": round(wall_s, 1), "peak_rss_bytes": peak,
                        "token_updates": record["token_updates"], "steps": record["steps"], "data": record["data"],
-                       "final": curves[label][-1]}
+                       "final": curves[label][-1], "target_dtype": record.get("target_dtype")}
         print(f"[learning_curve] {label}: {json.dumps(runs[label])}", flush=True)
 
     return report(args, runs, curves, out)
@@ -199,7 +199,8 @@ def finished_runs(specs: list[str]) -> tuple[dict, dict]:
         runs[label] = {"wall_s_with_cache_and_evals": record["total_wall_s"], "peak_rss_bytes": None,
                        "token_updates": record["total_token_updates"], "steps": record["total_steps"],
                        "data": record["runs"][-1].get("data"), "machine": record["runs"][-1].get("machine"),
-                       "final": curves[label][-1], "run_dir": folder}
+                       "final": curves[label][-1], "run_dir": folder,
+                       "target_dtype": record["runs"][-1].get("target_dtype")}
     return runs, curves
 
 
@@ -211,7 +212,11 @@ def report(args, runs: dict, curves: dict, out: str) -> int:
             other = json.load(handle)
         curves.update({k: v for k, v in other["curves"].items() if k not in curves})
         runs.update({k: v for k, v in other["runs"].items() if k not in runs})
-    valid = all(r["eval_greedy_identical"] == 1.0 for rows in curves.values() for r in rows)
+    # Greedy identity is exact only in float32: a bf16 target's multi-token verification rounds differently from its
+    # one-token decoding and can flip near-ties (README, Benchmarks), so bf16 curves report their identical share
+    # instead. A run without a recorded dtype (older ledgers) is held to float32's rule.
+    bf16 = {name for name, run in runs.items() if run.get("target_dtype") == "bfloat16"}
+    valid = all(r["eval_greedy_identical"] == 1.0 for name, rows in curves.items() if name not in bf16 for r in rows)
     # Compared finished runs: their settings are in their training records, not in this command's defaults.
     settings = {"from_run": args.from_run, "include": args.include} if args.from_run else vars(args)
     report = {"valid": valid, "settings": settings, "runs": runs, "curves": curves,
@@ -225,10 +230,17 @@ def report(args, runs: dict, curves: dict, out: str) -> int:
              f"**{'VALID' if valid else 'INVALID: a speculative output differed from plain greedy'}**", "",
              f"Machine: {report['machine']}", "", f"Settings: {settings}", "",
              "τ: greedy chain decoding through `target.generate(assistant_model=draft)` on MT-bench first turns, "
-             "target in the training dtype, every output identical to plain greedy. Training wall time excludes "
-             "the evaluations and the (shared) offline cache build.", "",
-             "| step | " + " | ".join(f"{n} train s | {n} τ | {n} α1..4" for n in names) + " |",
-             "|---|" + "---|---|---|" * len(names)]
+             "target in the training dtype, every float32 output identical to plain greedy. Training wall time "
+             "excludes the evaluations and the (shared) offline cache build.", ""]
+    if bf16:
+        shares = {name: [r["eval_greedy_identical"] for r in curves[name]] for name in sorted(bf16)}
+        lines += ["bf16 target (" + ", ".join(sorted(bf16)) + "): verifying several tokens in one forward rounds "
+                  "differently from one-token decoding and can flip near-ties, so identity is not required here; "
+                  "share of identical outputs per evaluation: " +
+                  "; ".join(f"{name} {' / '.join(f'{x:.2f}' for x in xs)}" for name, xs in shares.items()) +
+                  " (not checked for ties here: `beagle bench` does that, and float32 identity is tested).", ""]
+    lines += ["| step | " + " | ".join(f"{n} train s | {n} τ | {n} α1..4" for n in names) + " |",
+              "|---|" + "---|---|---|" * len(names)]
     steps = sorted({r["step"] for rows in curves.values() for r in rows})
     for step in steps:
         cells = []

@@ -202,13 +202,16 @@ def _learning_curve_module():
     return module
 
 
-def _finished_run(folder, name, taus, total_wall_s, peak=None):
+def _finished_run(folder, name, taus, total_wall_s, peak=None, identical=None, target_dtype=None):
     (folder / name).mkdir(parents=True)
-    rows = [{"step": 100 * (i + 1), "eval_tau": tau, "eval_greedy_identical": 1.0, "train_wall_s": 60.0 * (i + 1),
-             "eval_alpha_step_1": tau - 1} for i, tau in enumerate(taus)]
+    identical = identical or [1.0] * len(taus)
+    rows = [{"step": 100 * (i + 1), "eval_tau": tau, "eval_greedy_identical": identical[i],
+             "train_wall_s": 60.0 * (i + 1), "eval_alpha_step_1": tau - 1} for i, tau in enumerate(taus)]
     (folder / "tau_curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    record = {"runs": [{"data": "24 records", "machine": "x86_64 2 CPUs", "wall_s": total_wall_s - 10},
-                       {"data": "24 records", "machine": "x86_64 2 CPUs", "wall_s": 10}],
+    last = {"data": "24 records", "machine": "x86_64 2 CPUs", "wall_s": 10}
+    if target_dtype:
+        last["target_dtype"] = target_dtype
+    record = {"runs": [{"data": "24 records", "machine": "x86_64 2 CPUs", "wall_s": total_wall_s - 10}, last],
               "total_wall_s": total_wall_s, "total_token_updates": 5000, "total_steps": 100 * len(taus)}
     (folder / name / "config.json").write_text(json.dumps({"training_record": record}))
     return rows
@@ -239,3 +242,26 @@ def test_learning_curve_compares_finished_runs_from_their_folders(tmp_path):
         assert "| 200 | 120 | 1.400 | 0.40 | 120 | 1.300 | 0.30 |" in table
         assert "| beagle | 5,000 | – | 7200 |" in table
         assert json.loads((out / "learning_curve.json").read_text())["settings"]["from_run"][0].startswith("beagle=")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the report plots with matplotlib")
+def test_learning_curve_holds_float32_runs_to_identity_and_reports_bf16_shares(tmp_path):
+    """Greedy identity is exact only in float32: a float32 run (or one whose ledger predates the dtype field) whose
+    evaluation differed from plain greedy makes the comparison INVALID (exit 1); a bf16 run reports its identical
+    share per evaluation instead (near-ties can flip there)."""
+    curves_module = _learning_curve_module()
+    _finished_run(tmp_path / "bf16", "beagle", [1.2, 1.4], 600.0, identical=[1.0, 0.67], target_dtype="bfloat16")
+    _finished_run(tmp_path / "fp32", "eagle2", [1.1, 1.3], 600.0, identical=[1.0, 0.67], target_dtype="float32")
+    _finished_run(tmp_path / "old", "eagle2", [1.1, 1.3], 600.0, identical=[0.67, 1.0])
+    _finished_run(tmp_path / "ok", "eagle2", [1.1, 1.3], 600.0, target_dtype="float32")
+
+    def run(*specs):
+        out = tmp_path / ("out-" + "-".join(s.split("=")[1].rsplit("/", 1)[1] for s in specs))
+        argv = [a for spec in specs for a in ("--from-run", spec)] + ["--output-dir", str(out)]
+        return curves_module.main(argv), (out / "learning_curve.md").read_text()
+
+    status, table = run(f"beagle={tmp_path / 'bf16'}", f"eagle2={tmp_path / 'ok'}")
+    assert status == 0 and "**VALID**" in table and "beagle 1.00 / 0.67" in table
+    for other in ("fp32", "old"):
+        status, table = run(f"beagle={tmp_path / 'bf16'}", f"eagle2={tmp_path / other}")
+        assert status == 1 and "**INVALID" in table, other

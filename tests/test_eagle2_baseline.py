@@ -4,6 +4,7 @@ the exactness of cached chain drafting, training through `Eagle2Trainer`, lossle
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -284,7 +285,7 @@ def test_offline_cache_of_a_beagle_trains_the_eagle2_draft_identically(tmp_path)
     assert trainer.state.global_step == 3
 
 
-def test_make_eagle2_takes_the_layout_options_and_refuses_beagle_only_ones(tmp_path):
+def test_make_eagle2_takes_the_layout_options_and_refuses_beagle_only_ones(tmp_path, caplog):
     """A recipe shared with `beagle train` sizes the baseline's layer with the same layout options, and an option the
     baseline has no counterpart for (`recency_bias`) is an error, not silently dropped; a continuation refuses
     another layout."""
@@ -299,6 +300,15 @@ def test_make_eagle2_takes_the_layout_options_and_refuses_beagle_only_ones(tmp_p
 
     with pytest.raises(ValueError, match="--recency_bias true: a Beagle option"):
         eagle2.make_eagle2(target, BeagleModelArguments(target_model="tiny", recency_bias=True), train_data=None)
+
+    # Beagle's two EAGLE-input options describe what this draft always reads: the same draft, and the log says so.
+    with caplog.at_level(logging.INFO, logger=eagle2.logger.name):
+        same = eagle2.make_eagle2(target, BeagleModelArguments(target_model="tiny", num_key_value_heads=1,
+                                                               intermediate_size=48, query_newest_state=True,
+                                                               context_next_token=True), train_data=None)
+    assert {k: v.shape for k, v in same.state_dict().items()} == {k: v.shape for k, v in draft.state_dict().items()}
+    notes = [r.getMessage() for r in caplog.records]
+    assert any("--query_newest_state true" in m for m in notes) and any("--context_next_token true" in m for m in notes)
 
     draft.save_pretrained(tmp_path / "draft")
     continued = eagle2.make_eagle2(target, BeagleModelArguments(target_model="tiny", init_from=str(tmp_path / "draft"),
