@@ -136,3 +136,11 @@ def test_demo_answers_with_identical_output(capsys):
     assert run(args) == 0
     out = capsys.readouterr().out
     assert "output identical to plain greedy: yes" in out and "speedup" in out and "tau" in out
+    # Packing is kept only where the timed plain decode says it is faster here, and the runs use what was decided.
+    from modeling_beagle import prepacking_available
+
+    if prepacking_available(torch.float32):
+        decision = next(line for line in out.splitlines() if "plain tokens: packed target" in line)
+        packed = decision.endswith(": packed for both runs")
+        assert packed or decision.endswith(": unpacked for both runs"), decision
+        assert ("prepacked target" in out.splitlines()[-1]) == packed

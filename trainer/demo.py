@@ -26,13 +26,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (interleaved); medians reported")
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                         help="pack the target's linear weights for oneDNN (modeling_beagle.prepack_linear_weights) "
-                             "before both runs; default: on where this CPU can pack the target's dtype")
+                             "before both runs; default: where this CPU can pack the target's dtype and a short "
+                             "timed decode shows packing is faster here (it is not on every CPU)")
+
+
+def packing_pays(target, ids: torch.Tensor, new_tokens: int = 16, repeats: int = 2) -> bool:
+    """Whether plain greedy decoding of `new_tokens` after `ids` is faster with the target's linear weights packed
+    than unpacked on this machine: the two are timed interleaved (`repeats` each after a warm-up; fastest taken) and
+    the result printed. The target is left packed; the caller unpacks it if this returns False."""
+    from modeling_beagle import packed_path
+
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    best = {True: float("inf"), False: float("inf")}
+    for run_index in range(repeats + 1):
+        for packed in (True, False):
+            with packed_path(target, packed):
+                start = time.perf_counter()
+                target.generate(ids, **settings)
+                if run_index:  # the first round warms both paths up
+                    best[packed] = min(best[packed], time.perf_counter() - start)
+    print(f"[beagle demo] {new_tokens} plain tokens: packed target {best[True]:.2f} s, unpacked {best[False]:.2f} s: "
+          f"{'packed' if best[True] < best[False] else 'unpacked'} for both runs")
+    return best[True] < best[False]
 
 
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModel
 
-    from modeling_beagle import beagle_generate, prepack_linear_weights, prepacking_available  # (+ the generate hook)
+    from modeling_beagle import (  # (+ the generate hook)
+        beagle_generate,
+        prepack_linear_weights,
+        prepacking_available,
+        unpack_linear_weights,
+    )
 
     from .assets import load_prompts, load_target
 
@@ -51,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question["turns"][0]}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+    if prepack and args.prepack is None and not packing_pays(target, ids):
+        # Measured slower here (e.g. fp32 on some AMX Xeons): the speedup must be against the faster plain decoding.
+        unpack_linear_weights(target)
+        prepack = False
 
     def plain():
         return target.generate(ids, **settings)
