@@ -402,6 +402,11 @@ def _model_details(config: dict, checkpoint_dir: Path, target: str) -> str:
         ["draft vocabulary", f"{_num(draft_vocab)} most frequent of {_num(vocab)} target tokens" if draft_vocab
          else f"the target's full vocabulary ({_num(vocab)})"],
         ["carries the target's embedding and head", _num(bool(config.get("carry_target_embeddings", False)))],
+        ["learned recency bias in the cross-attention (`recency_bias`)", _num(bool(config.get("recency_bias", False)))],
+        ["queries add the newest readable state (`query_newest_state`; EAGLE-style, beyond the paper)",
+         _num(bool(config.get("query_newest_state", False)))],
+        ["keys/values add the token after each state (`context_next_token`; EAGLE-style, beyond the paper)",
+         _num(bool(config.get("context_next_token", False)))],
         ["draft length (start / max, schedule)", f"{_num(config.get('num_draft_tokens'))} / "
          f"{_num(config.get('max_draft_tokens'))}, {config.get('draft_schedule', 'adaptive')}"],
     ]
@@ -429,14 +434,16 @@ def training_recipe(config: dict, record: dict) -> str:
          "none" if noise == "none" else f"{noise}, scale {_num(config.get('noise_scale'), 3)}"],
         ["stage 2 gradient through draft states", _num(bool(config.get("grad_through_draft_states", False)))],
     ]
-    parts = [
-        "Two-Stage Block-Attention Training ([Budget EAGLE](" + PAPER_URL + ")) against the frozen target: stage 1 "
-        "trains every offset of a window of k positions in one forward with the inverse block mask (loss = soft-label "
-        "cross-entropy + λ_v · SmoothL1 on the predicted state); stage 2 runs S in-place simulation steps in which "
-        "the draft reads its own earlier states, as it does at inference.",
-        "",
-        _table(["option", "value"], rows),
-    ]
+    method = ("Two-Stage Block-Attention Training ([Budget EAGLE](" + PAPER_URL + ")) against the frozen target: "
+              "stage 1 trains every offset of a window of k positions in one forward with the inverse block mask "
+              "(loss = soft-label cross-entropy + λ_v · SmoothL1 on the predicted state); stage 2 runs S in-place "
+              "simulation steps in which the draft reads its own earlier states, as it does at inference.")
+    runs = record.get("runs") if isinstance(record.get("runs"), list) else []
+    ratios = {run.get("stage1_ratio") for run in runs if isinstance(run, dict)}
+    if ratios == {1.0}:  # every recorded process trained stage 1 only: say so rather than describe stage 2
+        method += (" This checkpoint was trained with stage 1 only (`stage1_ratio` 1.0 in every recorded run), "
+                   "so the stage-2 options below were not used.")
+    parts = [method, "", _table(["option", "value"], rows)]
     record = dict(record)
     if not record:
         parts += ["", "No training record was saved with this checkpoint (command, data, wall time)."]

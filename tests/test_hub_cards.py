@@ -376,3 +376,20 @@ def test_export_writes_a_pushable_bf16_folder(tmp_path):
     write_model_card(hub, repo_id="org/beagle-tiny")
     assert push_checkpoint(hub, "org/beagle-tiny", dry_run=True).files
     assert cli_main(["export", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+
+
+def test_card_says_which_stages_and_input_options_the_draft_was_trained_with(checkpoint):
+    """A draft whose every recorded run trained stage 1 only is not described as two-stage trained, and the card lists
+    the departures from the paper's block (recency bias, the two EAGLE-style inputs) as the config has them."""
+    from hub_cards.card import _model_details, training_recipe
+
+    config = {"stage1_window": 1, "stage2_steps": 4, "recency_bias": True, "query_newest_state": True,
+              "context_next_token": False}
+    only_stage1 = training_recipe(config, {"runs": [{"stage1_ratio": 1.0}, {"stage1_ratio": 1.0}]})
+    assert "trained with stage 1 only" in only_stage1
+    for runs in ([{"stage1_ratio": 0.5}], [{"stage1_ratio": 1.0}, {"stage1_ratio": 0.5}], [{}]):
+        assert "stage 1 only" not in training_recipe(config, {"runs": runs}), runs
+    details = _model_details(config, checkpoint, TARGET_ID)
+    assert "| learned recency bias in the cross-attention (`recency_bias`) | yes |" in details
+    assert "(`query_newest_state`; EAGLE-style, beyond the paper) | yes |" in details
+    assert "(`context_next_token`; EAGLE-style, beyond the paper) | no |" in details
