@@ -65,22 +65,22 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     print(f"[beagle demo] target {args.target} ({args.dtype}), draft {args.beagle}")
     target, tokenizer = load_target(args.target, dtype=dtype)
-    prepack = prepacking_available(dtype) if args.prepack is None else args.prepack
-    if prepack:  # both runs use the packed target: the speedup is Beagle's alone
-        prepack_linear_weights(target)
-    if Path(args.beagle).is_dir() or "/" in args.beagle:
-        beagle = AutoModel.from_pretrained(args.beagle, trust_remote_code=True)
-    else:
-        raise SystemExit(f"beagle demo: --beagle expected a checkpoint folder or Hub id, found {args.beagle!r}")
-    beagle.bind_target(target)
     question = load_prompts("mt-bench")[args.question]
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question["turns"][0]}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
-    if prepack and args.prepack is None and not packing_pays(target, ids):
-        # Measured slower here (e.g. fp32 on some AMX Xeons): the speedup must be against the faster plain decoding.
-        unpack_linear_weights(target)
-        prepack = False
+    prepack = prepacking_available(dtype) if args.prepack is None else args.prepack
+    if prepack:  # both runs use the packed target: the speedup is Beagle's alone
+        prepack_linear_weights(target)
+        if args.prepack is None and not packing_pays(target, ids):
+            # Measured slower here (e.g. fp32 on some AMX Xeons): the speedup must be against the faster plain decoding.
+            unpack_linear_weights(target)
+            prepack = False
+    if Path(args.beagle).is_dir() or "/" in args.beagle:
+        beagle = AutoModel.from_pretrained(args.beagle, trust_remote_code=True)
+    else:
+        raise SystemExit(f"beagle demo: --beagle expected a checkpoint folder or Hub id, found {args.beagle!r}")
+    beagle.bind_target(target)  # after the packing decision: binding packs the draft's reduced head like the target's
 
     def plain():
         return target.generate(ids, **settings)
