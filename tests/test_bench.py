@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import make_target
+from transformers import DynamicCache
 
 import modeling_beagle  # noqa: F401  (installs the generate hook)
 from modeling_beagle import BeagleModel, TreeShape
@@ -19,6 +20,7 @@ from trainer.bench import (
     builtin_methods,
     load_plugin,
     parse_tree_shape,
+    reproduce_in_chunks,
     write_outputs,
 )
 
@@ -63,6 +65,7 @@ def test_all_methods_fp32_greedy_valid_and_outputs_written(tmp_path):
         assert RESULT_KEYS <= set(row)
         assert row["prompt_set"] == "synthetic" and row["dtype"] == "float32"
         assert row["tau"] >= 1.0 and row["tokens_per_s"] > 0 and row["speedup"] > 0 and row["peak_memory_mb"] > 0
+        assert row["speedup_over_fastest_plain"] is None  # no unpacked reference without --prepack
     for row in greedy:
         assert row["status"] == "valid" and row["identical_share"] == 1.0
     by = {(r["method"], r["temperature"]): r for r in report["results"]}
@@ -128,8 +131,15 @@ def test_prepacked_target_adds_the_unpacked_reference(tmp_path):
     by = {r["method"]: r for r in report["results"]}
     assert by["plain-unpacked"]["status"] == "reference" and by["plain-unpacked"]["identical_share"] is not None
     assert by["beagle-chain"]["status"] == "valid" and by["beagle-tree"]["status"] == "valid"
+    # the speedup over the faster plain layout never exceeds the speedup over either one
+    for row in report["results"]:
+        assert row["speedup_over_fastest_plain"] is not None
+        assert row["speedup_over_fastest_plain"] <= row["speedup"] * (1 + 1e-9)
+    assert by["plain"]["speedup_over_fastest_plain"] <= 1.0
+    assert by["plain-unpacked"]["speedup_over_fastest_plain"] <= 1.0
     write_outputs(report, tmp_path)
-    assert "plain-unpacked" in (tmp_path / "bench.md").read_text()
+    text = (tmp_path / "bench.md").read_text()
+    assert "plain-unpacked" in text and "speedup over faster plain" in text
 
 
 def test_bf16_divergences_are_examined_not_invalid():
@@ -140,9 +150,27 @@ def test_bf16_divergences_are_examined_not_invalid():
     for divergence in wrong["divergences"]:
         assert divergence["position"] == 7 and divergence["gap"] >= 0 and divergence["gap_bf16_spacings"] >= 0
         magnitude = max(abs(divergence["plain_logit"]), abs(divergence["method_logit"]))
-        assert divergence["within_rounding"] == (divergence["gap"] <= 2**-7 * magnitude)
+        within_spacing = divergence["gap"] <= 2**-7 * magnitude
+        assert divergence["within_rounding"] == (within_spacing or divergence["reproduced_chunk"] is not None)
     assert wrong["status"] == ("valid" if all(d["within_rounding"] for d in wrong["divergences"]) else "suspect")
     assert report["suspect"] == ([] if wrong["status"] == "valid" else ["synthetic bfloat16 T=0 wrong"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reproduce_in_chunks_finds_the_targets_own_choice_and_never_a_token_it_ranks_last(dtype):
+    target, _ = tiny_pair(dtype)
+    ids = PROMPTS["synthetic"][0]["input_ids"] + [11, 29, 40]
+    with torch.no_grad():
+        logits = target(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+    reproduced = reproduce_in_chunks(target, ids, int(logits.argmax()))
+    assert reproduced is not None and 1 <= reproduced <= 16
+    with torch.no_grad():  # the chunk it names does give that token: j tokens read over the cache of the rest
+        cache = DynamicCache(config=target.config)
+        full = torch.tensor([ids])
+        target(full[:, :-reproduced], past_key_values=cache, use_cache=True)
+        again = target(full[:, -reproduced:], past_key_values=cache, use_cache=True).logits[0, -1]
+    assert int(again.argmax()) == int(logits.argmax())
+    assert reproduce_in_chunks(target, ids, int(logits.argmin())) is None
 
 
 def test_plugin_loader(tmp_path):

@@ -49,6 +49,22 @@ def test_truncated_json_array_keeps_every_complete_record(tmp_path):
     assert report.summary().startswith("1 of the first 1 (of 2) records kept; skipped: none;")
 
 
+def test_skip_records_takes_the_records_after_the_first_ones(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(sharegpt(5)))
+    tokenizer = chat_tokenizer()
+    dataset, report = build_dataset(path, tokenizer, max_records=2, skip_records=2)
+    answers = [tokenizer.decode([t for t, m in zip(row["input_ids"], row["loss_mask"]) if m]) for row in dataset]
+    assert answers == ["ANS2yz|B2|", "ANS3yz|B3|"]  # records 3 and 4, in order
+    assert report.summary().startswith("2 of records 3-4 (of 5) records kept;")
+    dataset, report = build_dataset(path, tokenizer, skip_records=4)  # the rest of the file
+    assert len(dataset) == 1 and report.summary().startswith("1 of records 5-5 (of 5) records kept;")
+    with pytest.raises(BeagleDataError, match="skip_records 5: expected fewer than the source's 5"):
+        build_dataset(path, tokenizer, skip_records=5)
+    with pytest.raises(BeagleDataError, match="skip_records expected a non-negative integer, found -1"):
+        build_dataset(path, tokenizer, skip_records=-1)
+
+
 def test_loss_mask_covers_assistant_tokens_only(tmp_path):
     tokenizer = chat_tokenizer()
     path = tmp_path / "data.json"

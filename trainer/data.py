@@ -32,7 +32,8 @@ class DataReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     truncated_file: bool = False
-    available: int | None = None  # complete records in the source when `max_records` took only the first ones
+    available: int | None = None  # complete records in the source when `skip_records`/`max_records` took a part
+    first: int = 0  # records skipped at the start of the source (`skip_records`)
     supervised_tokens: int = 0
     tokens: int = 0
 
@@ -40,7 +41,12 @@ class DataReport:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
         cut = " (the file was cut off mid-record; every complete record before the cut was kept)" \
             if self.truncated_file else ""
-        used = f"{self.records}" if self.available is None else f"the first {self.records} (of {self.available})"
+        if self.available is None:
+            used = f"{self.records}"
+        elif self.first:
+            used = f"records {self.first + 1}-{self.first + self.records} (of {self.available})"
+        else:
+            used = f"the first {self.records} (of {self.available})"
         return (f"{self.kept} of {used} records kept{cut}; skipped: {skipped}; "
                 f"{self.tokens} tokens, {self.supervised_tokens} supervised (assistant) tokens")
 
@@ -160,12 +166,21 @@ def render_chat(tokenizer, messages, add_generation_prompt=False) -> list[int]:
 
 
 def build_dataset(source, tokenizer, max_length: int = 2048, max_records: int | None = None,
-                  report: DataReport | None = None) -> tuple[datasets.Dataset, DataReport]:
-    """Read, normalise and tokenize `source` into a Dataset of `input_ids` and `loss_mask` (assistant tokens)."""
+                  report: DataReport | None = None, skip_records: int = 0) -> tuple[datasets.Dataset, DataReport]:
+    """Read, normalise and tokenize `source` into a Dataset of `input_ids` and `loss_mask` (assistant tokens):
+    its records after the first `skip_records`, at most `max_records` of them."""
     report = report if report is not None else DataReport()
+    if skip_records < 0:
+        raise BeagleDataError(f"skip_records expected a non-negative integer, found {skip_records}.")
     records = read_records(source, report)
+    if skip_records:
+        if skip_records >= len(records):
+            raise BeagleDataError(f"skip_records {skip_records}: expected fewer than the source's {len(records)} "
+                                  f"complete records.")
+        report.available, report.first = len(records), skip_records
+        records = records[skip_records:]
     if max_records is not None and len(records) > max_records:
-        report.available = len(records)
+        report.available = report.available or len(records)
         records = records[:max_records]
         # a cut-off end of the file lies beyond the records used: nothing this dataset lost
         report.truncated_file = False

@@ -65,6 +65,9 @@ class BeagleDataArguments:
     dataset: str = field(metadata={"help": "JSON/JSONL file: ShareGPT conversations, chat messages or text"})
     max_length: int = field(default=1024, metadata={"help": "truncate tokenized conversations to this length"})
     max_records: int | None = field(default=None, metadata={"help": "use at most this many records"})
+    skip_records: int = field(default=0, metadata={
+        "help": "leave out the source's first records (a continuation with `--init_from` trains on records the "
+                "draft has not seen, and holds out some of them)"})
     eval_records: int = field(default=32, metadata={"help": "held-out records for the α-per-position evaluation"})
     regenerate: bool = field(default=False, metadata={
         "help": "first rewrite the first assistant turn of each conversation with the target itself (greedy, "
@@ -118,6 +121,7 @@ def run_entry(model_args, data_args, args, argv: list[str], program: str = "beag
         "command": program + " " + " ".join(argv),
         "target": model_args.target_model, "target_dtype": model_args.target_dtype,
         "dataset": data_args.dataset, "regenerated": data_args.regenerate, "max_length": data_args.max_length,
+        "skip_records": data_args.skip_records, "max_records": data_args.max_records,
         "offline_cache": bool(data_args.offline_cache_dir), "stage1_ratio": args.stage1_ratio,
         "learning_rate": args.learning_rate,
         "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1),
@@ -258,7 +262,8 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
                                   data_args.regenerate_records)
         print(f"{tag} regenerated replies: {regen_report.summary()} -> {regenerated}")
         source = regenerated
-    dataset, report = build_dataset(source, tokenizer, data_args.max_length, data_args.max_records)
+    dataset, report = build_dataset(source, tokenizer, data_args.max_length, data_args.max_records,
+                                    skip_records=data_args.skip_records)
     print(f"{tag} data: {report.summary()}")
     supervised_per_step = report.supervised_tokens / max(report.kept, 1) * ledger.segment["batch_size"]
     ledger.describe(supervised_per_step, data=report.summary(), train_records=report.kept,
