@@ -18,6 +18,7 @@ Runs trained elsewhere (a recipe run that spanned sessions, say) are compared wi
 
 Each folder is a `beagle train` (or `eagle2_draft.py train`) output folder: its `tau_curve.jsonl` and its saved
 draft's `training_record` (every process of the run: wall time, steps, token-updates); peak memory is not known there.
+A draft trained in parts (each continuing the last with `--init_from`) is `LABEL=PART1_DIR+PART2_DIR`.
 """
 
 import argparse
@@ -178,28 +179,51 @@ def main(argv=None) -> int:
     return report(args, runs, curves, out)
 
 
+def _read_curve(folder: str, spec: str) -> tuple[list[dict], str]:
+    """A finished run folder's τ curve and the path of its saved draft's config.json."""
+    curve_path = os.path.join(folder, "tau_curve.jsonl")
+    saved = [os.path.join(folder, name, "config.json") for _, name in DRAFTS.values()]
+    config_path = next((path for path in saved if os.path.isfile(path)), None)
+    if not os.path.isfile(curve_path) or config_path is None:
+        raise SystemExit(f"--from-run {spec}: expected a finished training run's folder, with tau_curve.jsonl and "
+                         f"a saved draft ({' or '.join(saved)}); found "
+                         f"{'no tau_curve.jsonl' if not os.path.isfile(curve_path) else 'no saved draft'}.")
+    with open(curve_path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()], config_path
+
+
 def finished_runs(specs: list[str]) -> tuple[dict, dict]:
-    """`--from-run LABEL=OUTPUT_DIR`: each run's τ curve and the totals of its saved draft's `training_record`."""
+    """`--from-run LABEL=OUTPUT_DIR`: each run's τ curve and the totals of its saved draft's `training_record`.
+
+    `LABEL=DIR1+DIR2`: a draft trained in parts, each part continuing the previous part's draft (`--init_from`). The
+    curves join end to end (a later part's steps and training time count on from the previous part's last point), and
+    the totals are the last part's draft's `training_record`, which holds every part's processes. A part's α is on
+    its own held-out records."""
     runs, curves = {}, {}
     for spec in specs:
-        label, sep, folder = spec.partition("=")
-        if not sep or not label or not folder:
+        label, sep, folders = spec.partition("=")
+        if not sep or not label or not folders:
             raise SystemExit(f"--from-run {spec!r}: expected LABEL=OUTPUT_DIR (e.g. beagle=runs/smollm2-135m-instruct).")
-        curve_path = os.path.join(folder, "tau_curve.jsonl")
-        saved = [os.path.join(folder, name, "config.json") for _, name in DRAFTS.values()]
-        config_path = next((path for path in saved if os.path.isfile(path)), None)
-        if not os.path.isfile(curve_path) or config_path is None:
-            raise SystemExit(f"--from-run {spec}: expected a finished training run's folder, with tau_curve.jsonl and "
-                             f"a saved draft ({' or '.join(saved)}); found "
-                             f"{'no tau_curve.jsonl' if not os.path.isfile(curve_path) else 'no saved draft'}.")
-        with open(curve_path, encoding="utf-8") as handle:
-            curves[label] = [json.loads(line) for line in handle if line.strip()]
-        with open(config_path, encoding="utf-8") as handle:
-            record = json.load(handle)["training_record"]
+        curve, parts = [], folders.split("+")
+        for number, folder in enumerate(parts, start=1):
+            rows, config_path = _read_curve(folder, spec)
+            if len(parts) > 1:
+                last = curve[-1] if curve else {"step": 0, "train_wall_s": 0.0}
+                rows = [{**row, "step": row["step"] + last["step"], "part": number,
+                         "train_wall_s": row["train_wall_s"] + last["train_wall_s"]} for row in rows]
+            curve += rows
+            with open(config_path, encoding="utf-8") as handle:
+                record = json.load(handle)["training_record"]
+        if len(parts) > 1 and len(record["runs"]) < len(parts):
+            raise SystemExit(f"--from-run {spec}: {parts[-1]}'s draft records {len(record['runs'])} training "
+                             f"process(es), expected at least one per part ({len(parts)}): is it a continuation "
+                             f"(--init_from) of the earlier parts?")
+        curves[label] = curve
         runs[label] = {"wall_s_with_cache_and_evals": record["total_wall_s"], "peak_rss_bytes": None,
                        "token_updates": record["total_token_updates"], "steps": record["total_steps"],
-                       "data": record["runs"][-1].get("data"), "machine": record["runs"][-1].get("machine"),
-                       "final": curves[label][-1], "run_dir": folder,
+                       "data": "; ".join(str(r.get("data")) for r in record["runs"]),
+                       "machine": record["runs"][-1].get("machine"),
+                       "final": curves[label][-1], "run_dir": "+".join(parts),
                        "target_dtype": record["runs"][-1].get("target_dtype")}
     return runs, curves
 

@@ -473,9 +473,21 @@ def training_recipe(config: dict, record: dict) -> str:
             facts.append(["hardware", _cell(value)])
     stages = record.pop("stages", None)
     record.pop("datasets", None)  # in the metadata
+    processes = record.pop("runs", None)
+    totals = {"total_wall_s": "total wall time", "total_steps": "optimizer steps",
+              "total_token_updates": "supervised token-updates"}
+    for key, label in totals.items():
+        if key in record:
+            value = record.pop(key)
+            facts.append([f"{label} (all processes)", _duration(value) if key.endswith("_s") else _num(value)])
     facts += [[f"`{key}`", _cell(value)] for key, value in record.items()]
     if facts:
         parts += ["", _table(["recorded", "value"], facts)]
+    if isinstance(processes, list) and processes and all(isinstance(p, dict) for p in processes):
+        parts += ["", "Training processes (a run stopped and resumed, or continued from an earlier draft with "
+                  "`--init_from`, has several):", "", _process_table(processes)]
+    elif processes is not None:
+        parts += ["", _table(["recorded", "value"], [["`runs`", _cell(processes)]])]
     if isinstance(stages, dict):
         stages = [{"stage": name, **(value if isinstance(value, dict) else {"value": value})}
                   for name, value in stages.items()]
@@ -485,6 +497,21 @@ def training_recipe(config: dict, record: dict) -> str:
         parts += ["", "Stages:", "", _table(header, [[_duration(s[c]) if c.endswith("_s") and c in s
                                                         else _num(s.get(c), 4) for c in columns] for s in stages])]
     return "\n".join(parts)
+
+
+def _process_table(processes: list[dict]) -> str:
+    """One row per recorded training process: what it ran on which data, its steps, time and token-updates."""
+    rows = []
+    for number, run in enumerate(processes, start=1):
+        steps = run.get("steps")
+        if isinstance(run.get("first_step"), int) and isinstance(run.get("last_step"), int):
+            steps = f"{run['first_step']}-{run['last_step']}"
+        rows.append([str(number), _cell(run.get("command", "—")), _cell(str(run.get("started_utc", "—"))),
+                     _cell(run.get("data", "—")), _num(steps), _duration(run.get("train_wall_s", "—")),
+                     _duration(run.get("wall_s", "—")), _num(run.get("token_updates")),
+                     _cell(", ".join(str(run[k]) for k in ("machine", "target_dtype", "allocator") if run.get(k)) or "—")])
+    return _table(["#", "command", "started (UTC)", "data", "steps", "training time", "wall time", "token-updates",
+                   "machine, target dtype, allocator"], rows)
 
 
 def results_section(bench: dict | None, plots: list[Path]) -> str:

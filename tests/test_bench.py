@@ -272,6 +272,22 @@ def test_learning_curve_compares_finished_runs_from_their_folders(tmp_path):
         assert json.loads((out / "learning_curve.json").read_text())["settings"]["from_run"][0].startswith("beagle=")
 
 
+def test_learning_curve_joins_a_draft_trained_in_parts(tmp_path):
+    """`LABEL=DIR1+DIR2`: the second part (an --init_from continuation) counts its steps and training time on from the
+    first part's last point; the totals are the last part's record, which must hold a process per part."""
+    curves_module = _learning_curve_module()
+    _finished_run(tmp_path / "p1", "beagle", [1.2, 1.4], total_wall_s=3000.0)
+    _finished_run(tmp_path / "p2", "beagle", [1.4, 1.5, 1.6], total_wall_s=6000.0)
+    runs, curves = curves_module.finished_runs([f"beagle={tmp_path / 'p1'}+{tmp_path / 'p2'}"])
+    assert [(r["step"], r["train_wall_s"], r["part"]) for r in curves["beagle"]] == [
+        (100, 60.0, 1), (200, 120.0, 1), (300, 180.0, 2), (400, 240.0, 2), (500, 300.0, 2)]
+    assert [r["eval_tau"] for r in curves["beagle"]] == [1.2, 1.4, 1.4, 1.5, 1.6]
+    assert runs["beagle"]["wall_s_with_cache_and_evals"] == 6000.0 and runs["beagle"]["final"]["step"] == 500
+    _finished_run(tmp_path / "p3", "beagle", [1.3], total_wall_s=100.0)
+    with pytest.raises(SystemExit, match="expected at least one per part"):  # 2 processes recorded, 3 parts named
+        curves_module.finished_runs([f"beagle={tmp_path / 'p1'}+{tmp_path / 'p2'}+{tmp_path / 'p3'}"])
+
+
 def test_learning_curve_holds_float32_runs_to_identity_and_reports_bf16_shares(tmp_path, monkeypatch):
     """Greedy identity is exact only in float32: a float32 run (or one whose ledger predates the dtype field) whose
     evaluation differed from plain greedy makes the comparison INVALID (exit 1); a bf16 run reports its identical

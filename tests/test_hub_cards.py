@@ -393,3 +393,25 @@ def test_card_says_which_stages_and_input_options_the_draft_was_trained_with(che
     assert "| learned recency bias in the cross-attention (`recency_bias`) | yes |" in details
     assert "(`query_newest_state`; EAGLE-style, beyond the paper) | yes |" in details
     assert "(`context_next_token`; EAGLE-style, beyond the paper) | no |" in details
+
+
+def test_card_lists_each_training_process_and_the_totals():
+    """A draft trained in several processes (a resumed run, an --init_from continuation on other data) gets one row
+    per process, with its data, steps and times, and the totals over all of them, not a JSON blob."""
+    from hub_cards.card import training_recipe
+
+    runs = [{"command": "beagle train part1.yaml", "data": "3606 of the first 4000 records kept", "first_step": 0,
+             "last_step": 1200, "steps": 1200, "train_wall_s": 2242.1, "wall_s": 4076.1, "token_updates": 7460073,
+             "machine": "x86_64 2 CPUs", "target_dtype": "bfloat16", "stage1_ratio": 1.0},
+            {"command": "beagle train part2.yaml", "data": "3581 of records 4001-8000 (of 17671) records kept",
+             "first_step": 0, "last_step": 1000, "steps": 1000, "train_wall_s": 1900.0, "wall_s": 3700.0,
+             "token_updates": 6100000, "machine": "x86_64 2 CPUs", "stage1_ratio": 1.0}]
+    text = training_recipe({"stage1_window": 1}, {"runs": runs, "total_wall_s": 7776.1, "total_steps": 2200,
+                                                  "total_token_updates": 13560073})
+    assert "| total wall time (all processes) | 2 h 9 min |" in text
+    assert "| optimizer steps (all processes) | 2,200 |" in text
+    assert "| supervised token-updates (all processes) | 13,560,073 |" in text
+    assert ("| 1 | beagle train part1.yaml | — | 3606 of the first 4000 records kept | 0-1200 | 37 min 22 s | "
+            "1 h 7 min | 7,460,073 | x86_64 2 CPUs, bfloat16 |") in text
+    assert "| 2 | beagle train part2.yaml | — | 3581 of records 4001-8000 (of 17671) records kept | 0-1000 |" in text
+    assert '"command"' not in text  # no JSON dump of the records
