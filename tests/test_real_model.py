@@ -18,8 +18,8 @@ TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "beagle-smollm2-135m-instruct"
 NEW_TOKENS = 48
 # Mean tau of the assisted chain on these prompts with these settings, measured when the checkpoint was committed
-# (printed by this test with `-s`), and the floor it must keep clearing: about 15% below it.
-TAU_MEASURED = 1.371  # chain (assisted), 48 new tokens, fp32; the recipe run (1,200 steps, k = 1, EAGLE inputs)
+# (printed by this test with `-s`), and the floor it must keep clearing: at least 15% below it.
+TAU_MEASURED = 1.450  # chain (assisted), 48 new tokens, fp32; the three-part recipe (2,200 steps k = 1, 200 stage 2)
 TAU_FLOOR = 1.15
 
 pytestmark = pytest.mark.slow
