@@ -212,8 +212,8 @@ def finished_runs(specs: list[str]) -> tuple[dict, dict]:
                 rows = [{**row, "step": row["step"] + last["step"], "part": number,
                          "train_wall_s": row["train_wall_s"] + last["train_wall_s"]} for row in rows]
             curve += rows
-            with open(config_path, encoding="utf-8") as handle:
-                record = json.load(handle)["training_record"]
+        with open(config_path, encoding="utf-8") as handle:  # the last part's draft: it records every part
+            record = json.load(handle)["training_record"]
         if len(parts) > 1 and len(record["runs"]) < len(parts):
             raise SystemExit(f"--from-run {spec}: {parts[-1]}'s draft records {len(record['runs'])} training "
                              f"process(es), expected at least one per part ({len(parts)}): is it a continuation "
