@@ -21,6 +21,7 @@ from trainer.bench import (
     load_plugin,
     parse_tree_shape,
     reproduce_in_chunks,
+    tree_shape_label,
     write_outputs,
 )
 
@@ -211,13 +212,42 @@ def test_tree_shape_option():
         parse_tree_shape("4,2,6,1.5")
 
 
+def test_tree_size_sweep_measures_each_shape_losslessly():
+    """Several tree shapes in one run: the tree methods are measured once per shape, named by it, each with its own
+    resolved shape, and every one stays greedy-identical in fp32."""
+    shapes = [TreeShape(depth=2, top_k=1, total_tokens=2), TreeShape(depth=4, top_k=2, total_tokens=7, min_prob=0.05)]
+    assert [tree_shape_label(s) for s in shapes] == ["2,1,2", "4,2,7,0.05"]
+    assert tree_shape_label("auto") == "auto" and tree_shape_label(dict(depth=3, top_k=2, total_tokens=4)) == "3,2,4"
+
+    def load(dtype):
+        target, beagle = tiny_pair(dtype)
+        return target, None, builtin_methods(["plain", "beagle-tree", "beagle-tree-lookup"], target, beagle, shapes, 3)
+
+    report = bench(load, PROMPTS, settings())
+    rows = {r["method"]: r for r in report["results"]}
+    assert list(rows) == ["plain", "beagle-tree[2,1,2]", "beagle-tree[4,2,7,0.05]", "beagle-tree-lookup[2,1,2]",
+                          "beagle-tree-lookup[4,2,7,0.05]"]
+    assert report["valid"] and all(r["identical_share"] == 1.0 for r in rows.values())
+    # a depth-2 chain drafts at most 2 positions; the depth-4 tree's acceptance reaches further when it accepts
+    assert len(rows["beagle-tree[2,1,2]"]["acceptance_per_position"] or []) <= 2
+    assert "depth=4, top_k=2, total_tokens=7, min_prob=0.05" in rows["beagle-tree[4,2,7,0.05]"]["description"]
+
+    target, beagle = tiny_pair()
+    single = builtin_methods(["beagle-tree"], target, beagle, shapes[0], 3)
+    assert [m.name for m in single] == ["beagle-tree"]  # one shape keeps the plain names
+    with pytest.raises(ValueError, match="each once"):
+        builtin_methods(["beagle-tree"], target, beagle, [shapes[0], TreeShape(depth=2, top_k=1, total_tokens=2)], 3)
+
+
 def test_cli_parses_bench_options():
     from trainer.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--beagle", "x", "--num-prompts", "2", "--temperatures", "0",
                                       "--plugin", "p.py:arg", "--allow-mismatch"])
     assert args.command == "bench" and args.num_prompts == 2 and args.plugin == ["p.py:arg"] and args.allow_mismatch
-    assert args.methods == ",".join(BUILTIN_METHODS) and args.max_new_tokens == 256
+    assert args.methods == ",".join(BUILTIN_METHODS) and args.max_new_tokens == 256 and args.tree_shape is None
+    sweep = build_parser().parse_args(["bench", "--tree-shape", "auto", "--tree-shape", "4,2,8"])
+    assert sweep.tree_shape == ["auto", "4,2,8"]
 
 
 def _learning_curve_module():

@@ -142,8 +142,28 @@ def parse_tree_shape(value):
     return TreeShape(*(int(p) for p in parts[:3]), min_prob=min_prob)
 
 
+def tree_shape_label(spec) -> str:
+    """How a tree-shape spec is named in method names and descriptions: auto, chain, or D,K,N[,P]."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict):
+        from modeling_beagle import TreeShape
+
+        spec = TreeShape(**spec)
+    label = f"{spec.depth},{spec.top_k},{spec.total_tokens}"
+    return label + (f",{spec.min_prob:g}" if spec.min_prob else "")
+
+
 def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup_num_tokens: int = 10) -> list[Method]:
-    """The built-in methods named in `names` (see BUILTIN_METHODS), for `target` and an optional bound `beagle`."""
+    """The built-in methods named in `names` (see BUILTIN_METHODS), for `target` and an optional bound `beagle`.
+
+    `tree_shape` is one spec (auto, chain, a TreeShape or a dict) or a list of them: with several, `beagle-tree` and
+    `beagle-tree-lookup` are measured once per shape, named `beagle-tree[LABEL]` (a tree-size sweep in one run).
+    """
+    specs = list(tree_shape) if isinstance(tree_shape, (list, tuple)) else [tree_shape]
+    labels = [tree_shape_label(spec) for spec in specs]
+    if not specs or len(set(labels)) != len(labels):
+        raise BeagleBenchError(f"tree shapes expected at least one, each once, found {labels}.")
 
     def plain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
         out = target.generate(input_ids, attention_mask=attention_mask,
@@ -166,14 +186,8 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
-    shape = None
-    if beagle is not None and {"beagle-tree", "beagle-tree-lookup"} & set(names):
-        from modeling_beagle.decoding_beagle import resolve_tree_shape
-
-        shape = resolve_tree_shape(target, beagle, tree_shape)  # "auto" measures this machine now, not in a timed run
-
-    def beagle_tree(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, **lookup):
-        """Beagle's own loop; `lookup` (prompt_lookup_num_tokens) adds the prompt-lookup branch."""
+    def beagle_tree(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, shape, **lookup):
+        """Beagle's own loop with the resolved `shape`; `lookup` (prompt_lookup_num_tokens) adds the lookup branch."""
         from modeling_beagle import beagle_generate
 
         out = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate, beagle=beagle,
@@ -181,29 +195,36 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
-    beagle_tree_lookup = functools.partial(beagle_tree, prompt_lookup_num_tokens=prompt_lookup_num_tokens)
-
     chain = "chain"
     if beagle is not None:
         c = beagle.config
         chain = (f"{c.draft_schedule} chain (num_draft_tokens={c.num_draft_tokens}, max_draft_tokens="
                  f"{c.max_draft_tokens}, draft_confidence_threshold={c.draft_confidence_threshold})")
-    tree = "tree" if shape is None else (f"tree_shape={tree_shape if isinstance(tree_shape, str) else 'given'}: "
-                                         f"depth={shape.depth}, top_k={shape.top_k}, "
-                                         f"total_tokens={shape.total_tokens}, min_prob={shape.min_prob}")
-
     table = {
-        "plain": Method("plain", plain, "target.generate"),
-        "plain-unpacked": Method("plain-unpacked", plain_unpacked, "target.generate with the target's linear layers "
-                                 "unpacked (F.linear): what --prepack alone gains", reference=True),
-        "prompt-lookup": Method("prompt-lookup", prompt_lookup,
-                                f"target.generate(prompt_lookup_num_tokens={prompt_lookup_num_tokens})"),
-        "beagle-chain": Method("beagle-chain", beagle_chain, f"target.generate(assistant_model=beagle): {chain}"),
-        "beagle-tree": Method("beagle-tree", beagle_tree, f"target.generate(custom_generate=beagle_generate): {tree}"),
-        "beagle-tree-lookup": Method("beagle-tree-lookup", beagle_tree_lookup,
-                                     f"target.generate(custom_generate=beagle_generate, prompt_lookup_num_tokens="
-                                     f"{prompt_lookup_num_tokens}): {tree}, plus the prompt-lookup branch"),
+        "plain": [Method("plain", plain, "target.generate")],
+        "plain-unpacked": [Method("plain-unpacked", plain_unpacked, "target.generate with the target's linear layers "
+                                  "unpacked (F.linear): what --prepack alone gains", reference=True)],
+        "prompt-lookup": [Method("prompt-lookup", prompt_lookup,
+                                 f"target.generate(prompt_lookup_num_tokens={prompt_lookup_num_tokens})")],
+        "beagle-chain": [Method("beagle-chain", beagle_chain, f"target.generate(assistant_model=beagle): {chain}")],
+        "beagle-tree": [],
+        "beagle-tree-lookup": [],
     }
+    if beagle is not None and {"beagle-tree", "beagle-tree-lookup"} & set(names):
+        from modeling_beagle.decoding_beagle import resolve_tree_shape
+
+        for spec, label in zip(specs, labels):
+            shape = resolve_tree_shape(target, beagle, spec)  # "auto" measures this machine now, not in a timed run
+            suffix = f"[{label}]" if len(specs) > 1 else ""
+            tree = (f"tree_shape={label}: depth={shape.depth}, top_k={shape.top_k}, total_tokens={shape.total_tokens}, "
+                    f"min_prob={shape.min_prob}")
+            table["beagle-tree"].append(Method(f"beagle-tree{suffix}", functools.partial(beagle_tree, shape=shape),
+                                               f"target.generate(custom_generate=beagle_generate): {tree}"))
+            table["beagle-tree-lookup"].append(Method(
+                f"beagle-tree-lookup{suffix}",
+                functools.partial(beagle_tree, shape=shape, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
+                f"target.generate(custom_generate=beagle_generate, prompt_lookup_num_tokens={prompt_lookup_num_tokens}): "
+                f"{tree}, plus the prompt-lookup branch"))
     from modeling_beagle import is_prepacked
 
     methods = []
@@ -217,7 +238,7 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
         if name.startswith("beagle") and beagle is None:
             raise BeagleBenchError(f"method {name!r} needs a Beagle checkpoint: pass `--beagle PATH`, or leave "
                                    f"{name!r} out of `--methods`.")
-        methods.append(table[name])
+        methods.extend(table[name])
     return methods
 
 
@@ -956,7 +977,7 @@ def run_from_args(args) -> int:
     if any(n.startswith("beagle") for n in names) and not args.beagle:
         raise BeagleBenchError("methods beagle-chain / beagle-tree need `--beagle PATH` (a Beagle checkpoint folder); "
                                "pass it or choose `--methods plain,prompt-lookup`.")
-    tree_shape = parse_tree_shape(args.tree_shape)
+    tree_shapes = [parse_tree_shape(spec) for spec in (args.tree_shape or ["auto"])]
     plugins = [load_plugin(spec) for spec in (args.plugin or [])]
     prompt_sets = {name: load_prompts(name, turns="both" if args.turns == "both" and name == "mt-bench" else "first")
                    for name in split(args.prompt_sets)}
@@ -975,7 +996,7 @@ def run_from_args(args) -> int:
             if args.prepack:
                 prepack_linear_weights(beagle)  # the draft's block too; a plugin packs its own draft likewise
             beagle.bind_target(target)
-        methods = builtin_methods(names, target, beagle, tree_shape, args.prompt_lookup_tokens)
+        methods = builtin_methods(names, target, beagle, tree_shapes, args.prompt_lookup_tokens)
         for factory, arg in plugins:
             methods += list(factory(target, tokenizer, arg))
         return target, tokenizer, methods
@@ -985,7 +1006,7 @@ def run_from_args(args) -> int:
                              repeats=args.repeats, seed=args.seed, turns=args.turns, num_prompts=args.num_prompts,
                              progress=not args.no_progress)
     report = bench(load, prompt_sets, settings)
-    report["settings"].update(target=args.target, beagle=args.beagle, tree_shape=str(args.tree_shape),
+    report["settings"].update(target=args.target, beagle=args.beagle, tree_shape=", ".join(map(tree_shape_label, tree_shapes)),
                               prompt_lookup_num_tokens=args.prompt_lookup_tokens, plugins=list(args.plugin or []),
                               prepack=bool(args.prepack))
     report = write_outputs(report, args.output_dir)
@@ -1020,9 +1041,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prepack", action="store_true",
                         help="CPU: pack the linear weights of the target and of every draft for oneDNN once "
                              "(modeling_beagle.prepack_linear_weights); adds plain-unpacked, the same target unpacked")
-    parser.add_argument("--tree-shape", default="auto", help="beagle-tree: auto, chain, or D,K,N[,P] (depth, top-k, "
-                        "nodes, and optionally min_prob: prune paths the draft gives less than P; auto and chain use "
-                        "the draft's draft_confidence_threshold)")
+    parser.add_argument("--tree-shape", action="append", default=None,
+                        help="beagle-tree: auto (default), chain, or D,K,N[,P] (depth, top-k, nodes, and optionally "
+                        "min_prob: prune paths the draft gives less than P; auto and chain use the draft's "
+                        "draft_confidence_threshold). Repeat it for a tree-size sweep in one run: the tree methods are "
+                        "then measured once per shape, named beagle-tree[SHAPE] and beagle-tree-lookup[SHAPE]")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10,
                         help="tokens proposed per round by prompt-lookup and by beagle-tree-lookup's lookup branch")
     parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and method (median taken)")
@@ -1040,4 +1063,4 @@ def add_arguments(parser) -> None:
 __all__ = ["BUILTIN_METHODS", "REFERENCE_METHODS", "BeagleBenchError", "BenchSettings", "Case", "ForwardCounter",
            "Method", "MethodRun", "PeakMemory", "add_arguments", "bench", "builtin_methods", "examine_divergence", "generation_kwargs",
            "load_plugin", "markdown_table", "parse_tree_shape", "prompt_cases", "render_markdown", "run_from_args",
-           "write_outputs", "write_plots"]
+           "tree_shape_label", "write_outputs", "write_plots"]
