@@ -267,8 +267,8 @@ def test_a_stopped_and_resumed_run_records_the_compute_of_both_processes(tmp_pat
     assert record["total_token_updates"] == sum(s["token_updates"] for s in segments)
     assert "resume_from_checkpoint" in record["runs"][1]["command"]
     curve = [json.loads(line) for line in (tmp_path / "run" / "tau_curve.jsonl").read_text().splitlines()]
-    resumed = [p for p in curve[3:]]  # first process: steps 2, 4 and its final evaluation; then the resumed one
-    assert [p["step"] for p in curve] == [2, 4, 4, 4, 6, 6]
+    resumed = curve[2:]  # first process: steps 2 and 4 (the final evaluation is step 4's); then the resumed one
+    assert [p["step"] for p in curve] == [2, 4, 4, 6]
     assert all(p["train_wall_s"] > first[0]["train_wall_s"] for p in resumed)
 
     # a fresh run into the same folder starts a new ledger; an unreadable ledger is refused on resume
@@ -358,10 +358,15 @@ def test_beagle_train_writes_the_tau_learning_curve(tmp_path, monkeypatch):
     (tmp_path / "train.json").write_text(json.dumps(config))
     train_module.run_training([str(tmp_path / "train.json")])
     rows = [json.loads(line) for line in (tmp_path / "run" / "tau_curve.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 4]  # two scheduled evaluations, then the final one
+    assert [r["step"] for r in rows] == [2, 4]  # two scheduled evaluations; the final one is step 4's, logged once
     assert all(r["eval_greedy_identical"] == 1.0 and r["eval_tau"] >= 1.0 and r["prompts"] == 2 for r in rows)
     assert 0 < rows[0]["train_wall_s"] <= rows[1]["train_wall_s"] and "eval_alpha_step_1" in rows[0]
-    config.update(eval_strategy="no", output_dir=str(tmp_path / "run2"))
+    config.update(max_steps=5, output_dir=str(tmp_path / "run5"))  # the last step is not a scheduled evaluation's
+    (tmp_path / "train5.json").write_text(json.dumps(config))
+    train_module.run_training([str(tmp_path / "train5.json")])
+    rows = [json.loads(line) for line in (tmp_path / "run5" / "tau_curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 5]  # so the final evaluation runs and adds its point
+    config.update(max_steps=4, eval_strategy="no", output_dir=str(tmp_path / "run2"))
     (tmp_path / "train2.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="--tau_eval_prompts expected evaluations"):
         train_module.run_training([str(tmp_path / "train2.json")])

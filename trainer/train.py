@@ -289,7 +289,11 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
         ledger.clock = tau.train_wall_s  # the ledger's training time leaves out the τ evaluations too
     trainer.train(resume_from_checkpoint=checkpoint)
     if eval_data is not None:
-        metrics = trainer.evaluate()
+        # A scheduled evaluation may already have run at the final step: report it rather than evaluate (and add a
+        # point to the learning curve) a second time.
+        at_end = [h for h in trainer.state.log_history
+                  if h.get("step") == trainer.state.global_step and any(k.startswith("eval_alpha_") for k in h)]
+        metrics = at_end[-1] if at_end else trainer.evaluate()
         alphas = [f"{metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("eval_alpha_step_")]
         print(f"{tag} held-out alpha per draft step: {' / '.join(alphas)}")
     final = os.path.join(training_args.output_dir, name)
