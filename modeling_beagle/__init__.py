@@ -8,7 +8,15 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_beagle import BeagleCache
 from .configuration_beagle import BeagleConfig, BeagleConfigError
-from .decoding_beagle import TreeShape, auto_tree_shape, beagle_generate, draft_tree, measure_verification_cost
+from .decoding_beagle import (
+    TreeShape,
+    auto_tree_shape,
+    beagle_generate,
+    draft_sampled_tree,
+    draft_tree,
+    measure_verification_cost,
+    recursive_rejection_sample,
+)
 from .generation_beagle import BeagleCandidateGenerator, BeagleGenerationError, BeagleGenerationStats
 from .masking_beagle import (
     context_causal_mask,
@@ -39,7 +47,9 @@ __all__ = [
     "TreeShape",
     "auto_tree_shape",
     "beagle_generate",
+    "draft_sampled_tree",
     "draft_tree",
+    "recursive_rejection_sample",
     "measure_verification_cost",
     "PrepackedLinear",
     "is_prepacked",

@@ -17,7 +17,16 @@ from transformers import (
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from modeling_beagle import BeagleCache, BeagleGenerationError, BeagleModel, TreeShape, beagle_generate, draft_tree
+from modeling_beagle import (
+    BeagleCache,
+    BeagleGenerationError,
+    BeagleModel,
+    TreeShape,
+    beagle_generate,
+    draft_sampled_tree,
+    draft_tree,
+    recursive_rejection_sample,
+)
 from modeling_beagle.decoding_beagle import _keep_cache_rows, add_lookup_branch, auto_tree_shape, prompt_lookup
 from modeling_beagle.masking_beagle import to_attention_mask, tree_ancestor_mask
 
@@ -381,12 +390,17 @@ def test_bad_prompt_lookup_settings_are_refused():
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-@pytest.mark.parametrize("shape, new, lookup", [
-    (TreeShape(depth=2, top_k=2, total_tokens=4), 3, {}),
+@pytest.mark.parametrize("shape, new, lookup, sampled", [
+    (TreeShape(depth=2, top_k=2, total_tokens=4), 3, {}, False),
+    (TreeShape(depth=2, top_k=2, total_tokens=4), 3, {}, True),
     # one draft node and up to two lookup tokens (max_new_tokens=4 leaves room for them): the branch gets accepted
-    (TreeShape(depth=1, top_k=1, total_tokens=1), 4, {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 1}),
-], ids=["tree", "tree-and-lookup"])
-def test_tree_sampling_matches_target_distribution(shape, new, lookup):
+    (TreeShape(depth=1, top_k=1, total_tokens=1), 4, {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 1}, False),
+    (TreeShape(depth=1, top_k=1, total_tokens=1), 4, {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 1}, True),
+], ids=["top-k-tree", "sampled-tree", "top-k-tree-and-lookup", "sampled-tree-and-lookup"])
+def test_tree_sampling_matches_target_distribution(shape, new, lookup, sampled):
+    """Sampled output of the own loop has exactly the target's distribution, with fixed (top-k) children accepted when
+    the target samples them and with sampled children verified by recursive rejection sampling (`sampled_drafts`),
+    each with and without the (fixed) lookup branch."""
     target = make_target("llama", vocab_size=8, initializer_range=0.2, eos_token_id=None, bos_token_id=None,
                          pad_token_id=0)
     torch.manual_seed(0)
@@ -400,15 +414,81 @@ def test_tree_sampling_matches_target_distribution(shape, new, lookup):
     torch.manual_seed(7)
     for _ in range(1200):
         out = spec(target, beagle, prompt, shape, do_sample=True, temperature=0.8, top_k=6, max_new_tokens=new,
-                   **lookup)
+                   sampled_drafts=sampled, **lookup)
         t2, t3 = out[0, 5:7].tolist()
         counts[t2 * 8 + t3] += 1
         accepted += sum(beagle.generation_stats.accepted)
         from_lookup += sum(beagle.generation_stats.accepted_from_lookup)
     assert accepted > 120, "tree branches were rarely accepted: the test would not exercise the descent"
-    if lookup:
-        assert from_lookup > 60, "the lookup branch was rarely accepted: the test would not exercise it"
+    if lookup:  # with sampled drafts the lookup branch is reached only through the residual draw: rarer
+        assert from_lookup > (25 if sampled else 60), "the lookup branch was rarely accepted: the test would not exercise it"
     assert _chi_square_p_value(counts, exact) > 1e-3
+
+
+def _biased_rejection_sample(p, q, candidates):
+    """A plausible-looking wrong rule (after a rejection, draw from p itself instead of the residual)."""
+    for c in candidates:
+        if float(torch.rand(()) * q[c]) < float(p[c]):
+            return c, True
+    return int(torch.multinomial(p, 1)), False
+
+
+def test_recursive_rejection_sample_has_exactly_the_target_distribution():
+    """Candidates drawn without replacement from q (Gumbel top-k) and verified by `recursive_rejection_sample` give
+    tokens distributed as p; the chi-square test has the power to reject a biased rule on the same draws."""
+    torch.manual_seed(0)
+    p = torch.tensor([0.30, 0.25, 0.20, 0.12, 0.08, 0.05])
+    q = torch.tensor([0.05, 0.10, 0.40, 0.30, 0.10, 0.05])
+    counts = {"exact": torch.zeros(6), "biased": torch.zeros(6)}
+    taken = 0
+    for _ in range(20000):
+        candidates = (q.log() - torch.empty(6).exponential_().log()).topk(3).indices.tolist()
+        token, accepted = recursive_rejection_sample(p, q, candidates)
+        assert not accepted or token in candidates
+        counts["exact"][token] += 1
+        taken += accepted
+        counts["biased"][_biased_rejection_sample(p, q, candidates)[0]] += 1
+    assert _chi_square_p_value(counts["exact"], p) > 1e-3
+    assert _chi_square_p_value(counts["biased"], p) < 1e-6
+    # three candidates accept more often than one draft token would (sum of min(p, q) = 0.55 here)
+    assert taken / 20000 > 0.7
+    # the draft equal to the target: its first candidate is always taken
+    assert all(recursive_rejection_sample(p, p, [c])[1] for c in range(6))
+
+
+def test_sampled_draft_tree_keeps_sibling_groups_in_sampling_order():
+    """`draft_sampled_tree`: children are distinct draws from the draft's distribution at the given temperature, kept
+    as whole sibling groups (only the last group cut short, to a prefix of its draws), parents before children; the
+    returned distributions are the draft's at each expanded node."""
+    target, beagle = trained_pair()
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        states = target(ids, output_hidden_states=True).hidden_states[-1]
+    cache = BeagleCache()
+    beagle.append_context(cache, states[:, :6], torch.arange(6).expand(2, -1))
+    shape = TreeShape(depth=3, top_k=3, total_tokens=7)  # groups of 3: the root's, a second one whole, then one of 3
+    torch.manual_seed(3)
+    tokens, parents, depths, ranks, dists = draft_sampled_tree(beagle, cache, ids[:, 6], torch.tensor([6, 6]), shape,
+                                                               temperature=0.7)
+    cache.discard_drafts()
+    assert tokens.shape == parents.shape == depths.shape == ranks.shape == (2, 7) and dists.shape[:2] == (2, 8)
+    with torch.no_grad():
+        first = beagle(input_ids=ids[:, 6:], position_ids=torch.tensor([[6], [6]]), past_key_values=cache).logits
+    assert torch.allclose(dists[:, 0], (first[:, 0].float() / 0.7).softmax(-1), atol=1e-5)
+    for b in range(2):
+        groups = {}
+        for i in range(7):
+            parent = int(parents[b, i])
+            assert parent < i and (parent == -1) == (depths[b, i] == 1)
+            groups.setdefault(parent, []).append(i)
+        assert sorted(len(g) for g in groups.values()) == [1, 3, 3]
+        for parent, members in groups.items():
+            assert sorted(int(ranks[b, i]) for i in members) == list(range(len(members)))  # a prefix of the draws
+            assert len({int(tokens[b, i]) for i in members}) == len(members)  # without replacement
+            assert torch.allclose(dists[b, parent + 1].sum(), torch.tensor(1.0), atol=1e-4)
+            assert all(dists[b, parent + 1][int(tokens[b, i])] > 0 for i in members)
+    with pytest.raises(BeagleGenerationError, match="temperature"):
+        draft_sampled_tree(beagle, cache, ids[:, 6], torch.tensor([6, 6]), shape, temperature=0.0)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -425,6 +505,10 @@ def test_bad_input_to_the_loop():
         target.generate(ids, custom_generate=beagle_generate, max_new_tokens=4)
     with pytest.raises(ValueError, match="num_return_sequences"):
         spec(target, beagle, ids, "chain", do_sample=True, num_return_sequences=2, max_new_tokens=4)
+    with pytest.raises(BeagleGenerationError, match="sampled_drafts.*do_sample=False"):
+        spec(target, beagle, ids, "chain", do_sample=False, sampled_drafts=True, max_new_tokens=4)
+    with pytest.raises(BeagleGenerationError, match="sampled_drafts"):
+        spec(target, beagle, ids, "chain", do_sample=True, sampled_drafts="yes", max_new_tokens=4)
     other = BeagleModel.from_target(make_target("llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(ValueError, match="hidden_size"):
         spec(target, other, ids, "chain", max_new_tokens=4)
