@@ -18,7 +18,10 @@ One round, for every row of the batch at once:
      (argmax, or a sample from its processed distribution); if a child carries that token the walk descends,
      otherwise that token is the round's bonus. Every emitted token is the target's own choice given its prefix, so
      greedy output equals plain greedy and sampled output has exactly the target's distribution (with a
-     deterministic tree this is the lossless multi-candidate rule).
+     deterministic tree this is the lossless multi-candidate rule). When sampling, the tree's children are by
+     default draws from the draft's distribution (`draft_sampled_tree`), and the target's token at a node comes from
+     recursive rejection sampling over them (`recursive_rejection_sample`): a drawn child is taken with probability
+     min(1, p/q) instead of p, still exactly the target's distribution.
   4. keep only the accepted path's rows in the target's cache (gathered to the front of the round's slots; rows
      that accepted fewer tokens get masked slots), append the path's true states to Beagle's cache.
 """
@@ -131,6 +134,30 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
     row keeps as many nodes as the row with the most confident ones), parents before children. The draft states of
     expanded nodes are appended to `cache` (method.md §2); the caller drops them with `cache.discard_drafts()`.
     """
+    return _expand_tree(beagle, cache, roots, root_positions, shape)[:3]
+
+
+@torch.no_grad()
+def draft_sampled_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: torch.Tensor,
+                       shape: TreeShape, temperature: float = 1.0):
+    """`draft_tree` for sampled decoding: each expanded node's `top_k` children are a sample without replacement
+    from the draft's distribution at `temperature` (Gumbel top-k, in sampling order) instead of its k most probable
+    tokens, so that `recursive_rejection_sample` can verify them against the target's distribution (a sampled draft
+    token can be accepted with probability min(1, p/q), where a fixed one only with p). Which nodes are expanded
+    still follows the cumulative draft probability, but nodes are kept in sibling groups (the best parents' groups
+    first), each group a prefix of its sampling order: a value-based choice among siblings would bias the sample.
+
+    Returns `tokens`, `parents`, `depths` as `draft_tree`, plus `ranks` `(batch, n)` (each node's place in its
+    parent's sampling order) and `dists` `(batch, n + 1, draft vocabulary)`: at index 0 the distribution the root's
+    children were sampled from, at index i + 1 node i's (zeros where node i has no children).
+    """
+    if not temperature or temperature <= 0:
+        raise BeagleGenerationError(f"draft_sampled_tree: `temperature` expected a positive number, found {temperature!r}.")
+    return _expand_tree(beagle, cache, roots, root_positions, shape, temperature)
+
+
+def _expand_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: torch.Tensor, shape: TreeShape,
+                 temperature: float | None = None):
     batch, device, k = roots.shape[0], roots.device, shape.top_k
     log_min_prob = math.log(shape.min_prob) if shape.min_prob > 0 else -math.inf
     if cache.num_draft:
@@ -146,6 +173,7 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
     frontier = torch.full((batch, 1), -1, dtype=torch.long, device=device)
     frontier_tokens, frontier_scores = roots[:, None], torch.zeros(batch, 1, device=device)
     states = None  # the frontier's slots: each frontier node's parent's draft state
+    ranks, group_scores, dists, owners = empty, scores, [], []  # sampled trees: sibling order, parent's score
     for level in range(shape.depth):
         draft_kwargs = {}
         if states is not None:
@@ -158,7 +186,18 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
         allowed = torch.cat([true_allowed[:, None, :].expand(-1, num_queries, -1), draft_allowed], dim=-1)
         out = beagle(input_ids=frontier_tokens, position_ids=(root_positions[:, None] + level).expand(-1, num_queries),
                      past_key_values=cache, attention_mask=allowed, **draft_kwargs)
-        child_scores, child_tokens = draft_topk(beagle, out.logits, k)
+        if temperature is None:
+            child_scores, child_tokens = draft_topk(beagle, out.logits, k)
+        else:
+            log_q = (out.logits.float() / temperature).log_softmax(-1)
+            gumbel = -torch.empty_like(log_q).exponential_().log()
+            drawn = (log_q + gumbel).topk(k, dim=-1).indices  # Gumbel top-k: k draws without replacement, in order
+            child_scores = log_q.gather(-1, drawn)
+            child_tokens = beagle.draft_to_target[drawn] if beagle.draft_to_target is not None else drawn
+            dists.append(log_q.exp())
+            owners.append(frontier)
+            ranks = torch.cat([ranks, torch.arange(k, device=device).expand(batch, num_queries, k).flatten(1)], dim=1)
+            group_scores = torch.cat([group_scores, frontier_scores[..., None].expand(-1, -1, k).flatten(1)], dim=1)
         # Strictly below the parent, so any top-N selection by score contains every selected node's ancestors.
         child_scores = (frontier_scores[..., None] + child_scores - 1e-6).flatten(1)
         child_tokens = child_tokens.flatten(1)
@@ -178,14 +217,36 @@ def draft_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions: 
         if shape.min_prob > 0 and bool((frontier_scores < log_min_prob).all()):
             break  # every deeper node would score lower still: none would be kept
     num_keep = min(shape.total_tokens, scores.shape[1])
-    if shape.min_prob > 0:
-        num_keep = min(num_keep, max(1, int((scores >= log_min_prob).sum(-1).max())))
-    keep = scores.topk(num_keep, dim=-1).indices.sort(dim=-1).values
+    if temperature is None:
+        if shape.min_prob > 0:
+            num_keep = min(num_keep, max(1, int((scores >= log_min_prob).sum(-1).max())))
+        keep = scores.topk(num_keep, dim=-1).indices
+    else:
+        # Whole sibling groups, best parent first (ties: the shallower group), each group in its sampling order; only
+        # the last group taken may be cut short, which leaves a prefix of its draws.
+        if shape.min_prob > 0:
+            num_keep = min(num_keep, max(k, int((group_scores >= log_min_prob).sum(-1).max())))
+        order = ranks.sort(dim=-1, stable=True).indices
+        order = order.gather(1, depths.gather(1, order).sort(dim=-1, stable=True).indices)
+        order = order.gather(1, group_scores.gather(1, order).sort(dim=-1, descending=True, stable=True).indices)
+        keep = order[:, :num_keep]
+    keep = keep.sort(dim=-1).values
     new_index = torch.full_like(parents, -1)
     new_index.scatter_(1, keep, torch.arange(num_keep, device=device).expand(batch, -1))
     kept_parents = parents.gather(1, keep)
     kept_parents = torch.where(kept_parents >= 0, new_index.gather(1, kept_parents.clamp(min=0)), kept_parents)
-    return tokens.gather(1, keep), kept_parents, depths.gather(1, keep)
+    kept = tokens.gather(1, keep), kept_parents, depths.gather(1, keep)
+    if temperature is None:
+        return kept
+    # the distribution each kept node's children were drawn from, at the node's index + 1 (the root's at 0)
+    node_dists = dists[0].new_zeros(batch, num_keep + 1, dists[0].shape[-1])
+    for level_dists, level_owners in zip(dists, owners):
+        slot = torch.where(level_owners >= 0, new_index.gather(1, level_owners.clamp(min=0)) + 1, 0)
+        slot = torch.where((level_owners >= 0) & (slot == 0), num_keep + 1, slot)  # an expanded node not kept
+        spill = torch.cat([node_dists, node_dists.new_zeros(batch, 1, node_dists.shape[-1])], dim=1)
+        spill.scatter_(1, slot[..., None].expand(-1, -1, spill.shape[-1]), level_dists)
+        node_dists = spill[:, :-1]
+    return (*kept, ranks.gather(1, keep), node_dists)
 
 
 # ------------------------------------------------------------------------------------------ prompt-lookup branch
@@ -283,6 +344,30 @@ def resolve_prompt_lookup(generation_config) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------------ the loop
 @torch.no_grad()
+def recursive_rejection_sample(p: torch.Tensor, q: torch.Tensor, candidates: list[int]) -> tuple[int, bool]:
+    """One token distributed exactly as `p` (a probability vector), using draft `candidates` drawn in this order
+    without replacement from `q` (same vocabulary): candidate c is taken with probability min(1, p(c) / q(c)); after a
+    rejection p becomes the normalised max(p - q, 0) and q loses c (renormalised), and if every candidate is rejected
+    the token is drawn from what is left of p (recursive rejection sampling; each step is the speculative-sampling rule
+    for the current residual and proposal, so the result has exactly the distribution p). Returns the token and
+    whether it is one of the candidates."""
+    p, q = p.double(), q.double()
+    for c in candidates:
+        if float(torch.rand((), dtype=torch.float64, device=p.device) * q[c]) < float(p[c]):
+            return c, True
+        residual = (p - q).clamp_(min=0)
+        total = residual.sum()
+        if total > 0:  # (zero only when p == q, where c was taken with probability 1)
+            p = residual / total
+        q = q.clone()
+        q[c] = 0
+        left = q.sum()
+        if left <= 0:  # q held only the candidates drawn so far: no later candidate can follow
+            break
+        q = q / left
+    return int(torch.multinomial(p, 1)), False
+
+
 def beagle_generate(
     model,
     input_ids: torch.LongTensor,
@@ -294,6 +379,7 @@ def beagle_generate(
     beagle=None,
     tree_shape=None,
     beagle_streamer=None,
+    sampled_drafts=None,
     **model_kwargs,
 ):
     """Speculative decoding with Beagle draft trees, for batches of (left-)padded prompts.
@@ -306,6 +392,9 @@ def beagle_generate(
     like every branch). Statistics of the run are left in `beagle.generation_stats`.
     transformers does not hand `streamer` to a `custom_generate` callable: pass it as `beagle_streamer=` (the
     checkpoint folder's `custom_generate/generate.py` does so for you).
+    `sampled_drafts` (sampling only; default: on when `do_sample`): draw each node's children from the draft's
+    distribution at the generation temperature (`draft_sampled_tree`) and verify them with recursive rejection
+    sampling, instead of the draft's top-k tokens accepted only when the target samples them.
     """
     streamer = streamer if streamer is not None else beagle_streamer
     if beagle is None or not callable(getattr(beagle, "beagle_candidate_generator", None)):
@@ -334,6 +423,12 @@ def beagle_generate(
         raise BeagleGenerationError(f"`streamer` expected batch size 1, found {batch}.")
     device = input_ids.device
     do_sample = bool(generation_config.do_sample)
+    if sampled_drafts is None:
+        sampled_drafts = do_sample
+    if not isinstance(sampled_drafts, bool) or (sampled_drafts and not do_sample):
+        raise BeagleGenerationError(f"`sampled_drafts` expected a bool, and True only with do_sample=True; found "
+                                    f"{sampled_drafts!r} with do_sample={do_sample}.")
+    draft_temperature = float(generation_config.temperature or 1.0)
     layer_ids = list(beagle.config.target_layer_ids)
     eos = generation_config._eos_token_tensor
     pad = generation_config._pad_token_tensor
@@ -352,13 +447,31 @@ def beagle_generate(
     done = torch.zeros(batch, dtype=torch.bool)
     num_new = [0] * batch
 
-    def choose(b: int, logits: torch.Tensor) -> int:
+    def processed(b: int, logits: torch.Tensor) -> torch.Tensor:
         logits = logits[None].float()
         if len(logits_processor) > 0:
             logits = logits_processor(rows_seq[b][None], logits)
+        return logits[0]
+
+    def choose(b: int, logits: torch.Tensor) -> int:
+        logits = processed(b, logits)
         if do_sample:
             return int(torch.multinomial(logits.softmax(-1), 1))
         return int(logits.argmax(-1))
+
+    def choose_among_sampled(b: int, logits: torch.Tensor, node: int) -> int:
+        """The target's token at `node`: its sampled children first (recursive rejection sampling against the draft
+        distribution they were drawn from), then a draw from the residual, which a fixed (lookup) child may match."""
+        p = processed(b, logits).softmax(-1)
+        children = ((tree_parents[b] == node) & (ranks[b] >= 0)).nonzero().flatten()
+        if children.numel() == 0:  # a leaf, or a node of the lookup branch
+            return int(torch.multinomial(p, 1))
+        children = children[ranks[b, children].argsort()].tolist()
+        q = dists[b, node]
+        if beagle.draft_to_target is not None:
+            q = q.new_zeros(p.shape[-1]).index_copy_(0, beagle.draft_to_target.to(q.device), q)
+        token, _ = recursive_rejection_sample(p, q, [int(inputs[b, c]) for c in children])
+        return token
 
     def emit(b: int, token: int) -> None:
         rows_seq[b] = torch.cat([rows_seq[b], torch.tensor([token], device=device)])
@@ -392,7 +505,11 @@ def beagle_generate(
     while not bool(done.all()):
         # 1. Draft.
         started = time.perf_counter()
-        tokens, parents, depths = draft_tree(beagle, beagle_cache, roots, root_positions, shape)
+        if sampled_drafts:
+            tokens, parents, depths, ranks, dists = draft_sampled_tree(beagle, beagle_cache, roots, root_positions,
+                                                                       shape, draft_temperature)
+        else:
+            tokens, parents, depths = draft_tree(beagle, beagle_cache, roots, root_positions, shape)
         beagle_cache.discard_drafts()
         from_lookup = None
         if lookup_tokens:
@@ -400,6 +517,8 @@ def beagle_generate(
                                                           min(lookup_tokens, max_new - num_new[b] - 1), max_ngram)
                          for b in range(batch)]
             tokens, parents, depths, from_lookup = add_lookup_branch(tokens, parents, depths, proposals)
+        if sampled_drafts:  # lookup nodes (and the walk's root) are fixed, not drawn: rank -1
+            ranks = F.pad(ranks, (1, tokens.shape[1] - ranks.shape[1]), value=-1)
         drafted_depth = int(depths.max())
         drafted_at = time.perf_counter()
         stats.draft_time_s += drafted_at - started
@@ -422,7 +541,10 @@ def beagle_generate(
                 continue
             node = 0
             while True:
-                token = choose(b, out.logits[b, node])
+                if sampled_drafts:
+                    token = choose_among_sampled(b, out.logits[b, node], node)
+                else:
+                    token = choose(b, out.logits[b, node])
                 emit(b, token)
                 match = ((tree_parents[b] == node) & (inputs[b] == token)).nonzero()
                 if done[b] or match.numel() == 0:
