@@ -343,7 +343,6 @@ def resolve_prompt_lookup(generation_config) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-@torch.no_grad()
 def recursive_rejection_sample(p: torch.Tensor, q: torch.Tensor, candidates: list[int]) -> tuple[int, bool]:
     """One token distributed exactly as `p` (a probability vector), using draft `candidates` drawn in this order
     without replacement from `q` (same vocabulary): candidate c is taken with probability min(1, p(c) / q(c)); after a
@@ -368,6 +367,7 @@ def recursive_rejection_sample(p: torch.Tensor, q: torch.Tensor, candidates: lis
     return int(torch.multinomial(p, 1)), False
 
 
+@torch.no_grad()
 def beagle_generate(
     model,
     input_ids: torch.LongTensor,
