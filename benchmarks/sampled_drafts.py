@@ -61,8 +61,7 @@ def main(argv=None) -> int:
                     target.generate(ids, custom_generate=beagle_generate, beagle=beagle, tree_shape=shape,
                                     do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
                                     max_new_tokens=args.max_new_tokens, sampled_drafts=sampled)
-                    stats = beagle.generation_stats
-                    taus.append((sum(stats.accepted) + len(stats.accepted)) / max(len(stats.accepted), 1))
+                    taus.append(beagle.generation_stats.tau)
             rows.append({"tree_shape": tree_shape_label(shape), "sampled_drafts": sampled,
                          "tau_mean": statistics.mean(taus), "tau_per_run": taus})
             print(f"{rows[-1]['tree_shape']} {'sampled' if sampled else 'top-k'}: tau {rows[-1]['tau_mean']:.3f}",

@@ -193,13 +193,20 @@ def test_cache_gather_keeps_only_the_accepted_path():
     torch.testing.assert_close(after, direct, rtol=1e-5, atol=1e-5)
 
 
-def test_draft_tree_structure():
-    target, beagle = trained_pair()
-    ids = torch.randint(3, 96, (2, 7))
+def _true_context(target, beagle, ids):
+    """A Beagle cache holding the target's states of `ids` except the last column (the roots), at positions 0.."""
     with torch.no_grad():
         states = target(ids, output_hidden_states=True).hidden_states[-1]
     cache = BeagleCache()
-    beagle.append_context(cache, states[:, :6], torch.arange(6).expand(2, -1))
+    n = ids.shape[1] - 1
+    beagle.append_context(cache, states[:, :n], torch.arange(n).expand(ids.shape[0], -1))
+    return cache
+
+
+def test_draft_tree_structure():
+    target, beagle = trained_pair()
+    ids = torch.randint(3, 96, (2, 7))
+    cache = _true_context(target, beagle, ids)
     shape = TreeShape(depth=4, top_k=3, total_tokens=12)
     tokens, parents, depths = draft_tree(beagle, cache, ids[:, 6], torch.tensor([6, 6]), shape)
     assert tokens.shape == parents.shape == depths.shape == (2, 12)
@@ -316,10 +323,7 @@ def test_prompt_lookup_proposes_what_transformers_prompt_lookup_proposes():
 def test_lookup_branch_merges_into_the_tree():
     target, beagle = trained_pair()
     ids = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        states = target(ids, output_hidden_states=True).hidden_states[-1]
-    cache = BeagleCache()
-    beagle.append_context(cache, states[:, :6], torch.arange(6).expand(3, -1))
+    cache = _true_context(target, beagle, ids)
     tokens, parents, depths = draft_tree(beagle, cache, ids[:, 6], torch.tensor([6, 6, 6]),
                                          TreeShape(depth=3, top_k=2, total_tokens=6))
     tree_paths = [_paths(tokens[b], parents[b]) for b in range(3)]
@@ -462,10 +466,7 @@ def test_sampled_draft_tree_keeps_sibling_groups_in_sampling_order():
     returned distributions are the draft's at each expanded node."""
     target, beagle = trained_pair()
     ids = torch.randint(3, 96, (2, 7))
-    with torch.no_grad():
-        states = target(ids, output_hidden_states=True).hidden_states[-1]
-    cache = BeagleCache()
-    beagle.append_context(cache, states[:, :6], torch.arange(6).expand(2, -1))
+    cache = _true_context(target, beagle, ids)
     shape = TreeShape(depth=3, top_k=3, total_tokens=7)  # groups of 3: the root's, a second one whole, then one of 3
     torch.manual_seed(3)
     tokens, parents, depths, ranks, dists = draft_sampled_tree(beagle, cache, ids[:, 6], torch.tensor([6, 6]), shape,

@@ -238,15 +238,14 @@ def _expand_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions
     kept = tokens.gather(1, keep), kept_parents, depths.gather(1, keep)
     if temperature is None:
         return kept
-    # the distribution each kept node's children were drawn from, at the node's index + 1 (the root's at 0)
-    node_dists = dists[0].new_zeros(batch, num_keep + 1, dists[0].shape[-1])
-    for level_dists, level_owners in zip(dists, owners):
-        slot = torch.where(level_owners >= 0, new_index.gather(1, level_owners.clamp(min=0)) + 1, 0)
-        slot = torch.where((level_owners >= 0) & (slot == 0), num_keep + 1, slot)  # an expanded node not kept
-        spill = torch.cat([node_dists, node_dists.new_zeros(batch, 1, node_dists.shape[-1])], dim=1)
-        spill.scatter_(1, slot[..., None].expand(-1, -1, spill.shape[-1]), level_dists)
-        node_dists = spill[:, :-1]
-    return (*kept, ranks.gather(1, keep), node_dists)
+    # the distribution each kept node's children were drawn from, at the node's index + 1 (the root's at 0); an
+    # expanded node that was not kept writes into one extra slot, dropped
+    dists, owners = torch.cat(dists, dim=1), torch.cat(owners, dim=1)
+    slot = torch.where(owners >= 0, new_index.gather(1, owners.clamp(min=0)) + 1, 0)
+    slot = torch.where((owners >= 0) & (slot == 0), num_keep + 1, slot)
+    node_dists = dists.new_zeros(batch, num_keep + 2, dists.shape[-1])
+    node_dists.scatter_(1, slot[..., None].expand(-1, -1, dists.shape[-1]), dists)
+    return (*kept, ranks.gather(1, keep), node_dists[:, :-1])
 
 
 # ------------------------------------------------------------------------------------------ prompt-lookup branch
