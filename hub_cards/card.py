@@ -366,8 +366,8 @@ target = AutoModelForCausalLM.from_pretrained(target_id, dtype=dtype).to(device)
 # Importing the remote code also installs Beagle's (idempotent, version-guarded) hook into `generate`.
 beagle = AutoModel.from_pretrained(beagle_id, trust_remote_code=True, dtype=dtype).to(device).eval()
 beagle.bind_target(target)  # shares the target's embedding and lm_head by reference
-if device == "cpu" and dtype == torch.float32:
-    beagle.prepack_for_cpu(target)  # oneDNN-packed linear weights: cheaper multi-token verification on CPU
+if beagle.can_prepack_for_cpu():  # on a CPU that can pack this dtype (bf16: AVX512-BF16 / AMX-class CPUs)
+    beagle.prepack_for_cpu(target)  # oneDNN-packed linear weights: cheaper multi-token verification
 
 messages = [{{"role": "user", "content": "Explain speculative decoding in two sentences."}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)

@@ -37,7 +37,7 @@ from .generation_beagle import (
     unavailable_message,
 )
 from .masking_beagle import alibi_slopes, context_causal_mask, key_distances, to_attention_mask
-from .prepack_beagle import PrepackedLinear, prepack_linear_weights, uses_packed_path
+from .prepack_beagle import PrepackedLinear, prepack_linear_weights, prepacking_available, uses_packed_path
 
 
 # Written into every saved checkpoint as `custom_generate/generate.py`, so that
@@ -506,6 +506,11 @@ class BeagleModel(BeaglePreTrainedModel):
         prepack_linear_weights(target_model)
         prepack_linear_weights(self)
         return self.bind_target(target_model)
+
+    def can_prepack_for_cpu(self) -> bool:
+        """Whether [`prepack_for_cpu`] can run here: this draft is on the CPU, and this torch build and CPU can pack
+        linear weights of its dtype (bfloat16 needs AVX512-BF16-class or AVX-NE-CONVERT support)."""
+        return self.device.type == "cpu" and prepacking_available(self.dtype)
 
     @property
     def is_bound(self) -> bool:

@@ -27,6 +27,7 @@ One round, for every row of the batch at once:
 """
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, replace
 
@@ -83,30 +84,35 @@ _VERIFY_COST_CACHE: dict = {}
 
 
 @torch.no_grad()
-def measure_verification_cost(target, counts=(1, 2, 4, 8, 16, 32, 64), prefix: int = 256, repeats: int = 3) -> dict:
-    """Median time (s) of one target forward over `n` new tokens on top of a `prefix`-token cache, per n."""
+def measure_verification_cost(target, counts=(1, 2, 4, 8, 16, 32, 64), prefix: int = 256, repeats: int = 3,
+                              rounds: int = 1) -> dict:
+    """Median time (s) of one target forward over `n` new tokens on top of a `prefix`-token cache, per n: `rounds`
+    passes over all counts (interleaved, so that a slow spell of a shared machine spreads over every count), each
+    timing `repeats` forwards per count after one untimed warm-up forward per count."""
     device = target.device
     ids = torch.randint(0, target.config.get_text_config().vocab_size, (1, prefix + max(counts)), device=device)
     cache = DynamicCache(config=target.config)
     target(ids[:, :prefix], **cache_kwargs(target, cache), use_cache=True)
-    costs = {}
-    for n in counts:
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            target(ids[:, prefix : prefix + n], **cache_kwargs(target, cache), use_cache=True)
-            times.append(time.perf_counter() - start)
-            cache.crop(-n)
-        costs[n] = sorted(times[1:])[len(times[1:]) // 2]
-    return costs
+    times = {n: [] for n in counts}
+    for round_index in range(rounds):
+        for n in counts:
+            for i in range(repeats + (round_index == 0)):
+                start = time.perf_counter()
+                target(ids[:, prefix : prefix + n], **cache_kwargs(target, cache), use_cache=True)
+                elapsed = time.perf_counter() - start
+                cache.crop(-n)
+                if round_index or i:
+                    times[n].append(elapsed)
+    return {n: statistics.median(ts) for n, ts in times.items()}
 
 
-def auto_tree_shape(target, tolerance: float = 1.3) -> TreeShape:
+def auto_tree_shape(target, tolerance: float = 1.35) -> TreeShape:
     """Pick the tree from the target's verification-cost curve on this machine: verify as many nodes as cost at most
-    `tolerance` times a one-token forward (at least 4), spread over a depth that grows with that budget."""
+    `tolerance` times a one-token forward (at least 4), spread over a depth that grows with that budget. The curve
+    is measured once per target, dtype and packing (3 interleaved rounds of 3 forwards per count, medians)."""
     key = (id(target), str(target.device), str(target.dtype), is_prepacked(target))  # packing changes the curve
     if key not in _VERIFY_COST_CACHE:
-        _VERIFY_COST_CACHE[key] = measure_verification_cost(target)
+        _VERIFY_COST_CACHE[key] = measure_verification_cost(target, rounds=3)
     costs = _VERIFY_COST_CACHE[key]
     total = max([n for n, t in costs.items() if t <= tolerance * costs[1]] + [4])
     depth = min(max(3, total.bit_length() + 1), 8)
