@@ -23,6 +23,9 @@ clipping, `optimizer.step()`, `zero_grad`.
     python benchmarks/train_cost.py                                      # writes benchmarks/results/train_cost.{json,md}
     python benchmarks/train_cost.py --real --precision bf16 --draft-vocab 8192
     python benchmarks/train_cost.py --batch 1 --seq-len 32 --vocab 2048 --out /tmp/train_cost   # a smoke run
+    python benchmarks/train_cost.py --precision bf16 --draft-vocab 8192 --batch 16 --steps 4 \
+        --beagle-option recency_bias=true --beagle-option query_newest_state=true \
+        --beagle-option context_next_token=true            # the shipped recipe's draft and batch
 """
 
 import argparse
@@ -73,8 +76,21 @@ def build_target(args, device):
     return LlamaForCausalLM(config).eval().to(device=device, dtype=dtype).requires_grad_(False)
 
 
+def parse_beagle_options(items) -> dict:
+    """`KEY=VALUE` pairs (VALUE as JSON: true, 0.5, "x") into BeagleConfig overrides."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--beagle-option expects KEY=VALUE (e.g. recency_bias=true), found {item!r}")
+        options[key] = json.loads(value)
+    return options
+
+
 def build_draft(args, target, kind: str, draft_ids):
     overrides = dict(attn_implementation=args.attn_implementation)
+    if kind != "eagle2":
+        overrides.update(parse_beagle_options(args.beagle_option))
     if draft_ids is not None:
         overrides["draft_vocab_size"] = len(draft_ids)
     torch.manual_seed(args.seed + 1)
@@ -205,6 +221,8 @@ def run_config(args, config: str, steps: int) -> dict:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
     cmd += ["--real"] if args.real else []
     cmd += ["--cpu"] if args.cpu else []
+    for item in args.beagle_option or []:
+        cmd += ["--beagle-option", item]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -265,6 +283,9 @@ def main() -> None:
     parser.add_argument("--state-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--topk", type=int, default=64, help="top-k soft labels of the offline batch")
     parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument("--beagle-option", action="append", metavar="KEY=VALUE",
+                        help="a BeagleConfig override for the Beagle drafts, VALUE in JSON (repeatable), e.g. "
+                             "recency_bias=true query_newest_state=true context_next_token=true: the shipped recipe")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -292,6 +313,7 @@ def main() -> None:
     import transformers
 
     settings = {name: getattr(args, name) for name in WORKER_OPTIONS + ("real", "steps")}
+    settings["beagle_options"] = parse_beagle_options(args.beagle_option)
     settings["target"] = REAL_TARGET if args.real else (f"Llama {args.layers} layers, hidden 576, 9/3 heads, ffn 1536, "
                                                          f"vocab {args.vocab} (random weights)")
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
