@@ -17,6 +17,7 @@ The metadata block is built with `huggingface_hub.ModelCardData` and `EvalResult
 temperature, dtype), with τ, speedup and tokens/s of every Beagle method measured there (baselines stay in the table).
 """
 
+import importlib.metadata
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from packaging.requirements import Requirement
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ REQUIRED_RESULT_FIELDS = ("prompt_set", "temperature", "dtype", "method")
 DEFAULT_MAX_NEW_TOKENS = 128
 UNTRUSTED_STATUSES = ("invalid", "suspect")  # bench verdicts on outputs that differ from plain decoding
 SHORT_SETTING_CHARS = 64
+PACKAGE = "beagle-spec"  # its `transformers` requirement (pyproject.toml) is the range the remote code is tested on
 
 PROMPT_SET_NAMES = {"mt-bench": "MT-Bench", "humaneval": "HumanEval", "gsm8k": "GSM8K", "alpaca": "Alpaca",
                     "sharegpt": "ShareGPT"}
@@ -351,6 +354,23 @@ def build_card_data(config: dict, bench: dict | None, model_name: str, *, licens
 
 
 # ------------------------------------------------------------------------------------------------- sections
+def transformers_requirement() -> str:
+    """The `transformers` range this package (and so the remote code a checkpoint carries) is tested on, as pip
+    writes it (`transformers>=5.20,<5.26`), from the installed package's metadata."""
+    try:
+        requirements = importlib.metadata.requires(PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise BeagleCardError(f"the {PACKAGE} package is not installed (pip install -e .): the card states its "
+                              "`transformers` requirement") from None
+    for text in requirements:
+        requirement = Requirement(text)
+        if requirement.name == "transformers" and requirement.marker is None:
+            # lower bounds first, then upper bounds and exclusions, as a person writes the range
+            specifiers = sorted(requirement.specifier, key=lambda spec: (spec.operator[0] in "<!", spec.version))
+            return "transformers" + ",".join(str(spec) for spec in specifiers)
+    raise BeagleCardError(f"{PACKAGE}'s metadata names no `transformers` requirement, found {requirements!r}")
+
+
 def usage_snippet(target_id: str, beagle_id: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
     """Python that loads the target and this draft (remote code) and runs both speculative decoding paths."""
     return f'''import torch
@@ -615,7 +635,8 @@ output into draft logits, so the draft adds one block of parameters and nothing 
 
 ## Usage
 
-Needs `transformers` and `torch`; the model code ships in this repository (`trust_remote_code=True`){where}.
+Needs `torch` and `{transformers_requirement()}` (the versions its code is tested on); the model code ships in this
+repository (`trust_remote_code=True`){where}.
 
 ```python
 {usage_snippet(target, beagle_id, max_new_tokens).rstrip()}

@@ -173,6 +173,11 @@ class BeagleCandidateGenerator(CandidateGenerator):
         self._handed_off_at: float | None = None
         self._last_drafted = 0
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens one round drafts (transformers >= 5.25 sizes the target cache's rollback record by it)."""
+        return self.max_draft_tokens
+
     def get_candidates(
         self,
         input_ids: torch.LongTensor,

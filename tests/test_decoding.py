@@ -28,6 +28,7 @@ from modeling_beagle import (
     recursive_rejection_sample,
 )
 from modeling_beagle.decoding_beagle import _keep_cache_rows, add_lookup_branch, auto_tree_shape, prompt_lookup
+from modeling_beagle.generation_beagle import cache_kwargs
 from modeling_beagle.masking_beagle import to_attention_mask, tree_ancestor_mask
 
 SHAPES = ["chain", TreeShape(depth=4, top_k=3, total_tokens=10), TreeShape(depth=3, top_k=2, total_tokens=6),
@@ -144,7 +145,7 @@ def test_auto_tree_shape_is_valid():
 def _prefix_cache(target, prefix):
     cache = DynamicCache(config=target.config)
     with torch.no_grad():
-        target(prefix, past_key_values=cache, use_cache=True)
+        target(prefix, **cache_kwargs(target, cache), use_cache=True)
     return cache
 
 
@@ -160,7 +161,7 @@ def test_tree_verified_in_one_forward_equals_each_branch_alone():
         target.set_attn_implementation(attn)
         cache = _prefix_cache(target, prefix)
         with torch.no_grad():
-            tree_logits = target(tokens, position_ids=9 + depth, past_key_values=cache, use_cache=True,
+            tree_logits = target(tokens, position_ids=9 + depth, **cache_kwargs(target, cache), use_cache=True,
                                  attention_mask=to_attention_mask(mask, attn, torch.float32)).logits
         for leaf in (4, 6, 7):
             branch, node = [], leaf
@@ -168,7 +169,8 @@ def test_tree_verified_in_one_forward_equals_each_branch_alone():
                 branch.insert(0, node)
                 node = int(parents[0, node])
             with torch.no_grad():
-                alone = target(tokens[:, branch], past_key_values=_prefix_cache(target, prefix), use_cache=True).logits
+                prefix_cache = cache_kwargs(target, _prefix_cache(target, prefix))
+                alone = target(tokens[:, branch], **prefix_cache, use_cache=True).logits
             torch.testing.assert_close(tree_logits[:, branch], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -181,14 +183,14 @@ def test_cache_gather_keeps_only_the_accepted_path():
     mask = torch.cat([torch.ones(1, 6, 6, dtype=torch.bool), tree_ancestor_mask(parents)], dim=-1)
     cache = _prefix_cache(target, prefix)
     with torch.no_grad():
-        target(tokens, position_ids=6 + depth, past_key_values=cache, use_cache=True,
+        target(tokens, position_ids=6 + depth, **cache_kwargs(target, cache), use_cache=True,
                attention_mask=to_attention_mask(mask, "sdpa", torch.float32))
     path = [0, 2, 4, 5]
     _keep_cache_rows(cache, 6, torch.tensor([path]))
     assert cache.get_seq_length() == 6 + len(path)
     nxt = torch.tensor([[7]])
     with torch.no_grad():
-        after = target(nxt, past_key_values=cache, use_cache=True).logits
+        after = target(nxt, **cache_kwargs(target, cache), use_cache=True).logits
         direct = target(torch.cat([prefix, tokens[:, path], nxt], dim=1)).logits[:, -1:]
     torch.testing.assert_close(after, direct, rtol=1e-5, atol=1e-5)
 

@@ -163,21 +163,20 @@ def test_card_without_bench_results_or_training_record(checkpoint):
     assert 'beagle_id = "./beagle"' in text  # without a repo id the snippet loads the local folder
 
 
-def _beagle_output_takes_past_key_values() -> bool:
-    """False under transformers versions whose ModelOutput renames `past_key_values=` to `cache=` (5.24), which
-    BeagleOutput (a `past_key_values` field) does not accept yet: every Beagle forward then fails."""
-    from modeling_beagle import BeagleOutput
+def test_card_states_the_tested_transformers_range_from_the_package_metadata():
+    import transformers
+    from packaging.requirements import Requirement
 
-    try:
-        BeagleOutput(past_key_values=None)
-    except TypeError:
-        return False
-    return True
+    from hub_cards.card import transformers_requirement
+
+    requirement = transformers_requirement()
+    stated = Requirement(requirement)
+    assert stated.name == "transformers" and re.fullmatch(r"transformers>=[\d.]+,<[\d.]+.*", requirement)
+    assert stated.specifier.contains(transformers.__version__)  # pip installed the package under it
+    assert f"`{requirement}`" in render_model_card(Path(__file__).parent.parent / "checkpoints" /
+                                                   "beagle-smollm2-135m-instruct")
 
 
-@pytest.mark.xfail(not _beagle_output_takes_past_key_values(), raises=AssertionError, strict=True,
-                   reason="modeling_beagle is not yet compatible with this transformers version: BeagleOutput("
-                          "past_key_values=...) raises TypeError (ModelOutput renames it to `cache`)")
 def test_usage_snippet_runs_and_matches_plain_greedy(checkpoint, saved, tmp_path):
     text = write_model_card(checkpoint, BENCH, repo_id=REPO_ID).read_text()
     code = python_block(text)

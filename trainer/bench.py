@@ -504,12 +504,14 @@ def reproduce_in_chunks(target, ids: list[int], token: int, max_chunk: int = VER
     `ids[:-j]` in one forward and the last j tokens in a second forward over that cache, as a verification forward
     reads a draft; None when no such chunk gives `token`. The same weights and dtype on another summation order: a
     token found this way is one the target itself computes as its greedy choice."""
+    from modeling_beagle.generation_beagle import cache_kwargs
+
     device = next(target.parameters()).device
     full = torch.tensor([ids], device=device)
     for j in range(1, min(max_chunk, len(ids) - 1) + 1):
-        cache = DynamicCache(config=target.config)
-        target(full[:, :-j], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = target(full[:, -j:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        cache = cache_kwargs(target, DynamicCache(config=target.config))
+        target(full[:, :-j], **cache, use_cache=True, logits_to_keep=1)
+        logits = target(full[:, -j:], **cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         if int(logits.argmax()) == token:
             return j
     return None
