@@ -15,6 +15,8 @@ clipping, `optimizer.step()`, `zero_grad`.
 - Both drafts get the same draft vocabulary (`--draft-vocab`, a random subset of the target's, or the full head) and
   the same batch and labels.
 - Wall time: `--warmup` untimed steps (the optimizer state is allocated then), then the median of `--repeats` steps.
+  Run it as training runs, with jemalloc preloaded (`LD_PRELOAD=libjemalloc.so.2`); the workers keep freed memory
+  (`MALLOC_CONF` unless set) and the results record the allocator.
 - Memory: on CPU, `peak_mb` is the torch profiler's allocator peak over one step above the resident baseline (models,
   batch, optimizer state), `rss_peak_mb` a sampled-RSS cross-check (both helpers from benchmarks/stage2_memory.py);
   on CUDA, `torch.cuda.max_memory_allocated()` over one step minus the allocation before it. `resident_mb` is the
@@ -134,6 +136,7 @@ def _tensor_mb(tensors) -> float:
 def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from trainer import BeagleTrainer, BeagleTrainingArguments
+    from trainer.allocator import heap_allocator
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     target = build_target(args, device)
@@ -189,7 +192,8 @@ def worker(args) -> dict:
            "window": args.window if args.config == "beagle-stage1" else None,
            "step_s": statistics.median(times), "step_s_all": times,
            "supervised_tokens": int(batch["loss_mask"].sum()),
-           "trainable_params": sum(p.numel() for p in params), "resident_mb": resident, "device": device.type}
+           "trainable_params": sum(p.numel() for p in params), "resident_mb": resident, "device": device.type,
+           "allocator": heap_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF")}
     row["supervised_tokens_per_s"] = row["supervised_tokens"] / row["step_s"]
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -223,8 +227,11 @@ def run_config(args, config: str, steps: int) -> dict:
     cmd += ["--cpu"] if args.cpu else []
     for item in args.beagle_option or []:
         cmd += ["--beagle-option", item]
+    # Freed memory stays with the process, as the training recipe runs (jemalloc: README, Training; glibc: the two
+    # thresholds): otherwise a step's large fresh tensors page-fault in and the timings measure the kernel.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {config} S={steps} failed:\n{proc.stderr[-4000:]}")
@@ -258,7 +265,8 @@ def markdown(result: dict) -> str:
     return "\n".join([
         "# Training cost per optimizer step: Beagle (stage 1, stage 2 at S) against the EAGLE-2-style draft", "",
         f"Machine: {machine['platform']}, {machine['processor'] or 'cpu'}, {machine['threads']} threads, "
-        f"torch {machine['torch']}, transformers {machine['transformers']}.", "",
+        f"torch {machine['torch']}, transformers {machine['transformers']}, allocator "
+        f"{machine.get('allocator', 'not recorded')} (MALLOC_CONF {machine.get('malloc_conf')}).", "",
         "Settings: " + json.dumps(settings), "", *lines, "", *summary, "",
         "One optimizer step = the trainer's `training_step` (forward(s) + backward(s)), gradient clipping, AdamW step. "
         "Peak memory is the growth above the resident models, batch and optimizer state during one step. Step times "
@@ -286,7 +294,8 @@ def main() -> None:
     parser.add_argument("--beagle-option", action="append", metavar="KEY=VALUE",
                         help="a BeagleConfig override for the Beagle drafts, VALUE in JSON (repeatable), e.g. "
                              "recency_bias=true query_newest_state=true context_next_token=true: the shipped recipe")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first allocates the optimizer "
+                        "state; with one, the timed steps still page-faulted in fresh memory)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -318,7 +327,8 @@ def main() -> None:
                                                          f"vocab {args.vocab} (random weights)")
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
                           "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                          "transformers": transformers.__version__, "python": platform.python_version()},
+                          "transformers": transformers.__version__, "python": platform.python_version(),
+                          "allocator": rows[0]["allocator"], "malloc_conf": rows[0]["malloc_conf"]},
               "settings": settings, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

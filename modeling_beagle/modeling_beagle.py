@@ -206,34 +206,6 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def recency_slope_jacobian(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor,
-    key_distance: torch.Tensor,
-    attn_output: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor:
-    """d(attention output)/d(slope_h), `(batch, queries, heads, head_dim)`, computed without autograd.
-
-    A score reads `s_qk = scaling * q.k - slope_h * d_qk` (d: `key_distance`), so with P = softmax(s) and
-    o_q = sum_k P_qk v_k: do_q/dslope_h = sum_qk(P_qk * d_qk) * o_q - sum_k P_qk d_qk v_k. `attention_mask` is the
-    float mask the attention call added (bias included), `attn_output` its output `(batch, queries, heads, head_dim)`.
-    """
-    with torch.no_grad():
-        key_states = repeat_kv(key, module.num_key_value_groups)
-        value_states = repeat_kv(value, module.num_key_value_groups)
-        # (batch, heads, queries, keys) in fp32 is the largest tensor here: one buffer, updated in place.
-        weighted = torch.matmul(query, key_states.transpose(2, 3)).float().mul_(scaling).add_(attention_mask)
-        weighted = weighted.softmax(dim=-1).mul_(key_distance[:, None])  # P_qk * d_qk
-        read_distance = weighted.sum(dim=-1, keepdim=True)
-        jacobian = read_distance * attn_output.transpose(1, 2).float() - torch.matmul(
-            weighted.to(value_states.dtype), value_states).float()
-        return jacobian.transpose(1, 2).to(attn_output.dtype)
-
-
 def newest_state_features(features: torch.Tensor, allowed: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
     """Per query, the features `(batch, keys, hidden)` of the readable key at the highest position (the last true
     state, or in a draft round the parent's draft state); zero for a query that may read nothing."""
@@ -324,24 +296,14 @@ class BeagleCrossAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        bias = slopes = None
+        bias = None
         if self.recency_slopes is not None:
             if key_distance is None:
                 raise ValueError("BeagleCrossAttention: `key_distance` (batch, queries, keys) is required with "
                                  "recency_bias=True.")
+            bias = key_distance[:, None].to(query.dtype) * -self.recency_slopes.to(query.dtype)[None, :, None, None]
             if self.null_key is not None:
-                key_distance = nn.functional.pad(key_distance, (1, 0))  # the null slot is at no distance
-            # A score bias that needs a gradient sends sdpa to its slow math path (and keeps (batch, heads, q, k)
-            # tensors for backward). When the slopes train, the kernel adds a detached bias and their exact
-            # gradient comes from `recency_slope_jacobian` below; eager attention takes the gradient directly.
-            slopes = self.recency_slopes
-            slopes_train = slopes.requires_grad and torch.is_grad_enabled()
-            split_gradient = slopes_train and self.config._attn_implementation != "eager" and not (
-                self.training and self.attention_dropout > 0)
-            bias = key_distance[:, None].to(query.dtype) * -(slopes.detach() if split_gradient else slopes).to(
-                query.dtype)[None, :, None, None]
-            if not split_gradient:
-                slopes = None
+                bias = nn.functional.pad(bias, (1, 0))  # the null slot is at no distance
         attention_mask = to_attention_mask(allowed, self.config._attn_implementation, query.dtype, bias=bias)
         attn_output, _ = attention_interface(
             self,
@@ -354,10 +316,6 @@ class BeagleCrossAttention(nn.Module):
             is_causal=False,
             **kwargs,
         )
-        if slopes is not None:  # zero in value; its gradient is exactly the slopes' gradient through the bias
-            jacobian = recency_slope_jacobian(self, query, keys, values, attention_mask, key_distance, attn_output,
-                                              self.scaling)
-            attn_output = attn_output + jacobian * (slopes - slopes.detach()).to(attn_output.dtype)[:, None]
         attn_output = attn_output.reshape(batch, num_queries, -1)
         if row_reads_nothing is not None:
             attn_output = attn_output.masked_fill(row_reads_nothing[..., None], 0.0)
