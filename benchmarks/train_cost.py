@@ -85,7 +85,11 @@ def parse_beagle_options(items) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--beagle-option expects KEY=VALUE (e.g. recency_bias=true), found {item!r}")
-        options[key] = json.loads(value)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"--beagle-option {key}: VALUE must be JSON (true, 0.5, \"text\"), "
+                             f"found {value!r}") from None
     return options
 
 
@@ -308,6 +312,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    beagle_options = parse_beagle_options(args.beagle_option)  # a malformed option stops the run before any worker
 
     jobs = []
     for config in args.configs:
@@ -322,7 +327,7 @@ def main() -> None:
     import transformers
 
     settings = {name: getattr(args, name) for name in WORKER_OPTIONS + ("real", "steps")}
-    settings["beagle_options"] = parse_beagle_options(args.beagle_option)
+    settings["beagle_options"] = beagle_options
     settings["target"] = REAL_TARGET if args.real else (f"Llama {args.layers} layers, hidden 576, 9/3 heads, ffn 1536, "
                                                          f"vocab {args.vocab} (random weights)")
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,

@@ -158,6 +158,15 @@ def test_override_of_a_shared_field_is_refused(llama_target):
         BeagleConfig.from_target_config(llama_target.config, hidden_size=32)
 
 
+def test_override_of_an_unknown_field_is_refused_not_ignored(llama_target):
+    with pytest.raises(BeagleConfigError, match="unknown field.*recency_bais"):
+        BeagleModel.from_target(llama_target, recency_bais=True)
+    # real fields, a generic PreTrainedConfig one and one from_target_config itself fills are all accepted
+    config = BeagleConfig.from_target_config(llama_target.config, recency_bias=True, output_hidden_states=True,
+                                             pad_token_id=0)
+    assert config.recency_bias and config.output_hidden_states and config.pad_token_id == 0
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

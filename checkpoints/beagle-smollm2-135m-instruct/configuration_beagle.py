@@ -5,6 +5,7 @@ width, attention layout, rotary embedding and vocabulary. The second group recor
 belongs to. The third group holds the choices the paper leaves open (`method.md` §4), with our defaults.
 """
 
+import inspect
 from typing import Any, Literal
 
 from transformers import PreTrainedConfig
@@ -303,6 +304,12 @@ class BeagleConfig(PreTrainedConfig):
             bos_token_id=getattr(text_config, "bos_token_id", None),
             eos_token_id=getattr(text_config, "eos_token_id", None),
         )
+        known = set(kwargs) | set(inspect.signature(PreTrainedConfig.__init__).parameters)
+        known |= {field for klass in cls.__mro__ for field in getattr(klass, "__annotations__", {})}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise BeagleConfigError(f"BeagleConfig.from_target_config: unknown field(s) {', '.join(unknown)}; "
+                                    f"expected fields of {cls.__name__} (e.g. recency_bias, num_draft_tokens).")
         kwargs.update(overrides)
         return cls(**kwargs)
 
