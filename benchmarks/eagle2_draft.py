@@ -60,6 +60,7 @@ from modeling_beagle.generation_beagle import (  # noqa: E402
     BeagleGenerationStats,
     check_generation_config,
     draft_logits_to_target_vocab,
+    sample_categorical,
     target_states,
 )
 from modeling_beagle.masking_beagle import to_attention_mask  # noqa: E402
@@ -476,7 +477,7 @@ class Eagle2CandidateGenerator(BeagleCandidateGenerator):
                 logits = self.logits_processor(sequence, logits)
             if self.do_sample:
                 probs = logits.softmax(-1)
-                token = torch.multinomial(probs, num_samples=1)
+                token = sample_categorical(probs)[:, None]  # as Beagle's chain draws its draft tokens
                 confidence = probs.gather(-1, token)
                 processed_logits.append(logits)
             else:

@@ -28,7 +28,7 @@ from modeling_beagle import (
     recursive_rejection_sample,
 )
 from modeling_beagle.decoding_beagle import _keep_cache_rows, add_lookup_branch, auto_tree_shape, prompt_lookup
-from modeling_beagle.generation_beagle import cache_kwargs
+from modeling_beagle.generation_beagle import cache_kwargs, gumbel_noise, sample_categorical
 from modeling_beagle.masking_beagle import to_attention_mask, tree_ancestor_mask
 
 SHAPES = ["chain", TreeShape(depth=4, top_k=3, total_tokens=10), TreeShape(depth=3, top_k=2, total_tokens=6),
@@ -174,7 +174,8 @@ def test_tree_verified_in_one_forward_equals_each_branch_alone():
             torch.testing.assert_close(tree_logits[:, branch], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_cache_gather_keeps_only_the_accepted_path():
+@pytest.mark.parametrize("path", [[0, 2, 4, 5], [0, 1, 3], [0, 1], [0]])  # gathered; the last two cut only
+def test_cache_gather_keeps_only_the_accepted_path(path):
     target = make_target("llama", initializer_range=0.2)
     prefix = torch.randint(3, 96, (1, 6))
     parents = torch.tensor([[-1, 0, 0, 1, 2, 4]])
@@ -185,7 +186,6 @@ def test_cache_gather_keeps_only_the_accepted_path():
     with torch.no_grad():
         target(tokens, position_ids=6 + depth, **cache_kwargs(target, cache), use_cache=True,
                attention_mask=to_attention_mask(mask, "sdpa", torch.float32))
-    path = [0, 2, 4, 5]
     _keep_cache_rows(cache, 6, torch.tensor([path]))
     assert cache.get_seq_length() == 6 + len(path)
     nxt = torch.tensor([[7]])
@@ -437,6 +437,35 @@ def _biased_rejection_sample(p, q, candidates):
         if float(torch.rand(()) * q[c]) < float(p[c]):
             return c, True
     return int(torch.multinomial(p, 1)), False
+
+
+def test_sample_categorical_and_gumbel_noise_have_exactly_the_distribution():
+    """The loop's samplers: `sample_categorical` (inverse CDF) draws each row of unnormalised weights with exactly
+    their distribution and never a zero-weight token, even at the uniform's extremes; Gumbel top-1 is a softmax draw.
+    The chi-square test has the power to reject a slightly sharpened distribution on the same number of draws."""
+    torch.manual_seed(0)
+    weights = torch.tensor([[0.0, 3.0, 2.5, 0.0, 1.2, 0.8, 0.5, 0.0], [1.0, 0.0, 0.0, 0.5, 0.25, 2.0, 0.25, 0.0]])
+    probs = weights / weights.sum(-1, keepdim=True)
+    draws = torch.stack([sample_categorical(weights) for _ in range(20000)])  # (draws, rows)
+    assert draws.shape == (20000, 2) and draws.dtype == torch.long
+    for row in range(2):
+        counts = torch.bincount(draws[:, row], minlength=8).float()
+        assert counts[weights[row] == 0].sum() == 0
+        assert _chi_square_p_value(counts, probs[row]) > 1e-3
+        sharpened = probs[row] ** 1.15 / (probs[row] ** 1.15).sum()
+        assert _chi_square_p_value(counts, sharpened) < 1e-6
+    logits = torch.tensor([1.0, -0.5, 2.0, 0.3, -3.0, 0.0])
+    firsts = torch.stack([(logits + gumbel_noise(logits)).argmax() for _ in range(20000)])
+    assert _chi_square_p_value(torch.bincount(firsts, minlength=6).float(), logits.softmax(-1)) > 1e-3
+
+
+@pytest.mark.parametrize("uniform", [0.0, 1.0])
+def test_sample_categorical_at_the_uniforms_extremes(monkeypatch, uniform):
+    """u = 0 must not pick a leading zero-weight token; u rounding up to the total must not run past the last
+    non-zero one (nor off the end)."""
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, uniform, **kw))
+    weights = torch.tensor([[0.0, 0.3, 0.7, 0.0]])
+    assert int(sample_categorical(weights)) == (1 if uniform == 0.0 else 2)
 
 
 def test_recursive_rejection_sample_has_exactly_the_target_distribution():

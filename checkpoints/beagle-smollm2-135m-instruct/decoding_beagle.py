@@ -43,6 +43,8 @@ from .generation_beagle import (
     cache_kwargs,
     check_generation_config,
     draft_topk,
+    gumbel_noise,
+    sample_categorical,
     target_states,
 )
 from .masking_beagle import to_attention_mask, tree_ancestor_mask
@@ -196,8 +198,8 @@ def _expand_tree(beagle, cache: BeagleCache, roots: torch.Tensor, root_positions
             child_scores, child_tokens = draft_topk(beagle, out.logits, k)
         else:
             log_q = (out.logits.float() / temperature).log_softmax(-1)
-            gumbel = -torch.empty_like(log_q).exponential_().log()
-            drawn = (log_q + gumbel).topk(k, dim=-1).indices  # Gumbel top-k: k draws without replacement, in order
+            # Gumbel top-k: k draws without replacement, in order
+            drawn = (log_q + gumbel_noise(log_q)).topk(k, dim=-1).indices
             child_scores = log_q.gather(-1, drawn)
             child_tokens = beagle.draft_to_target[drawn] if beagle.draft_to_target is not None else drawn
             dists.append(log_q.exp())
@@ -307,12 +309,19 @@ def add_lookup_branch(tokens: torch.Tensor, parents: torch.Tensor, depths: torch
 
 # ----------------------------------------------------------------------------------------------- target cache
 def _keep_cache_rows(cache: DynamicCache, start: int, index: torch.Tensor) -> None:
-    """Keep, per batch row, the slots `start + index[b]` of the last forward (in that order) and drop the rest."""
+    """Keep, per batch row, the slots `start + index[b]` of the last forward (in that order) and drop the rest: the
+    kept rows are written over the first slots of that forward in place and the cache is cut after them (a view; the
+    next forward's concatenation copies it anyway), so the prefix is not copied once more. When every row kept a
+    prefix of the forward's slots (no draft token accepted, or the first-ranked path), cutting is all it takes."""
+    width = index.shape[1]
+    kept_in_place = bool((index == torch.arange(width, device=index.device)).all())
     for layer in cache.layers:
         for name in ("keys", "values"):
             tensor = getattr(layer, name)
-            idx = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
-            setattr(layer, name, torch.cat([tensor[:, :, :start], tensor[:, :, start:].gather(2, idx)], dim=2))
+            if not kept_in_place:
+                idx = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
+                tensor[:, :, start : start + width] = tensor[:, :, start:].gather(2, idx)
+            setattr(layer, name, tensor[:, :, : start + width])
 
 
 # The target's cache arrives as `cache` from transformers 5.24 on, as `past_key_values` before.
@@ -369,7 +378,7 @@ def recursive_rejection_sample(p: torch.Tensor, q: torch.Tensor, candidates: lis
         if left <= 0:  # q held only the candidates drawn so far: no later candidate can follow
             break
         q = q / left
-    return int(torch.multinomial(p, 1)), False
+    return int(sample_categorical(p)), False
 
 
 @torch.no_grad()
@@ -461,7 +470,7 @@ def beagle_generate(
     def choose(b: int, logits: torch.Tensor) -> int:
         logits = processed(b, logits)
         if do_sample:
-            return int(torch.multinomial(logits.softmax(-1), 1))
+            return int(sample_categorical(logits.softmax(-1)))
         return int(logits.argmax(-1))
 
     def choose_among_sampled(b: int, logits: torch.Tensor, node: int) -> int:
@@ -470,7 +479,7 @@ def beagle_generate(
         p = processed(b, logits).softmax(-1)
         children = ((tree_parents[b] == node) & (ranks[b] >= 0)).nonzero().flatten()
         if children.numel() == 0:  # a leaf, or a node of the lookup branch
-            return int(torch.multinomial(p, 1))
+            return int(sample_categorical(p))
         children = children[ranks[b, children].argsort()].tolist()
         q = dists[b, node]
         if beagle.draft_to_target is not None:

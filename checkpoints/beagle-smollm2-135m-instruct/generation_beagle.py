@@ -131,6 +131,24 @@ def draft_topk(beagle, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return scores, ids
 
 
+def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of `probs` `(..., vocab)` (non-negative weights, not necessarily normalised), as a `(...)`
+    long tensor: the inverse of the float64 cumulative distribution at a uniform draw from torch's generator. Exactly
+    the categorical distribution, like `torch.multinomial(probs, 1)`, which on CPU draws an exponential per vocabulary
+    entry and costs ~1 ms over a 49k vocabulary against ~0.05 ms here. A token of zero weight is never drawn."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even when the product rounds up
+    return torch.searchsorted(cdf, u, right=True)[..., 0]  # the first entry whose cumulative weight exceeds u
+
+
+def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise of `like`'s shape in float64 (-log(-log U)): added to log-probabilities, its top-k is k
+    draws without replacement (Gumbel top-k). Uniform draws cost a sixth of CPU `exponential_()`'s."""
+    return -torch.rand(like.shape, dtype=torch.float64, device=like.device).log_().neg_().log_()
+
+
 def check_generation_config(generation_config) -> None:
     """Refuse settings the speculative loop cannot honour, saying what to change."""
     if getattr(generation_config, "num_return_sequences", 1) not in (None, 1):
@@ -249,7 +267,7 @@ class BeagleCandidateGenerator(CandidateGenerator):
                 logits = self.logits_processor(sequence, logits)
             if self.do_sample:
                 probs = logits.softmax(-1)
-                token = torch.multinomial(probs, num_samples=1)
+                token = sample_categorical(probs)[:, None]
                 confidence = probs.gather(-1, token)
                 processed_logits.append(logits)
             else:
