@@ -339,3 +339,42 @@ def test_learning_curve_holds_float32_runs_to_identity_and_reports_bf16_shares(t
     for other in ("fp32", "old"):
         status, table = run(f"beagle={tmp_path / 'bf16'}", f"eagle2={tmp_path / other}")
         assert status == 1 and "**INVALID" in table, other
+
+
+def _benchmark_module(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_round_budget_splits_rounds_and_derives_the_tau_each_speedup_needs():
+    """`benchmarks/round_budget.py`: one timed run counts the target's forwards after the prefill as steps (a round
+    each for Beagle), τ as the bench defines it, and restores the target's forward afterwards; the summary's
+    speedup and break-even τ follow from the per-step times."""
+    from conftest import trained_pair
+
+    budget = _benchmark_module("round_budget")
+    target, beagle = trained_pair()
+    ids = torch.randint(3, 96, (1, 9))
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+    timer = budget.ForwardTimer(target)
+    try:
+        plain = budget.run_once(target, beagle, ids, kwargs, {"name": "plain"}, timer, seed=0)
+        tree = budget.run_once(target, beagle, ids, kwargs, {"name": "beagle-tree", "lookup": {},
+                               "shape": TreeShape(depth=3, top_k=2, total_tokens=4)}, timer, seed=0)
+    finally:
+        timer.close()
+    assert "forward" not in vars(target)
+    assert plain["new_tokens"] == tree["new_tokens"] == 24 and plain["steps"] == 23 and plain["draft_s"] == 0
+    assert tree["steps"] == beagle.generation_stats.rounds and tree["steps"] < 23 and tree["draft_s"] > 0
+    assert 0 < plain["forward_s"] < plain["wall_s"] and 0 < tree["forward_s"] + tree["draft_s"] < tree["wall_s"]
+
+    runs = [{"new_tokens": 11, "steps": 4, "wall_s": 0.2, "forward_s": 0.12, "draft_s": 0.04}] * 2
+    row = budget.summarise(runs, plain_step=20.0)
+    assert row["tau"] == pytest.approx(2.5) and row["ms_per_step"] == pytest.approx(50.0)
+    assert row["rest_ms"] == pytest.approx(10.0) and row["speedup"] == pytest.approx(1.0)
+    assert row["tau_for_1.5x"] == pytest.approx(3.75) and row["speedup_if_draft_and_rest_free"] == pytest.approx(2.5 * 20 / 30)
