@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modeling_beagle import BeagleModel, beagle_generate, prepack_linear_weights  # noqa: E402
+from modeling_beagle.decoding_beagle import resolve_tree_shape  # noqa: E402
 from trainer.assets import load_prompts, load_target  # noqa: E402
 from trainer.bench import encode_chat, generation_kwargs, machine_info, parse_tree_shape, spread  # noqa: E402
 from trainer.precision import DTYPES  # noqa: E402
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
                                                             for m in methods[1:]}}
     finally:
         timer.close()
-    resolved = beagle_shape_description(target, beagle, shape)
+    resolved = str(resolve_tree_shape(target, beagle, shape))  # auto: measured in the warm-up, cached
     report = {"machine": machine_info(target.device),
               "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "tree_shape_resolved": resolved,
                            "prompts": [p["id"] for p in prompts]},
@@ -150,12 +151,6 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0
-
-
-def beagle_shape_description(target, beagle, shape) -> str:
-    from modeling_beagle.decoding_beagle import resolve_tree_shape
-
-    return str(resolve_tree_shape(target, beagle, shape))
 
 
 def markdown(report: dict) -> str:

@@ -250,14 +250,19 @@ def test_cli_parses_bench_options():
     assert sweep.tree_shape == ["auto", "4,2,8"]
 
 
-def _learning_curve_module():
+def _benchmark_module(name):
+    """A script of `benchmarks/` (not a package) loaded as a module."""
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "learning_curve.py"
-    spec = importlib.util.spec_from_file_location("learning_curve", path)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _learning_curve_module():
+    return _benchmark_module("learning_curve")
 
 
 def _finished_run(folder, name, taus, total_wall_s, peak=None, identical=None, target_dtype=None):
@@ -339,16 +344,6 @@ def test_learning_curve_holds_float32_runs_to_identity_and_reports_bf16_shares(t
     for other in ("fp32", "old"):
         status, table = run(f"beagle={tmp_path / 'bf16'}", f"eagle2={tmp_path / other}")
         assert status == 1 and "**INVALID" in table, other
-
-
-def _benchmark_module(name):
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_round_budget_splits_rounds_and_derives_the_tau_each_speedup_needs():
