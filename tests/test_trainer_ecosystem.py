@@ -31,7 +31,7 @@ def test_two_process_data_parallel_training(tmp_path, launcher):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(LAUNCHERS[launcher] + [script, str(tmp_path)], capture_output=True, text=True, env=env,
                             timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
     assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout
     saved = tmp_path / "beagle"
     config = json.loads((saved / "config.json").read_text())
