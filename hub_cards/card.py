@@ -12,6 +12,11 @@ by `BeagleTrainer`, an optional `training_record`) and from the JSON `beagle ben
                   "acceptance_per_position": [...], "identical_share": 1.0}, ...],
      "markdown_table": "...", "plots": ["speedup.png", ...]}            # both optional; plots relative to the JSON
 
+Several bench runs can make one card (`bench_results=[...]`, `beagle card --bench-results A.json B.json`), e.g. a
+T = 0 run, a T = 1 run and an fp32 run: each run keeps its own machine, settings, tables and plots (plot files are
+then copied as `<run folder>-<plot name>`), and no (prompt set, temperature, dtype) may come from two runs, so that
+every table's ratios are from one run.
+
 The metadata block is built with `huggingface_hub.ModelCardData` and `EvalResult`, so the card parses with
 `huggingface_hub.ModelCard` and its `model-index` with `model_index_to_eval_results`: one result per (prompt set,
 temperature, dtype), with τ, speedup and tokens/s of every Beagle method measured there (baselines stay in the table).
@@ -52,6 +57,8 @@ MODEL_INDEX_METRICS = (
     ("tau", "tau", "τ (tokens per target forward)"),
     ("speedup", "speedup", "speedup over plain generate"),
     ("tokens_per_second", "tokens_per_s", "tokens/s"),
+    ("speedup_over_fastest_plain", "speedup_over_fastest_plain",
+     "speedup over the faster plain generate (target prepacked or not)"),
 )
 
 
@@ -146,6 +153,34 @@ def load_bench_results(bench_results: dict | str | os.PathLike | None,
     return data, base
 
 
+def load_bench_runs(bench_results: dict | str | os.PathLike | list | tuple | None,
+                    bench_dir: str | os.PathLike | None = None) -> list[tuple[dict, Path, str]]:
+    """Every bench run a card is made from, as (results, plot folder, label): one `load_bench_results` per entry of
+    `bench_results` (a list or tuple of dicts and JSON paths, or one of them; None gives no run). A path's label is
+    its folder's name, a dict's "run N". Raises `BeagleCardError` when two runs measured the same (prompt set,
+    temperature, dtype): a table holds one run's measurements only."""
+    if bench_results is None:
+        return []
+    entries = list(bench_results) if isinstance(bench_results, (list, tuple)) else [bench_results]
+    runs, seen = [], {}
+    for i, entry in enumerate(entries, start=1):
+        bench, base = load_bench_results(entry, bench_dir)
+        label = Path(entry).parent.name if isinstance(entry, (str, os.PathLike)) else f"run {i}"
+        label = label or f"run {i}"
+        for key in _grouped(bench.get("results") or []):
+            if key in seen:
+                prompt_set, temperature, dtype = key
+                raise BeagleCardError(f"bench results: {prompt_set}, temperature {temperature:g}, {dtype} expected "
+                                      f"from one run, found it in {seen[key]} and in {label}; leave one of them out "
+                                      "(a table's ratios must come from one run).")
+            seen[key] = label
+        runs.append((bench, base, label))
+    if len({label for _, _, label in runs}) < len(runs):
+        raise BeagleCardError(f"bench results: expected runs from different folders (their plots are named after "
+                              f"the folder), found {[label for _, _, label in runs]}.")
+    return runs
+
+
 def resolve_plots(bench: dict | None, base: Path) -> list[Path]:
     """The plot files the bench results name that exist (missing ones are skipped with a warning)."""
     if not bench:
@@ -213,6 +248,11 @@ def _num(value: Any, digits: int = 2) -> str:
 def _metric(value: Any, digits: int = 2) -> str:
     """A measured number, always with `digits` decimals ("—" when absent or not finite)."""
     return f"{float(value):.{digits}f}" if _finite_number(value) else "—"
+
+
+def _ratio(value: Any) -> str:
+    """A measured ratio with its "×" ("—" when absent)."""
+    return _metric(value) + ("×" if _finite_number(value) else "")
 
 
 def _duration(seconds: Any) -> str:
@@ -295,10 +335,13 @@ def _short_settings(settings: dict | None) -> dict:
             if (isinstance(v, str) and 0 < len(v) <= SHORT_SETTING_CHARS) or isinstance(v, bool) or _finite_number(v)}
 
 
-def eval_results_from_bench(bench: dict | None) -> list[EvalResult]:
+def eval_results_from_bench(bench: dict | list[dict] | None) -> list[EvalResult]:
     """One model-index result per (prompt set, temperature, dtype), with τ, speedup and tokens/s of each Beagle
     method measured there (`metric_config` names the method). Baselines (plain, prompt lookup, ...) are left out, and
-    so are measurements the bench marked invalid or suspect (outputs that differ from plain decoding)."""
+    so are measurements the bench marked invalid or suspect (outputs that differ from plain decoding). A list of
+    runs gives each run's results with that run's settings."""
+    if isinstance(bench, list):
+        return [result for run in bench for result in eval_results_from_bench(run)]
     if not bench:
         return []
     known = _known_datasets()
@@ -328,7 +371,7 @@ def eval_results_from_bench(bench: dict | None) -> list[EvalResult]:
     return eval_results
 
 
-def build_card_data(config: dict, bench: dict | None, model_name: str, *, license: str = DEFAULT_LICENSE,
+def build_card_data(config: dict, bench: dict | list[dict] | None, model_name: str, *, license: str = DEFAULT_LICENSE,
                     datasets: str | list[str] | None = None, base_model: str | None = None,
                     training: dict | None = None) -> ModelCardData:
     """The card's YAML metadata as `huggingface_hub.ModelCardData`."""
@@ -534,11 +577,14 @@ def _process_table(processes: list[dict]) -> str:
                    "machine, target dtype, allocator"], rows)
 
 
-def results_section(bench: dict | None, plots: list[Path]) -> str:
-    """The "Results" section body: one table per (prompt set, temperature, dtype), methods as rows, then the plots."""
+def results_section(bench: dict | None, plots: list[Path], heading: str = "###",
+                    plot_names: list[str] | None = None) -> str:
+    """The "Results" section body: one table per (prompt set, temperature, dtype), methods as rows, then the plots
+    (referenced as `plot_names`, default their file names). `heading` is the Markdown level of the tables' titles."""
     if not bench:
         return ("No benchmark results were given when this card was rendered: run `beagle bench` and "
                 "`beagle card CHECKPOINT --bench-results results.json`.")
+    plot_names = [plot.name for plot in plots] if plot_names is None else plot_names
     parts = []
     machine = _short_settings(bench.get("machine"))
     settings = _short_settings(bench.get("settings"))
@@ -559,25 +605,41 @@ def results_section(bench: dict | None, plots: list[Path]) -> str:
                   + "; ".join(f"{r['prompt_set']} {r['dtype']} T={float(r['temperature']):g} {r['method']}: "
                               f"{r['status']}" for r in flagged) + "."]
     with_status = any(r.get("status") for r in results)
-    header = ["method", "τ", "tokens/s", "speedup", "peak memory (MB)", "identical", "acceptance per position"]
-    header += ["status"] if with_status else []
+    # with `beagle bench --prepack` plain generate ran packed and unpacked; the faster one is the fair reference
+    with_fastest = any(_finite_number(r.get("speedup_over_fastest_plain")) for r in results)
+    if with_fastest:
+        parts += ["", "\"Over faster plain\" divides by the faster of plain `generate` with the target's linear layers "
+                  "prepacked and unpacked, per prompt (median over prompts)."]
+    header = ["method", "τ", "tokens/s", "speedup"] + (["over faster plain"] if with_fastest else [])
+    header += ["peak memory (MB)", "identical", "acceptance per position"] + (["status"] if with_status else [])
     for (prompt_set, temperature, dtype), rows in _grouped(results).items():
         table_rows = []
         for row in rows:
             acceptance = row.get("acceptance_per_position") or []
             acceptance_text = " / ".join(_metric(a) for a in acceptance[:8]) + (" / …" if len(acceptance) > 8 else "")
             method = str(row["method"])
-            table_rows.append([f"**{_cell(method)}**" if _is_beagle_method(method) else _cell(method),
-                               _metric(row.get("tau")), _metric(row.get("tokens_per_s"), 1),
-                               _metric(row.get("speedup")) + ("×" if _finite_number(row.get("speedup")) else ""),
-                               _metric(row.get("peak_memory_mb"), 0), _metric(row.get("identical_share")),
-                               acceptance_text or "—"] + ([str(row.get("status") or "—")] if with_status else []))
-        parts += ["", f"### {_prompt_set_name(prompt_set)}, temperature {temperature:g}, {dtype}", "",
+            cells = [f"**{_cell(method)}**" if _is_beagle_method(method) else _cell(method), _metric(row.get("tau")),
+                     _metric(row.get("tokens_per_s"), 1), _ratio(row.get("speedup"))]
+            cells += [_ratio(row.get("speedup_over_fastest_plain"))] if with_fastest else []
+            cells += [_metric(row.get("peak_memory_mb"), 0), _metric(row.get("identical_share")), acceptance_text or "—"]
+            table_rows.append(cells + ([str(row.get("status") or "—")] if with_status else []))
+        parts += ["", f"{heading} {_prompt_set_name(prompt_set)}, temperature {temperature:g}, {dtype}", "",
                   _table(header, table_rows)]
     if not results and bench.get("markdown_table"):
         parts += ["", str(bench["markdown_table"]).strip()]
-    for plot in plots:
-        parts += ["", f"![{plot.stem.replace('_', ' ')}]({plot.name})"]
+    for plot, name in zip(plots, plot_names):
+        parts += ["", f"![{plot.stem.replace('_', ' ')}]({name})"]
+    return "\n".join(parts)
+
+
+def _runs_results(runs: list[tuple[dict, list[Path], list[str], str]]) -> str:
+    """The "Results" section body for several bench runs (bench, plots, plot names, label): one subsection each."""
+    if len(runs) <= 1:
+        bench, plots, names, _ = runs[0] if runs else (None, [], [], "")
+        return results_section(bench, plots, plot_names=names)
+    parts = [f"From {len(runs)} bench runs; each table's ratios come from one run."]
+    for i, (bench, plots, names, label) in enumerate(runs, start=1):
+        parts += ["", f"### Run {i}: {label}", "", results_section(bench, plots, "####", names)]
     return "\n".join(parts)
 
 
@@ -598,13 +660,20 @@ LIMITATIONS = """\
 
 
 # ------------------------------------------------------------------------------------------------- the card
-def _card_parts(checkpoint_dir: str | os.PathLike, bench_results: dict | str | os.PathLike | None,
-                repo_id: str | None, training: dict | None, license: str, datasets: str | list[str] | None,
-                base_model: str | None, bench_dir: str | os.PathLike | None) -> tuple[str, list[Path]]:
+def _card_parts(checkpoint_dir: str | os.PathLike, bench_results, repo_id: str | None, training: dict | None,
+                license: str, datasets: str | list[str] | None, base_model: str | None,
+                bench_dir: str | os.PathLike | None) -> tuple[str, list[tuple[Path, str]]]:
+    """The card's text and the plots it references, as (source file, name next to the card)."""
     checkpoint = Path(checkpoint_dir)
     config = read_beagle_config(checkpoint)
-    bench, base = load_bench_results(bench_results, bench_dir)
-    plots = resolve_plots(bench, base)
+    runs = []
+    for bench, base, label in load_bench_runs(bench_results, bench_dir):
+        plots = resolve_plots(bench, base)
+        names = [plot.name for plot in plots]
+        if isinstance(bench_results, (list, tuple)) and len(bench_results) > 1:
+            names = [f"{label.replace(' ', '-')}-{name}" for name in names]
+        runs.append((bench, plots, names, label))
+    benches = [bench for bench, _, _, _ in runs]
     if repo_id is not None:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -616,10 +685,11 @@ def _card_parts(checkpoint_dir: str | os.PathLike, bench_results: dict | str | o
     beagle_id = repo_id or f"./{checkpoint.resolve().name}"
     model_name = (repo_id or checkpoint.resolve().name).split("/")[-1]
     record = _training_record(config, training)
-    data = build_card_data(config, bench, model_name, license=license, datasets=datasets, base_model=base_model,
+    data = build_card_data(config, benches, model_name, license=license, datasets=datasets, base_model=base_model,
                            training=training)
     target = data.base_model
-    max_new_tokens = (bench or {}).get("settings", {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    first = benches[0] if benches else {}
+    max_new_tokens = first.get("settings", {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     where = ("" if repo_id else " (run it from the folder that holds this checkpoint, or replace `beagle_id` with "
@@ -654,7 +724,7 @@ With the `beagle-spec` package installed, `import modeling_beagle` registers the
 
 ## Results
 
-{results_section(bench, plots)}
+{_runs_results(runs)}
 
 ## Limitations
 
@@ -666,10 +736,10 @@ Beagle follows "Budget EAGLE" ([arXiv:2505.24544]({PAPER_URL})).
 """
     text = f"---\n{data.to_yaml()}\n---\n{body}"
     ModelCard(text)  # our own output must parse with the Hub's parser (raises on invalid metadata)
-    return text, plots
+    return text, [(plot, name) for _, plots, names, _ in runs for plot, name in zip(plots, names)]
 
 
-def render_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | str | os.PathLike | None = None,
+def render_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | str | os.PathLike | list | None = None,
                       repo_id: str | None = None, training: dict | None = None, *, license: str = DEFAULT_LICENSE,
                       datasets: str | list[str] | None = None, base_model: str | None = None,
                       bench_dir: str | os.PathLike | None = None) -> str:
@@ -677,7 +747,8 @@ def render_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | s
 
     Args:
         checkpoint_dir: a folder written by `BeagleModel.save_pretrained` (config.json with `auto_map`).
-        bench_results: the dict or JSON file `beagle bench` writes, or None (the card then says it has no results).
+        bench_results: the dict or JSON file `beagle bench` writes, a list of them (one subsection per run; no
+            prompt set, temperature and dtype in two runs), or None (the card then says it has no results).
         repo_id: the Hub id the checkpoint is published under (used in the usage snippet and as the model name);
             None refers to the checkpoint folder by its local name.
         training: a training record (command, wall_time_s, token_updates, data, stages, datasets, ...); merged over
@@ -693,7 +764,7 @@ def render_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | s
     return text
 
 
-def write_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | str | os.PathLike | None = None,
+def write_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | str | os.PathLike | list | None = None,
                      repo_id: str | None = None, training: dict | None = None, *, license: str = DEFAULT_LICENSE,
                      datasets: str | list[str] | None = None, base_model: str | None = None,
                      bench_dir: str | os.PathLike | None = None, output: str | os.PathLike | None = None) -> Path:
@@ -704,8 +775,8 @@ def write_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | st
                               bench_dir)
     path = Path(output) if output is not None else Path(checkpoint_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    for plot in plots:
-        destination = path.parent / plot.name
+    for plot, name in plots:
+        destination = path.parent / name
         if destination.resolve() != plot.resolve():
             shutil.copyfile(plot, destination)
     handle, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=path.parent)
@@ -728,6 +799,7 @@ __all__ = [
     "build_card_data",
     "eval_results_from_bench",
     "load_bench_results",
+    "load_bench_runs",
     "read_beagle_config",
     "render_model_card",
     "results_section",

@@ -155,6 +155,63 @@ def test_card_sections_table_recipe_and_plots(checkpoint, saved):
     assert not [p for p in checkpoint.iterdir() if p.name.endswith(".tmp")]  # atomic write left nothing behind
 
 
+def _bench_folder(root: Path, name: str, bench: dict, plot_bytes: bytes) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "speedup.png").write_bytes(plot_bytes)
+    (folder / "bench.json").write_text(json.dumps(bench))
+    return folder / "bench.json"
+
+
+def test_card_from_several_bench_runs(checkpoint, tmp_path):
+    """A T = 0 run and a T = 1 run (different settings, same plot file name) make one card: a subsection per run with
+    its own settings and plot, every run's results in the model-index, and no group taken from two runs."""
+    rows = [r for r in BENCH["results"] if r["temperature"] == 0.0 and r["dtype"] == "bfloat16"]
+    t1 = {"machine": {"cpu": "other CPU"}, "settings": {"max_new_tokens": 99, "seed": 7},
+          "results": [{**r, "temperature": 1.0, "tau": r["tau"] / 2} for r in rows], "plots": ["speedup.png"]}
+    # the T = 0 run also timed plain generate unpacked (`--prepack`): the speedup over the faster plain is kept apart
+    rows = [{**r, "speedup_over_fastest_plain": 1.8} if r["method"] == "beagle-tree" else r for r in rows]
+    t0 = {**BENCH, "results": rows, "plots": ["speedup.png"]}
+    paths = [_bench_folder(tmp_path, "bench-t0", t0, b"plot 0"), _bench_folder(tmp_path, "bench-t1", t1, b"plot 1")]
+    path = write_model_card(checkpoint, paths, repo_id=REPO_ID)
+    text = path.read_text()
+    results = text.split("## Results")[1].split("## Limitations")[0]
+    assert "From 2 bench runs" in results
+    run0, run1 = results.split("### Run 1: bench-t0")[1].split("### Run 2: bench-t1")
+    assert "cpu: test CPU" in run0 and "#### MT-Bench, temperature 0, bfloat16" in run0 and "seed: 7" not in run0
+    assert "cpu: other CPU" in run1 and "#### MT-Bench, temperature 1, bfloat16" in run1 and "seed: 7" in run1
+    assert "| **beagle-tree** | 1.55 | 40.2 | 2.10× | 700 |" in run1 and "over faster plain" not in run1
+    assert "| speedup | over faster plain |" in run0 and "| **beagle-tree** | 3.10 | 40.2 | 2.10× | 1.80× | 700 |" in run0
+    assert "| **beagle-chain** | 2.60 | 35.5 | 1.77× | — | 690 |" in run0
+    # each run's plot is copied under its run's name, so the two speedup.png files do not overwrite each other
+    assert "![speedup](bench-t0-speedup.png)" in run0 and "![speedup](bench-t1-speedup.png)" in run1
+    assert (checkpoint / "bench-t0-speedup.png").read_bytes() == b"plot 0"
+    assert (checkpoint / "bench-t1-speedup.png").read_bytes() == b"plot 1"
+    _, evals = model_index_to_eval_results(ModelCard(text).data.to_dict()["model-index"])
+    taus = {(r.dataset_config, r.metric_config): (r.metric_value, r.dataset_args["max_new_tokens"])
+            for r in evals if r.metric_type == "tau"}
+    assert taus[("temperature-0-bfloat16", "beagle-tree")] == (3.1, MAX_NEW_TOKENS)
+    assert taus[("temperature-1-bfloat16", "beagle-tree")] == (1.55, 99)
+    fastest = {(r.dataset_config, r.metric_config): r.metric_value for r in evals
+               if r.metric_type == "speedup_over_fastest_plain"}
+    assert fastest == {("temperature-0-bfloat16", "beagle-tree"): 1.8}
+    # the usage snippet takes the first run's token budget
+    assert f"max_new_tokens={MAX_NEW_TOKENS}" in python_block(text)
+
+    clash = _bench_folder(tmp_path, "bench-t0-again", t0, b"plot 2")
+    with pytest.raises(BeagleCardError, match="mt-bench, temperature 0, bfloat16 expected from one run, found it in "
+                                              "bench-t0 and in bench-t0-again"):
+        render_model_card(checkpoint, [paths[0], paths[1], clash])
+    with pytest.raises(BeagleCardError, match="different folders"):
+        render_model_card(checkpoint, [paths[1], _bench_folder(tmp_path / "x", "bench-t1", {"results": []}, b"")])
+    # one run in a list is the single-run card; the CLI takes several runs after one --bench-results
+    assert render_model_card(checkpoint, [paths[0]]) == render_model_card(checkpoint, paths[0])
+    (checkpoint / "README.md").unlink()
+    assert cli_main(["card", str(checkpoint), "--bench-results", str(paths[0]), str(paths[1]),
+                     "--repo-id", REPO_ID]) == 0
+    assert (checkpoint / "README.md").read_text() == text
+
+
 def test_card_without_bench_results_or_training_record(checkpoint):
     text = render_model_card(checkpoint)
     data = ModelCard(text).data

@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     # --- hub_cards: the model card and publishing ---
     p_card = sub.add_parser("card", help="write the model card (README.md) of a Beagle checkpoint folder")
     p_card.add_argument("checkpoint", help="path of a saved Beagle checkpoint folder")
-    p_card.add_argument("--bench-results", help="the results JSON `beagle bench` writes (plots next to it)")
+    p_card.add_argument("--bench-results", nargs="+", metavar="BENCH_JSON",
+                        help="the results JSON `beagle bench` writes (plots next to it); several runs (e.g. T = 0, "
+                             "T = 1, fp32) give one subsection each")
     p_card.add_argument("--repo-id", help="the Hub id the checkpoint will be published under (usage snippet)")
     p_card.add_argument("--license", default="apache-2.0", help="license in the card metadata (default apache-2.0)")
     p_card.add_argument("--base-model", help="the target's Hub id, if config.json records a local path")
