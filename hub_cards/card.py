@@ -666,13 +666,11 @@ def _card_parts(checkpoint_dir: str | os.PathLike, bench_results, repo_id: str |
     """The card's text and the plots it references, as (source file, name next to the card)."""
     checkpoint = Path(checkpoint_dir)
     config = read_beagle_config(checkpoint)
-    runs = []
-    for bench, base, label in load_bench_runs(bench_results, bench_dir):
+    loaded, runs = load_bench_runs(bench_results, bench_dir), []
+    for bench, base, label in loaded:
         plots = resolve_plots(bench, base)
-        names = [plot.name for plot in plots]
-        if isinstance(bench_results, (list, tuple)) and len(bench_results) > 1:
-            names = [f"{label.replace(' ', '-')}-{name}" for name in names]
-        runs.append((bench, plots, names, label))
+        prefix = f"{label.replace(' ', '-')}-" if len(loaded) > 1 else ""  # runs' plots share file names
+        runs.append((bench, plots, [prefix + plot.name for plot in plots], label))
     benches = [bench for bench, _, _, _ in runs]
     if repo_id is not None:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
