@@ -31,7 +31,7 @@ def test_packed_linear_matches_f_linear(bias, shape):
     assert packed.weight is linear.weight and packed.bias is linear.bias  # shared, not copied
     x = torch.randn(*shape)
     with torch.no_grad():
-        assert packed._fast_path_applies(x)  # this forward takes the packed path, not the F.linear fallback
+        assert packed._usable_packed(x) is not None  # this forward takes the packed path, not the F.linear fallback
         ref, out = F.linear(x, linear.weight, linear.bias), packed(x)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -105,6 +105,44 @@ def test_prepacked_target_keeps_its_parameters_and_logits():
     assert not is_prepacked(target) and type(target.lm_head) is nn.Linear
     with torch.no_grad():
         assert torch.equal(target(ids).logits, ref)
+
+
+def test_linear_subclasses_are_packed_only_when_they_opt_in():
+    """Beagle's state projections (nn.Linear subclasses that keep its computation and say so) are packed with the rest
+    of the draft and come back as themselves; a subclass that did not opt in is left alone."""
+    from modeling_beagle import BeagleModel
+    from modeling_beagle.modeling_beagle import BeagleStateProjection
+
+    class Custom(nn.Linear):  # e.g. a quantised or otherwise customised linear: its forward is not F.linear's
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    target = make_target("llama")
+    beagle = BeagleModel.from_target(target, query_newest_state=True, context_next_token=True).eval()
+    with torch.no_grad():
+        for proj in (beagle.block.state_proj, beagle.block.next_token_proj):
+            proj.weight.normal_(0, 0.05)  # zero at init: give them weights whose product shows
+    beagle.custom = Custom(8, 8)
+    ids = torch.randint(1, 96, (2, 9))
+    with torch.no_grad():
+        states = target(ids, output_hidden_states=True).hidden_states[-1]
+        kwargs = dict(input_ids=ids, context_states=states, context_next_ids=torch.roll(ids, -1, 1))
+        ref = beagle(**kwargs).logits
+    projections = sum(isinstance(m, BeagleStateProjection) for m in beagle.modules())
+    plain_linears = sum(type(m) is nn.Linear for m in beagle.modules())
+    assert projections == 2 and plain_linears > 0
+    assert prepack_linear_weights(beagle) == plain_linears + projections
+    assert isinstance(beagle.block.state_proj, PrepackedLinear) and isinstance(beagle.block.next_token_proj,
+                                                                               PrepackedLinear)
+    assert type(beagle.custom) is Custom  # not opted in: never swapped
+    with torch.no_grad():
+        assert beagle.block.state_proj._usable_packed(states) is not None
+        torch.testing.assert_close(beagle(**kwargs).logits, ref, rtol=1e-4, atol=1e-4)
+    unpack_linear_weights(beagle)
+    assert type(beagle.block.state_proj) is BeagleStateProjection and type(beagle.block.next_token_proj) is \
+        BeagleStateProjection
+    with torch.no_grad():
+        assert torch.equal(beagle(**kwargs).logits, ref)
 
 
 def test_speculative_greedy_identity_with_a_prepacked_target_and_draft():
