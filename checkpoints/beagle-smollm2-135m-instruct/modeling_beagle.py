@@ -327,6 +327,8 @@ class BeagleStateProjection(nn.Linear):
     `query_newest_state` projects the newest (normalised) context state into a query's embedding;
     `context_next_token` projects the embedding of the token that followed a context state into that state."""
 
+    prepack_as_linear = True  # nn.Linear's computation: `prepack_linear_weights` may pack it
+
     def __init__(self, hidden_size: int):
         super().__init__(hidden_size, hidden_size, bias=False)
 

@@ -39,6 +39,14 @@ def prepacking_available(dtype: torch.dtype = torch.float32) -> bool:
     return _PACKABLE[dtype]
 
 
+def is_packable_linear(module: nn.Module) -> bool:
+    """A plain `nn.Linear`, or a subclass that keeps `nn.Linear`'s computation and says so with the class attribute
+    `prepack_as_linear = True` (e.g. Beagle's zero-initialised state projections). Other subclasses (quantised,
+    parametrised or otherwise customised linears) are left alone."""
+    return type(module) is nn.Linear or (isinstance(module, nn.Linear) and not isinstance(module, PrepackedLinear)
+                                          and type(module).__dict__.get("prepack_as_linear", False) is True)
+
+
 class PrepackedLinear(nn.Linear):
     """An `nn.Linear` whose gradient-free CPU forward reads a oneDNN-packed copy of its weight.
 
@@ -54,6 +62,7 @@ class PrepackedLinear(nn.Linear):
         self.use_packed = True
         self._packed = None
         self._packed_key = None
+        self.unpacked_class = nn.Linear  # what `unpack_linear_weights` turns it back into
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rows_hint: int = 8) -> "PrepackedLinear":
@@ -61,6 +70,7 @@ class PrepackedLinear(nn.Linear):
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
                      rows_hint=rows_hint)  # on "meta": nothing allocated, the parameters are replaced next
         module.weight, module.bias = linear.weight, linear.bias
+        module.unpacked_class = type(linear)
         module.train(linear.training)
         module.repack()
         return module
@@ -73,9 +83,9 @@ class PrepackedLinear(nn.Linear):
         module.repack()
         return module
 
-    def _weight_key(self):
-        w = self.weight
-        return (w.data_ptr(), w.dtype, w.device, w._version)
+    @staticmethod
+    def _weight_key(w: torch.Tensor):
+        return (w.data_ptr(), w.dtype, w.is_cpu, w._version)
 
     def repack(self) -> None:
         """(Re)build the packed copy from the current weight (no-op where the fast path cannot apply)."""
@@ -85,23 +95,27 @@ class PrepackedLinear(nn.Linear):
             return
         with torch.no_grad():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows_hint)
-        self._packed_key = self._weight_key()
+        self._packed_key = self._weight_key(w)
 
-    def _fast_path_applies(self, x: torch.Tensor) -> bool:
-        if not self.use_packed or x.device.type != "cpu" or x.dtype != self.weight.dtype or x.numel() == 0:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                        or (self.bias is not None and self.bias.requires_grad)):
-            return False
-        return self.weight.device.type == "cpu" and prepacking_available(self.weight.dtype)
+    def _usable_packed(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The packed weight when a forward of `x` may read it (repacked first if the weight changed), else None.
+
+        Runs for every linear layer of every decoding step (~210 per SmolLM2 token): each parameter is read once
+        (a Module attribute lookup costs about a microsecond) and the cheapest checks come first."""
+        w, b = self.weight, self.bias
+        if not (self.use_packed and x.is_cpu and x.dtype == w.dtype and x.numel() != 0):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            return None
+        if self._packed_key != self._weight_key(w):
+            self.repack()
+        return self._packed  # None where this weight's device or dtype cannot be packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast_path_applies(x):
+        packed = self._usable_packed(x)
+        if packed is None:
             return F.linear(x, self.weight, self.bias)
-        if self._packed_key != self._weight_key():
-            self.repack()
-        bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", prepacked(rows_hint={self.rows_hint}, use_packed={self.use_packed})"
@@ -125,7 +139,7 @@ def prepack_linear_weights(model: nn.Module, rows_hint: int = 8) -> int:
     if devices - {"cpu"}:
         raise ValueError(f"prepack_linear_weights: the packed layout is for CPU inference; the model has parameters on "
                          f"{sorted(devices - {'cpu'})}. Move it to the CPU first, or leave it unpacked.")
-    dtypes = {m.weight.dtype for m in model.modules() if type(m) is nn.Linear}
+    dtypes = {m.weight.dtype for m in model.modules() if is_packable_linear(m)}
     unpackable = sorted(str(d) for d in dtypes if not prepacking_available(d))
     if unpackable:
         raise RuntimeError(f"prepack_linear_weights: this torch build or CPU cannot pack linear weights of dtype "
@@ -134,19 +148,21 @@ def prepack_linear_weights(model: nn.Module, rows_hint: int = 8) -> int:
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if is_packable_linear(child):
                 setattr(parent, name, PrepackedLinear.from_linear(child, rows_hint))
                 swapped += 1
     return swapped
 
 
 def unpack_linear_weights(model: nn.Module) -> int:
-    """Undo [`prepack_linear_weights`]: plain `nn.Linear`s sharing the same parameters again; returns how many."""
+    """Undo [`prepack_linear_weights`]: the original linear layers (`nn.Linear`, or the opted-in subclass each was)
+    sharing the same parameters again; returns how many."""
     restored = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, PrepackedLinear):
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                linear.__class__ = child.unpacked_class  # nn.Linear's state, so a Linear subclass takes it as is
                 linear.weight, linear.bias = child.weight, child.bias
                 linear.train(child.training)
                 setattr(parent, name, linear)
