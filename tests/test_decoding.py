@@ -55,6 +55,40 @@ def test_greedy_identity_trees_and_chains_over_many_prompts():
     assert accepted > 100
 
 
+def test_greedy_identity_with_masked_gqa_sdpa(monkeypatch):
+    """transformers' TRANSFORMERS_SDPA_FORCE_GQA=1 (the README's CPU tip: masked verification forwards use the sdpa
+    kernel's grouped-query attention instead of repeating key/value heads) keeps the tree loop lossless, for single
+    prompts and for padded batches, whose masks also hide padding."""
+    target, beagle = trained_pair()
+    assert target.config._attn_implementation == "sdpa"
+    assert target.config.num_key_value_heads < target.config.num_attention_heads  # grouped-query attention
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    sdpa, masked_gqa_calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording_sdpa(*args, **kwargs):
+        masked_gqa_calls.append(bool(kwargs.get("enable_gqa")) and kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    g = torch.Generator().manual_seed(8)
+    accepted = 0
+    for i in range(12):
+        shape = SHAPES[i % len(SHAPES)]
+        if i % 2:
+            ids, mask = padded_batch(g, 3)
+        else:
+            ids = torch.randint(3, 96, (1, int(torch.randint(2, 20, (1,), generator=g))), generator=g)
+            mask = torch.ones_like(ids)
+        new = int(torch.randint(5, 30, (1,), generator=g))
+        ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new)
+        out = spec(target, beagle, ids, shape, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                   prompt_lookup_num_tokens=4)
+        assert torch.equal(out, ref), f"case {i} with {shape}: output differs from plain greedy under masked GQA"
+        accepted += sum(beagle.generation_stats.accepted)
+    assert accepted > 20
+    assert sum(masked_gqa_calls) > 100  # the verification forwards did take the masked GQA kernel path
+
+
 def padded_batch(g, batch, vocab=96, pad=0):
     lengths = torch.randint(1, 14, (batch,), generator=g)
     width = int(lengths.max())
