@@ -86,8 +86,9 @@ def main(argv=None) -> int:
             for row in totals.values():
                 row["ms_per_round"] = row["time_s"] / row["rounds"] * 1e3
                 row["tokens_per_s"] = row["new_tokens"] / row["time_s"]
+            ratio = totals["on"]["tokens_per_s"] / totals["off"]["tokens_per_s"]
             results[str(temperature)] = {**totals, "identical": identical, "prompts": len(inputs),
-                                         "speedup_on_over_off": totals["on"]["tokens_per_s"] / totals["off"]["tokens_per_s"]}
+                                         "speedup_on_over_off": ratio}
     finally:
         if before is None:
             os.environ.pop(VARIABLE, None)
@@ -115,8 +116,9 @@ def markdown(report: dict) -> str:
              "| T | ms per round, off | on | tokens/s, off | on | on / off | identical outputs |",
              "|---|---|---|---|---|---|---|"]
     for temperature, r in report["results"].items():
-        lines.append(f"| {float(temperature):g} | {r['off']['ms_per_round']:.1f} | {r['on']['ms_per_round']:.1f} | "
-                     f"{r['off']['tokens_per_s']:.1f} | {r['on']['tokens_per_s']:.1f} | {r['speedup_on_over_off']:.3f} | "
+        off, on = r["off"], r["on"]
+        lines.append(f"| {float(temperature):g} | {off['ms_per_round']:.1f} | {on['ms_per_round']:.1f} | "
+                     f"{off['tokens_per_s']:.1f} | {on['tokens_per_s']:.1f} | {r['speedup_on_over_off']:.3f} | "
                      f"{r['identical']}/{r['prompts']} |")
     return "\n".join(lines) + "\n"
 
