@@ -91,7 +91,7 @@ class PrepackedLinear(nn.Linear):
         """(Re)build the packed copy from the current weight (no-op where the fast path cannot apply)."""
         w = self.weight
         if w.device.type != "cpu" or not prepacking_available(w.dtype):
-            self._packed, self._packed_key = None, None
+            self._packed, self._packed_key = None, self._weight_key(w)  # not packable until the weight changes
             return
         with torch.no_grad():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows_hint)

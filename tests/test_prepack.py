@@ -66,6 +66,13 @@ def test_in_place_weight_updates_are_repacked():
     with torch.no_grad():
         linear.weight.data = torch.randn(40, 32)  # a new storage (what `.to()` does)
         torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+        packed.half()  # a dtype the CPU cannot pack: F.linear, every call
+        xh = x.half()
+        assert packed._usable_packed(xh) is None and packed._usable_packed(xh) is None
+        assert torch.equal(packed(xh), F.linear(xh, packed.weight, packed.bias))
+        packed.float()  # packable again: packed again on the next forward
+        assert packed._usable_packed(x) is not None
+        torch.testing.assert_close(packed(x), F.linear(x, packed.weight, packed.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_autograd_falls_back_to_f_linear_with_the_same_gradients():
