@@ -711,6 +711,8 @@ repository (`trust_remote_code=True`){where}.
 ```
 
 With the `beagle-spec` package installed, `import modeling_beagle` registers the same classes without remote code.
+On a CPU, running with transformers' `TRANSFORMERS_SDPA_FORCE_GQA=1` lets the tree's masked verification forwards use
+sdpa's grouped-query kernel instead of copying key/value heads: ~5% more tokens/s on a 2-core Xeon, same outputs.
 
 ## Model details
 
