@@ -14,7 +14,6 @@ writes `<out>.json` and `<out>.md`.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from modeling_beagle import BeagleModel, beagle_generate, prepack_linear_weights  # noqa: E402
-from trainer.assets import load_prompts, load_target  # noqa: E402
-from trainer.bench import encode_chat, generation_kwargs, machine_info, parse_tree_shape, spread  # noqa: E402
+from benchmarks.round_budget import first_turns, load_models, write_report  # noqa: E402
+from modeling_beagle import beagle_generate  # noqa: E402
+from trainer.bench import generation_kwargs, machine_info, parse_tree_shape  # noqa: E402
 from trainer.precision import DTYPES  # noqa: E402
 
 VARIABLE = "TRANSFORMERS_SDPA_FORCE_GQA"
@@ -52,17 +51,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     before = os.environ.get(VARIABLE)
-    target, tokenizer = load_target(args.target, DTYPES[args.dtype])
+    target, tokenizer, beagle = load_models(args.target, args.beagle, DTYPES[args.dtype], args.prepack)
     if target.config._attn_implementation != "sdpa":
         raise SystemExit(f"the target runs {target.config._attn_implementation!r} attention; this measures sdpa's.")
-    beagle = BeagleModel.from_pretrained(args.beagle, dtype=DTYPES[args.dtype]).eval()
-    if args.prepack:
-        prepack_linear_weights(target)
-        prepack_linear_weights(beagle)
-    beagle.bind_target(target)
     shape = parse_tree_shape(args.tree_shape)
-    prompts = spread(load_prompts("mt-bench"), args.num_prompts)
-    inputs = [torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": p["turns"][0]}])]) for p in prompts]
+    _, inputs = first_turns(tokenizer, "mt-bench", args.num_prompts)
     extra = dict(custom_generate=beagle_generate, beagle=beagle, tree_shape=shape,
                  prompt_lookup_num_tokens=args.prompt_lookup_tokens)
     results = {}
@@ -96,11 +89,7 @@ def main(argv=None) -> int:
             os.environ[VARIABLE] = before
     report = {"machine": machine_info(target.device),
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 

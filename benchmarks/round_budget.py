@@ -57,6 +57,34 @@ class ForwardTimer:
         del self.model.forward
 
 
+def load_models(target_name: str, beagle_dir: str, dtype: torch.dtype, prepack: bool):
+    """(target, tokenizer, Beagle) in `dtype`, in eval mode, bound; with `prepack`, both models' linear weights packed
+    (the target's first, so that binding packs the draft's reduced head too)."""
+    target, tokenizer = load_target(target_name, dtype)
+    beagle = BeagleModel.from_pretrained(beagle_dir, dtype=dtype).eval()
+    if prepack:
+        prepack_linear_weights(target)
+        prepack_linear_weights(beagle)
+    beagle.bind_target(target)
+    return target, tokenizer, beagle
+
+
+def first_turns(tokenizer, prompt_set: str, num_prompts: int) -> tuple[list[dict], list[torch.Tensor]]:
+    """`num_prompts` prompts spread over `prompt_set`, and their first turns as chat-templated `(1, n)` input ids."""
+    prompts = spread(load_prompts(prompt_set), num_prompts)
+    return prompts, [torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": p["turns"][0]}])])
+                     for p in prompts]
+
+
+def write_report(out: str, report: dict, table: str) -> None:
+    """`<out>.json` (the report) and `<out>.md` (its table), and the table on stdout."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    path.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def run_once(target, beagle, input_ids, kwargs, method: dict, timer: ForwardTimer, seed: int) -> dict:
     timer.times.clear()
     torch.manual_seed(seed)
@@ -108,20 +136,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-    target, tokenizer = load_target(args.target, dtype)
-    beagle = BeagleModel.from_pretrained(args.beagle, dtype=dtype).eval()
-    if args.prepack:
-        prepack_linear_weights(target)
-        prepack_linear_weights(beagle)
-    beagle.bind_target(target)
+    target, tokenizer, beagle = load_models(args.target, args.beagle, DTYPES[args.dtype], args.prepack)
     shape = parse_tree_shape(args.tree_shape)
     methods = [{"name": "plain"},
                {"name": "beagle-tree", "shape": shape, "lookup": {}},
                {"name": "beagle-tree-lookup", "shape": shape,
                 "lookup": {"prompt_lookup_num_tokens": args.prompt_lookup_tokens}}]
-    prompts = spread(load_prompts(args.prompt_set), args.num_prompts)
-    inputs = [torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": p["turns"][0]}])]) for p in prompts]
+    prompts, inputs = first_turns(tokenizer, args.prompt_set, args.num_prompts)
     timer = ForwardTimer(target)
     results = {}
     try:
@@ -145,11 +166,7 @@ def main(argv=None) -> int:
               "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "tree_shape_resolved": resolved,
                            "prompts": [p["id"] for p in prompts]},
               "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 
