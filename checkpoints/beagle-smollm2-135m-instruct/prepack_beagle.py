@@ -43,7 +43,7 @@ def is_packable_linear(module: nn.Module) -> bool:
     """A plain `nn.Linear`, or a subclass that keeps `nn.Linear`'s computation and says so with the class attribute
     `prepack_as_linear = True` (e.g. Beagle's zero-initialised state projections). Other subclasses (quantised,
     parametrised or otherwise customised linears) are left alone."""
-    return type(module) is nn.Linear or (isinstance(module, nn.Linear) and not isinstance(module, PrepackedLinear)
+    return type(module) is nn.Linear or (isinstance(module, nn.Linear)
                                           and type(module).__dict__.get("prepack_as_linear", False) is True)
 
 
@@ -183,8 +183,9 @@ def is_prepacked(model: nn.Module) -> bool:
 
 @contextmanager
 def packed_path(model: nn.Module, enabled: bool):
-    """Within the block, every [`PrepackedLinear`] of `model` uses (`enabled=True`) or skips its packed copy."""
-    layers = [m for m in model.modules() if isinstance(m, PrepackedLinear)]
+    """Within the block, every [`PrepackedLinear`] of `model` uses (`enabled=True`) or skips its packed copy (found by
+    class name, as `uses_packed_path`: layers packed by a checkpoint's remote-code copy of this file count too)."""
+    layers = [m for m in model.modules() if type(m).__name__ == PrepackedLinear.__name__]
     before = [m.use_packed for m in layers]
     for m in layers:
         m.use_packed = enabled
