@@ -77,11 +77,12 @@ def first_turns(tokenizer, prompt_set: str, num_prompts: int) -> tuple[list[dict
 
 
 def write_report(out: str, report: dict, table: str) -> None:
-    """`<out>.json` (the report) and `<out>.md` (its table), and the table on stdout."""
+    """`<out>.json` (the report) and `<out>.md` (its table), and the table on stdout. The suffixes are appended, not
+    swapped in, so an `out` with a dot in its name (`shape-2-8-16-0.1`) keeps it."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    path.with_suffix(".md").write_text(table)
+    path.with_name(path.name + ".json").write_text(json.dumps(report, indent=2))
+    path.with_name(path.name + ".md").write_text(table)
     print(table)
 
 
