@@ -17,7 +17,6 @@ writes `<out>.json` and `<out>.md`.
 """
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -29,8 +28,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import modeling_beagle.decoding_beagle as decoding  # noqa: E402
-from modeling_beagle import BeagleModel, beagle_generate, prepack_linear_weights  # noqa: E402
-from trainer.assets import load_prompts, load_target  # noqa: E402
+from benchmarks.round_budget import load_models, write_report  # noqa: E402
+from modeling_beagle import beagle_generate  # noqa: E402
+from trainer.assets import load_prompts  # noqa: E402
 from trainer.bench import encode_chat, machine_info, parse_tree_shape, tree_shape_label  # noqa: E402
 from trainer.precision import DTYPES  # noqa: E402
 
@@ -73,11 +73,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = parse_tree_shape(args.tree_shape)
-    target, tokenizer = load_target(args.target, DTYPES[args.dtype])
-    beagle = BeagleModel.from_pretrained(args.beagle, dtype=DTYPES[args.dtype]).eval()
-    prepack_linear_weights(target)
-    beagle.bind_target(target)
-    prepack_linear_weights(beagle)
+    target, tokenizer, beagle = load_models(args.target, args.beagle, DTYPES[args.dtype], prepack=True)
     questions = load_prompts("mt-bench")
     indices = [int(i) for i in args.prompts.split(",")]
 
@@ -115,9 +111,6 @@ def main(argv=None) -> int:
     report = {"machine": machine_info(torch.device("cpu")),
               "settings": {**vars(args), "tree_shape_resolved": tree_shape_label(shape)},
               "tau_per_prompt": taus, "table": table}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + ".json").write_text(json.dumps(report, indent=1))
     lines = [f"# Sampled draft children: how often the target takes them (T = {args.temperature:g}, {args.dtype})", "",
              f"{len(indices)} MT-bench first turns (indices {args.prompts}) × {args.max_new_tokens} new tokens, tree "
              f"{tree_shape_label(shape)}, draft `{args.beagle}`; mean τ {statistics.mean(taus):.3f}. For every "
@@ -126,8 +119,7 @@ def main(argv=None) -> int:
              "| rank | q bin | children | mean q | mean pick probability |", "|---|---|---|---|---|"]
     lines += [f"| {row['rank']} | [{row['q_low']:g}, {row['q_high']:g}) | {row['children']} | {row['mean_q']:.3f} | "
               f"{row['mean_pick']:.3f} |" for row in table]
-    out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, report, "\n".join(lines) + "\n")
     return 0
 
 
