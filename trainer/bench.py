@@ -409,7 +409,8 @@ def machine_info(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "allocator": heap_allocator(),
         # jemalloc's MALLOC_CONF: with dirty_decay_ms:-1 (training's setting) freed pages stay in the process, so its
-        # peak RSS climbs over a long bench (benchmarks/results/README.md, v8: +0.7 GB over 54 runs, +0.1 GB with the default decay)
+        # peak RSS climbs over a long bench (benchmarks/results/README.md, v8: +0.7 GB over 54 runs, +0.1 GB with
+        # the default decay)
         "malloc_conf": os.environ.get("MALLOC_CONF", ""),
         # transformers' switch for grouped-query sdpa with a mask (README, Generation: faster verification on CPU)
         "transformers_sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", ""),
