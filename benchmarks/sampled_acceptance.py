@@ -47,13 +47,15 @@ def pick_probabilities(p: torch.Tensor, q: torch.Tensor, candidates: list[int]) 
         picks.append(reach * accept)
         reach *= 1.0 - accept
         residual = (p - q).clamp(min=0)
-        if residual.sum() > 0:
-            p = residual / residual.sum()
+        total = residual.sum()
+        if total > 0:
+            p = residual / total
         q = q.clone()
         q[c] = 0
-        if q.sum() <= 0:
+        left = q.sum()
+        if left <= 0:
             break
-        q = q / q.sum()
+        q = q / left
     return picks
 
 
