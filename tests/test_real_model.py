@@ -147,3 +147,23 @@ def test_demo_answers_with_identical_output(capsys):
         speed = next(line for line in out.splitlines() if " new tokens; plain " in line)
         assert speed.count("target packed") == 1 + plain_packed, speed
         assert "prepacked target" in out.splitlines()[-1]
+
+
+def test_committed_eagle2_baseline_loads_strictly_and_is_lossless(real):
+    """The bench's equal-budget baseline (benchmarks/eagle2-smollm2-135m-instruct) matches its config tensor for
+    tensor and, bound to the real target, drafts without changing greedy output."""
+    import importlib.util
+
+    import modeling_beagle  # noqa: F401  (installs the generate hook)
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("eagle2_draft_for_test", root / "eagle2_draft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    target, tokenizer, _, prompts = real
+    draft = module.load_draft(root / "eagle2-smollm2-135m-instruct", target)
+    ids = prompts[0]
+    plain = target.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    chain = target.generate(ids, assistant_model=draft, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(chain, plain), tokenizer.decode(plain[0, ids.shape[1]:])
+    assert draft.generation_stats.tau > 1.0
