@@ -150,20 +150,18 @@ def test_demo_answers_with_identical_output(capsys):
 
 
 def test_committed_eagle2_baseline_loads_strictly_and_is_lossless(real):
-    """The bench's equal-budget baseline (benchmarks/eagle2-smollm2-135m-instruct) matches its config tensor for
-    tensor and, bound to the real target, drafts without changing greedy output."""
-    import importlib.util
-
+    """The bench's equal-budget baseline (benchmarks/eagle2-smollm2-135m-instruct), loaded through the bench's own
+    `--plugin` path, matches its config tensor for tensor and, bound to the real target, drafts without changing
+    greedy output."""
     import modeling_beagle  # noqa: F401  (installs the generate hook)
+    from trainer.bench import load_plugin
 
     root = Path(__file__).resolve().parents[1] / "benchmarks"
-    spec = importlib.util.spec_from_file_location("eagle2_draft_for_test", root / "eagle2_draft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    factory, arg = load_plugin(f"{root / 'eagle2_draft.py'}:{root / 'eagle2-smollm2-135m-instruct'}")
     target, tokenizer, _, prompts = real
-    draft = module.load_draft(root / "eagle2-smollm2-135m-instruct", target)
+    (method,) = factory(target, tokenizer, arg)
     ids = prompts[0]
     plain = target.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    chain = target.generate(ids, assistant_model=draft, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert torch.equal(chain, plain), tokenizer.decode(plain[0, ids.shape[1]:])
-    assert draft.generation_stats.tau > 1.0
+    run = method.run(ids, torch.ones_like(ids), NEW_TOKENS, False, 1.0, 0)
+    assert torch.equal(run.output_ids, plain), tokenizer.decode(plain[0, ids.shape[1]:])
+    assert run.accepted_per_position and run.accepted_per_position[0] > 0  # tau > 1: some draft token was accepted
