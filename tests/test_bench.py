@@ -13,6 +13,7 @@ from modeling_beagle import BeagleModel, TreeShape
 from trainer.bench import (
     BUILTIN_METHODS,
     DTYPES,
+    BeagleBenchError,
     BenchSettings,
     Method,
     MethodRun,
@@ -108,6 +109,15 @@ def test_a_different_fp32_greedy_output_invalidates_the_run(tmp_path):
     assert all(r["status"] == "valid" for r in report["results"] if r["method"] != "wrong")
     write_outputs(report, tmp_path)
     assert "INVALID" in (tmp_path / "bench.md").read_text()
+
+
+def test_unknown_method_error_names_the_choices_and_the_plugin_rule():
+    """A method name that is not built-in (e.g. a plugin's) is refused with the built-in names, and the message says
+    that a plugin's methods always run rather than being chosen in `--methods`."""
+    target, beagle = tiny_pair()
+    with pytest.raises(BeagleBenchError, match=r"expected one of \[.*'beagle-chain'.*found 'eagle2-chain'") as info:
+        builtin_methods(["plain", "eagle2-chain"], target, beagle)
+    assert "always runs" in str(info.value) and "--plugin" in str(info.value)
 
 
 def test_prepacked_target_adds_the_unpacked_reference(tmp_path):

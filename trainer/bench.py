@@ -230,8 +230,9 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
     methods = []
     for name in names:
         if name not in table:
-            raise BeagleBenchError(f"method expected one of {list(BUILTIN_METHODS + REFERENCE_METHODS)} (or a plugin's), "
-                                   f"found {name!r}.")
+            raise BeagleBenchError(f"method expected one of {list(BUILTIN_METHODS + REFERENCE_METHODS)}, found "
+                                   f"{name!r}. A plugin's methods are not named in `--methods`: every method of a "
+                                   f"`--plugin FILE.py[:ARG]` always runs.")
         if name == "plain-unpacked" and not is_prepacked(target):
             raise BeagleBenchError("method 'plain-unpacked' compares against a prepacked target: pass `--prepack`, or "
                                    "leave it out of `--methods`.")
@@ -1045,7 +1046,7 @@ def add_arguments(parser) -> None:
                         "where the device computes bf16 natively, else float32)")
     parser.add_argument("--methods", default=",".join(BUILTIN_METHODS),
                         help=f"comma-separated among {', '.join(BUILTIN_METHODS + REFERENCE_METHODS)} (plain is always "
-                             "measured)")
+                             "measured; a --plugin's methods always run and are not named here)")
     parser.add_argument("--prepack", action="store_true",
                         help="CPU: pack the linear weights of the target and of every draft for oneDNN once "
                              "(modeling_beagle.prepack_linear_weights); adds plain-unpacked, the same target unpacked")
