@@ -317,3 +317,47 @@ def test_make_eagle2_takes_the_layout_options_and_refuses_beagle_only_ones(tmp_p
     with pytest.raises(ValueError, match="--num_key_value_heads 2: --init_from .* num_key_value_heads=1"):
         eagle2.make_eagle2(target, BeagleModelArguments(target_model="tiny", init_from=str(tmp_path / "draft"),
                                                         num_key_value_heads=2), train_data=None)
+
+
+# --------------------------------------------------------------------------------- benchmarks/target_text_alpha.py
+def test_target_text_alpha_scores_both_drafts_on_the_same_reply_tokens():
+    """`target_text_alpha.py` scores each draft on the target's greedy replies with its trainer's evaluation: the
+    rows are the prompt plus exactly `target.generate`'s greedy reply (only the reply supervised), and the step-1 α
+    it reports over every reply token equals a direct count of the draft's teacher-forced top-1 hits on those tokens."""
+    from modeling_beagle import BeagleModel
+    from trainer.bench import Case
+    from trainer.objectives import next_token_ids
+
+    spec = importlib.util.spec_from_file_location("target_text_alpha", ROOT / "benchmarks" / "target_text_alpha.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+
+    target = make_target("llama", initializer_range=0.2)
+    target.generation_config.pad_token_id = 0
+    target.generation_config.eos_token_id = None
+    prompts = [[5, 17, 42, 9], [33, 8, 61, 70, 12, 4]]
+    rows = tta.greedy_replies(target, None, [Case("set", str(i), 1, input_ids=p) for i, p in enumerate(prompts)], 10)
+    for prompt, row in zip(prompts, rows):
+        plain = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10)[0].tolist()
+        assert row["input_ids"] == plain
+        assert row["loss_mask"] == [0] * len(prompt) + [1] * 10
+
+    beagle = perturbed(BeagleModel.from_target(target)).eval()
+    draft = perturbed(eagle2.Eagle2Draft.from_target(target)).eval().bind_target(target)
+    with torch.no_grad():
+        beagle_hits, eagle_hits, count = 0, 0, 0
+        for row in rows:
+            seq = torch.tensor([row["input_ids"]])
+            h = target_states(target, seq)
+            pb = beagle(input_ids=seq, context_states=h, context_next_ids=next_token_ids(seq)).logits.argmax(-1)[0]
+            pe = draft(input_ids=eagle2._shift(seq, 1), features=h).logits.argmax(-1)[0]
+            for p in range(1, seq.shape[1]):
+                if row["loss_mask"][p]:  # position p's token, predicted from row p - 1 (EAGLE: row p - 2 reads t_{p-1})
+                    count += 1
+                    beagle_hits += int(pb[p - 1] == seq[0, p])
+                    eagle_hits += int(p >= 2 and pe[p - 2] == seq[0, p])
+    scored_b = tta.evaluate(tta.BeagleTrainer, beagle, target, rows, steps=2, batch_size=2)
+    assert scored_b["alpha_step1_all"] == pytest.approx(beagle_hits / count)
+    scored_e = tta.evaluate(tta.Eagle2Trainer, draft, target, rows, steps=2, batch_size=2)
+    assert scored_e["alpha_step1_all"] == pytest.approx(eagle_hits / count)
+    assert len(scored_b["alpha"]) == len(scored_e["alpha"]) == 2
