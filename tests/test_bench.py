@@ -120,6 +120,24 @@ def test_unknown_method_error_names_the_choices_and_the_plugin_rule():
     assert "always runs" in str(info.value) and "--plugin" in str(info.value)
 
 
+def test_bench_command_refuses_an_unknown_method_before_loading_anything(monkeypatch):
+    """`beagle bench --methods` with a name that is not built-in fails at once, before any prompt set or model
+    is fetched or loaded."""
+    import trainer.assets
+    from trainer.bench import run_from_args
+    from trainer.cli import build_parser
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded before the method names were checked")
+
+    monkeypatch.setattr(trainer.assets, "load_target", must_not_load)
+    monkeypatch.setattr(trainer.assets, "load_prompts", must_not_load)
+    args = build_parser().parse_args(["bench", "--beagle", "x", "--methods", "plain,eagle2-chain", "--dtypes",
+                                      "float32", "--device", "cpu"])
+    with pytest.raises(BeagleBenchError, match="found 'eagle2-chain'"):
+        run_from_args(args)
+
+
 def test_prepacked_target_adds_the_unpacked_reference(tmp_path):
     """`--prepack`: every method runs the packed target; plain-unpacked times the same target through F.linear, and a
     greedy difference there (another summation order) is reported, not a lossless failure."""

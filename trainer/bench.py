@@ -154,6 +154,15 @@ def tree_shape_label(spec) -> str:
     return label + (f",{spec.min_prob:g}" if spec.min_prob else "")
 
 
+def check_method_names(names) -> None:
+    """Refuse a method name that is not built-in (`--methods` names built-in methods only)."""
+    for name in names:
+        if name not in BUILTIN_METHODS + REFERENCE_METHODS:
+            raise BeagleBenchError(f"method expected one of {list(BUILTIN_METHODS + REFERENCE_METHODS)}, found "
+                                   f"{name!r}. A plugin's methods are not named in `--methods`: every method of a "
+                                   f"`--plugin FILE.py[:ARG]` always runs.")
+
+
 def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup_num_tokens: int = 10) -> list[Method]:
     """The built-in methods named in `names` (see BUILTIN_METHODS), for `target` and an optional bound `beagle`.
 
@@ -227,12 +236,9 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                 f"{tree}, plus the prompt-lookup branch"))
     from modeling_beagle import is_prepacked
 
+    check_method_names(names)
     methods = []
     for name in names:
-        if name not in table:
-            raise BeagleBenchError(f"method expected one of {list(BUILTIN_METHODS + REFERENCE_METHODS)}, found "
-                                   f"{name!r}. A plugin's methods are not named in `--methods`: every method of a "
-                                   f"`--plugin FILE.py[:ARG]` always runs.")
         if name == "plain-unpacked" and not is_prepacked(target):
             raise BeagleBenchError("method 'plain-unpacked' compares against a prepacked target: pass `--prepack`, or "
                                    "leave it out of `--methods`.")
@@ -975,6 +981,7 @@ def run_from_args(args) -> int:
         if dtype == "bfloat16":
             warn_if_slow_bf16("`beagle bench --dtypes bfloat16` runs the target", device)
     names = split(args.methods)
+    check_method_names(names)  # before any download or model load
     if args.prepack:
         if device.type != "cpu":
             raise BeagleBenchError(f"`--prepack` packs the target's linear layers for CPU inference; the device is "
@@ -1070,6 +1077,6 @@ def add_arguments(parser) -> None:
 
 
 __all__ = ["BUILTIN_METHODS", "REFERENCE_METHODS", "BeagleBenchError", "BenchSettings", "Case", "ForwardCounter",
-           "Method", "MethodRun", "PeakMemory", "add_arguments", "bench", "builtin_methods", "examine_divergence", "generation_kwargs",
-           "load_plugin", "markdown_table", "parse_tree_shape", "prompt_cases", "render_markdown", "run_from_args",
+           "Method", "MethodRun", "PeakMemory", "add_arguments", "bench", "builtin_methods", "check_method_names",
+           "examine_divergence", "generation_kwargs", "load_plugin", "markdown_table", "parse_tree_shape", "prompt_cases", "render_markdown", "run_from_args",
            "tree_shape_label", "write_outputs", "write_plots"]
