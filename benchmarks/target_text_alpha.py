@@ -101,14 +101,15 @@ def main(argv=None) -> int:
             results.append(row)
             print(f"[target_text_alpha] {json.dumps(row)}", flush=True)
 
-    report = {"benchmark": "target_text_alpha", "machine": machine_info(target.device), "settings": vars(args), "results": results}
+    report = {"benchmark": "target_text_alpha", "machine": machine_info(target.device), "settings": vars(args),
+              "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = ["# Draft agreement on the target's own greedy replies", "",
              f"Target {args.target}; Beagle `{args.beagle}`; EAGLE-2-style draft `{args.eagle2}`; {args.num_prompts} "
-             f"first turns per set × up to {args.max_new_tokens} reply tokens, both drafts scored on the same tokens by "
-             "their trainers' evaluation (α = top-1 agreement with the target; step 1 teacher-forced, later steps "
+             f"first turns per set × up to {args.max_new_tokens} reply tokens, both drafts scored on the same tokens "
+             "by their trainers' evaluation (α = top-1 agreement with the target; step 1 teacher-forced, later steps "
              "unrolled on the draft's own states with the true tokens).", "",
              "| prompt set | dtype | reply tokens | Beagle α per step | EAGLE-2-style α per step | step 1 over every "
              "reply token: Beagle / EAGLE-2-style |",

@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "eagle2_draft.py"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("eagle2_draft", SCRIPT)
+def _load_module(name: str = "eagle2_draft"):
+    """A script of `benchmarks/` (not a package) loaded by path and registered under its name."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("eagle2_draft", module)
+    sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
 
@@ -328,9 +329,7 @@ def test_target_text_alpha_scores_both_drafts_on_the_same_reply_tokens():
     from trainer.bench import Case
     from trainer.objectives import next_token_ids
 
-    spec = importlib.util.spec_from_file_location("target_text_alpha", ROOT / "benchmarks" / "target_text_alpha.py")
-    tta = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tta)
+    tta = _load_module("target_text_alpha")
 
     target = make_target("llama", initializer_range=0.2)
     target.generation_config.pad_token_id = 0

@@ -169,6 +169,7 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
     `tree_shape` is one spec (auto, chain, a TreeShape or a dict) or a list of them: with several, `beagle-tree` and
     `beagle-tree-lookup` are measured once per shape, named `beagle-tree[LABEL]` (a tree-size sweep in one run).
     """
+    check_method_names(names)  # before "auto" tree shapes time this machine
     specs = list(tree_shape) if isinstance(tree_shape, (list, tuple)) else [tree_shape]
     labels = [tree_shape_label(spec) for spec in specs]
     if not specs or len(set(labels)) != len(labels):
@@ -236,7 +237,6 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                 f"{tree}, plus the prompt-lookup branch"))
     from modeling_beagle import is_prepacked
 
-    check_method_names(names)
     methods = []
     for name in names:
         if name == "plain-unpacked" and not is_prepacked(target):
@@ -1078,5 +1078,5 @@ def add_arguments(parser) -> None:
 
 __all__ = ["BUILTIN_METHODS", "REFERENCE_METHODS", "BeagleBenchError", "BenchSettings", "Case", "ForwardCounter",
            "Method", "MethodRun", "PeakMemory", "add_arguments", "bench", "builtin_methods", "check_method_names",
-           "examine_divergence", "generation_kwargs", "load_plugin", "markdown_table", "parse_tree_shape", "prompt_cases", "render_markdown", "run_from_args",
-           "tree_shape_label", "write_outputs", "write_plots"]
+           "examine_divergence", "generation_kwargs", "load_plugin", "markdown_table", "parse_tree_shape",
+           "prompt_cases", "render_markdown", "run_from_args", "tree_shape_label", "write_outputs", "write_plots"]
