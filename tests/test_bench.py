@@ -401,3 +401,53 @@ def test_round_budget_splits_rounds_and_derives_the_tau_each_speedup_needs():
     assert row["tau"] == pytest.approx(2.5) and row["ms_per_step"] == pytest.approx(50.0)
     assert row["rest_ms"] == pytest.approx(10.0) and row["speedup"] == pytest.approx(1.0)
     assert row["tau_for_1.5x"] == pytest.approx(3.75) and row["speedup_if_draft_and_rest_free"] == pytest.approx(2.5 * 20 / 30)
+
+
+def test_sampled_tree_variants_values_children_by_the_calibration_table(monkeypatch):
+    """`benchmarks/sampled_tree_variants.py`: the calibrated value of a sampled child is the table's pick probability
+    for its rank, interpolated in q and never decreasing in q; swapped in for `sampled_child_scores`, it changes which
+    nodes the sampled tree keeps (the loop reads the function by name) while the tree stays whole sibling groups, each
+    a prefix of its draws."""
+    from conftest import trained_pair
+    from test_decoding import _true_context
+
+    import modeling_beagle.decoding_beagle as decoding
+    from modeling_beagle import draft_sampled_tree
+
+    variants = _benchmark_module("sampled_tree_variants")
+    table = [{"rank": 0, "mean_q": 0.01, "mean_pick": 0.3}, {"rank": 0, "mean_q": 0.1, "mean_pick": 0.5},
+             {"rank": 0, "mean_q": 0.5, "mean_pick": 0.45}, {"rank": 0, "mean_q": 0.9, "mean_pick": 0.8},
+             {"rank": 1, "mean_q": 0.01, "mean_pick": 0.05}, {"rank": 1, "mean_q": 0.3, "mean_pick": 0.2}]
+    curves = variants.pick_curves(table)
+    assert curves[0][0].tolist() == pytest.approx([0.0, 0.01, 0.1, 0.5, 0.9, 1.0])
+    assert curves[0][1].tolist() == pytest.approx([0.3, 0.3, 0.5, 0.5, 0.8, 0.8])  # 0.45 lifted: non-decreasing
+    scores = variants.calibrated_scores(curves)
+    q = torch.tensor([[[0.01, 0.3, 0.3], [0.3, 0.01, 0.0]]])  # (batch 1, 2 nodes, 3 draws); rank 2 reads rank 1's curve
+    drawn = torch.tensor([[[0, 1, 2], [1, 0, 2]]])
+    log_q = torch.full((1, 2, 4), 1e-9).scatter(-1, drawn, q).log()
+    values = scores(log_q, drawn).exp()
+    assert values[0, 0].tolist() == pytest.approx([0.3, 0.2, 0.2], rel=1e-4)
+    assert values[0, 1].tolist() == pytest.approx([0.5, 0.05, 0.05], rel=1e-4)
+    between = scores(torch.tensor([[[0.05, 0.35, 0.3, 0.3]]]).log(), torch.tensor([[[0, 1, 2]]])).exp()[0, 0]
+    assert between[0] == pytest.approx(0.3 + 0.2 * (0.05 - 0.01) / 0.09, rel=1e-4)  # linear between the bins' mean q
+    # a rank-0 child with q = 0.01 now outranks a rank-1 child with q = 0.3, as the table says
+    assert values[0, 0, 0] > values[0, 0, 1]
+
+    target, beagle = trained_pair()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 96, (2, 7))
+    shape = TreeShape(depth=4, top_k=3, total_tokens=9)
+    kept = {}
+    for name, score in (("q", decoding.sampled_child_scores), ("calibrated", scores)):
+        monkeypatch.setattr(decoding, "sampled_child_scores", score)
+        cache = _true_context(target, beagle, ids)
+        torch.manual_seed(5)
+        tokens, parents, depths, ranks, _ = draft_sampled_tree(beagle, cache, ids[:, 6], torch.tensor([6, 6]), shape)
+        for b in range(2):
+            groups = {}
+            for i in range(tokens.shape[1]):
+                assert int(parents[b, i]) < i
+                groups.setdefault(int(parents[b, i]), []).append(int(ranks[b, i]))
+            assert all(sorted(r) == list(range(len(r))) for r in groups.values())
+        kept[name] = (parents.tolist(), depths.tolist())
+    assert kept["q"] != kept["calibrated"], "the calibrated values did not change the tree: the swap had no effect"
