@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 from modeling_beagle import BeagleModel, beagle_generate, prepack_linear_weights  # noqa: E402
 from modeling_beagle.decoding_beagle import resolve_tree_shape  # noqa: E402
 from trainer.assets import load_prompts, load_target  # noqa: E402
-from trainer.bench import encode_chat, generation_kwargs, machine_info, parse_tree_shape, spread  # noqa: E402
+from trainer.bench import first_turn_ids, generation_kwargs, machine_info, parse_tree_shape, spread  # noqa: E402
 from trainer.precision import DTYPES  # noqa: E402
 
 
@@ -72,8 +72,7 @@ def load_models(target_name: str, beagle_dir: str, dtype: torch.dtype, prepack: 
 def first_turns(tokenizer, prompt_set: str, num_prompts: int) -> tuple[list[dict], list[torch.Tensor]]:
     """`num_prompts` prompts spread over `prompt_set`, and their first turns as chat-templated `(1, n)` input ids."""
     prompts = spread(load_prompts(prompt_set), num_prompts)
-    return prompts, [torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": p["turns"][0]}])])
-                     for p in prompts]
+    return prompts, [torch.tensor([first_turn_ids(tokenizer, p["turns"][0])]) for p in prompts]
 
 
 def write_report(out: str, report: dict, table: str) -> None:

@@ -31,7 +31,7 @@ import modeling_beagle.decoding_beagle as decoding  # noqa: E402
 from benchmarks.round_budget import load_models, write_report  # noqa: E402
 from modeling_beagle import beagle_generate  # noqa: E402
 from trainer.assets import load_prompts  # noqa: E402
-from trainer.bench import encode_chat, machine_info, parse_tree_shape, tree_shape_label  # noqa: E402
+from trainer.bench import first_turn_ids, machine_info, parse_tree_shape, tree_shape_label  # noqa: E402
 from trainer.precision import DTYPES  # noqa: E402
 
 Q_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0 + 1e-9)
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     try:
         for n, index in enumerate(indices):
             torch.manual_seed(n)
-            ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": questions[index]["turns"][0]}])])
+            ids = torch.tensor([first_turn_ids(tokenizer, questions[index]["turns"][0])])
             target.generate(ids, custom_generate=beagle_generate,
                             beagle=beagle, tree_shape=shape, do_sample=True, temperature=args.temperature, top_k=0,
                             top_p=1.0, max_new_tokens=args.max_new_tokens)

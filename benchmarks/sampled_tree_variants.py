@@ -165,7 +165,8 @@ def main(argv=None) -> int:
              f"{args.seed} + prompt index before every run; calibration `{args.calibration}`. τ and nodes per round "
              "after the first token; speedup over plain `generate` in this run (ratio of totals / median over "
              "prompts).", "",
-             "| method | τ | verified nodes per round | tokens/s | speedup (total / median) |", "|---|---|---|---|---|"]
+             "| method | τ | verified nodes per round | tokens/s | speedup (total / median) |",
+             "|---|---|---|---|---|"]
     lines += [f"| {m} | {s['tau']:.3f} | {s['nodes_per_round']:.1f} | {s['tokens_per_s']:.1f} | "
               f"{s['speedup_total']:.3f} / {s['speedup_median']:.3f} |" for m, s in summary.items()]
     write_report(args.out, report, "\n".join(lines) + "\n")

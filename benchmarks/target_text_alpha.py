@@ -33,14 +33,14 @@ from eagle2_draft import Eagle2Trainer, load_draft  # noqa: E402
 from modeling_beagle import BeagleModel  # noqa: E402
 from trainer.assets import load_prompts, load_target  # noqa: E402
 from trainer.beagle_trainer import BeagleTrainer, BeagleTrainingArguments  # noqa: E402
-from trainer.bench import DTYPES, encode_chat, generation_kwargs, machine_info, prompt_cases  # noqa: E402
+from trainer.bench import DTYPES, first_turn_ids, generation_kwargs, machine_info, prompt_cases  # noqa: E402
 
 
 def greedy_replies(target, tokenizer, cases, max_new_tokens: int) -> list[dict]:
     """One training-format row per case: the prompt and the target's greedy reply, the reply's tokens supervised."""
     rows = []
     for case in cases:
-        prompt = case.input_ids or encode_chat(tokenizer, [{"role": "user", "content": case.turns[0]}])
+        prompt = case.input_ids or first_turn_ids(tokenizer, case.turns[0])
         with torch.no_grad():
             output = target.generate(torch.tensor([prompt], device=target.device),
                                      **generation_kwargs(target, max_new_tokens, False, 1.0))

@@ -451,3 +451,38 @@ def test_sampled_tree_variants_values_children_by_the_calibration_table(monkeypa
             assert all(sorted(r) == list(range(len(r))) for r in groups.values())
         kept[name] = (parents.tolist(), depths.tolist())
     assert kept["q"] != kept["calibrated"], "the calibrated values did not change the tree: the swap had no effect"
+
+
+def test_bench_prompts_from_text_turns_with_and_without_a_chat_template():
+    """`_Setting.prompt_ids`: pre-tokenized prompts pass through; a first turn goes through the chat template when the
+    tokenizer has one (`first_turn_ids`, which the benchmark scripts share), else as plain text; a second turn holds
+    the target's own greedy answer to the first (generated once, kept in `answers`), and is skipped (None) without a
+    template; text without a tokenizer is refused."""
+    from test_generation import tiny_tokenizer
+
+    from trainer.bench import Case, _Setting, first_turn_ids
+
+    target, _ = tiny_pair()
+    plain_tok = tiny_tokenizer()
+    chat_tok = tiny_tokenizer()
+    chat_tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    first, second = Case("set", "q", 1, turns=["Hi"]), Case("set/turn-2", "q", 2, turns=["Hi", "More"])
+
+    def setting(tokenizer, answers):
+        return _Setting(target, tokenizer, [], "float32", 0.0, settings(), answers)
+
+    assert setting(None, {}).prompt_ids(Case("set", "p", 1, input_ids=[4, 5])) == [4, 5]
+    with pytest.raises(BeagleBenchError, match="tokenizer"):
+        setting(None, {}).prompt_ids(first)
+    assert setting(plain_tok, {}).prompt_ids(first) == first_turn_ids(plain_tok, "Hi") == plain_tok("Hi")["input_ids"]
+    assert setting(plain_tok, {}).prompt_ids(second) is None
+    chat_first = setting(chat_tok, {}).prompt_ids(first)
+    assert chat_first == first_turn_ids(chat_tok, "Hi") == chat_tok("<user>Hi<assistant>")["input_ids"]
+    answers = {}
+    chat_second = setting(chat_tok, answers).prompt_ids(second)
+    ids = torch.tensor([chat_first])  # the mask is explicit: this tokenizer's pad symbol occurs in "<assistant>"
+    plain = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)
+    plain = plain[0, ids.shape[1]:]
+    assert answers == {("set", "q"): chat_tok.decode(plain, skip_special_tokens=True)}
+    assert chat_second == chat_tok(f"<user>Hi<assistant>{answers[('set', 'q')]}<user>More<assistant>")["input_ids"]

@@ -485,6 +485,13 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def first_turn_ids(tokenizer, text: str) -> list[int]:
+    """A first user turn as prompt ids: through the chat template when the tokenizer has one, else the plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        return encode_chat(tokenizer, [{"role": "user", "content": text}])
+    return tokenizer(text)["input_ids"]
+
+
 # ------------------------------------------------------------------------------------------------ the bench
 @dataclass
 class BenchSettings:
@@ -606,22 +613,21 @@ class _Setting:
     def prompt_ids(self, case: Case) -> list[int] | None:
         if case.input_ids is not None:
             return case.input_ids
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            if case.turn > 1:
-                return None  # no chat template: no faithful multi-turn prompt
-            if self.tokenizer is None:
-                raise BeagleBenchError(f"case {case.id}: text prompts need a tokenizer.")
-            return self.tokenizer(case.turns[0])["input_ids"]
-        messages = [{"role": "user", "content": case.turns[0]}]
-        if case.turn > 1:
-            key = (case.prompt_set.split("/")[0], case.id)
-            if key not in self.answers:
-                first = torch.tensor([encode_chat(self.tokenizer, messages)], device=self.device)
-                out = self.target.generate(first, attention_mask=torch.ones_like(first),
-                                           **generation_kwargs(self.target, self.settings.max_new_tokens, False, 0.0))
-                self.answers[key] = self.tokenizer.decode(out[0, first.shape[1]:], skip_special_tokens=True)
-            messages += [{"role": "assistant", "content": self.answers[key]}, {"role": "user", "content": case.turns[1]}]
-        return encode_chat(self.tokenizer, messages)
+        if case.turn > 1 and not getattr(self.tokenizer, "chat_template", None):
+            return None  # no chat template: no faithful multi-turn prompt
+        if self.tokenizer is None:
+            raise BeagleBenchError(f"case {case.id}: text prompts need a tokenizer.")
+        if case.turn == 1:
+            return first_turn_ids(self.tokenizer, case.turns[0])
+        key = (case.prompt_set.split("/")[0], case.id)
+        if key not in self.answers:
+            first = torch.tensor([first_turn_ids(self.tokenizer, case.turns[0])], device=self.device)
+            out = self.target.generate(first, attention_mask=torch.ones_like(first),
+                                       **generation_kwargs(self.target, self.settings.max_new_tokens, False, 0.0))
+            self.answers[key] = self.tokenizer.decode(out[0, first.shape[1]:], skip_special_tokens=True)
+        return encode_chat(self.tokenizer, [{"role": "user", "content": case.turns[0]},
+                                            {"role": "assistant", "content": self.answers[key]},
+                                            {"role": "user", "content": case.turns[1]}])
 
     def _timed(self, method: Method, ids: torch.Tensor, max_new_tokens: int, seed: int):
         """One timed generation: (MethodRun, raw record, new tokens, memory kind)."""
