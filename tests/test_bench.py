@@ -180,7 +180,10 @@ def test_bf16_divergences_are_examined_not_invalid():
         assert divergence["position"] == 7 and divergence["gap"] >= 0 and divergence["gap_bf16_spacings"] >= 0
         magnitude = max(abs(divergence["plain_logit"]), abs(divergence["method_logit"]))
         within_spacing = divergence["gap"] <= 2**-7 * magnitude
-        assert divergence["within_rounding"] == (within_spacing or divergence["reproduced_chunk"] is not None)
+        reproduced = divergence["reproduced_chunk"] is not None or divergence["reproduced_reading_chunk"] is not None
+        assert divergence["within_rounding"] == (within_spacing or reproduced)
+        if within_spacing or divergence["reproduced_chunk"] is not None:  # the costlier replay runs only as a fallback
+            assert divergence["reproduced_reading_chunk"] is None
     assert wrong["status"] == ("valid" if all(d["within_rounding"] for d in wrong["divergences"]) else "suspect")
     assert report["suspect"] == ([] if wrong["status"] == "valid" else ["synthetic bfloat16 T=0 wrong"])
 
@@ -200,6 +203,29 @@ def test_reproduce_in_chunks_finds_the_targets_own_choice_and_never_a_token_it_r
         again = target(full[:, -reproduced:], past_key_values=cache, use_cache=True).logits[0, -1]
     assert int(again.argmax()) == int(logits.argmax())
     assert reproduce_in_chunks(target, ids, int(logits.argmin())) is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reproduce_reading_in_chunks_replays_the_whole_reply_and_never_finds_a_token_ranked_last(dtype):
+    """`reproduce_reading_in_chunks`: the chunk size it names does give the token when the reply is read in forwards
+    of that many tokens after the prompt, and the target's last-ranked token is never reproduced (a biased method's
+    token stays unexplained)."""
+    from trainer.bench import reproduce_reading_in_chunks
+
+    target, _ = tiny_pair(dtype)
+    prompt, reply = PROMPTS["synthetic"][0]["input_ids"], [11, 29, 40, 7, 63, 18, 2]
+    with torch.no_grad():
+        logits = target(torch.tensor([prompt + reply]), logits_to_keep=1).logits[0, -1]
+    chunk = reproduce_reading_in_chunks(target, prompt, reply, int(logits.argmax()))
+    assert chunk is not None and 2 <= chunk <= 16
+    with torch.no_grad():
+        cache = DynamicCache(config=target.config)
+        full = torch.tensor([prompt + reply])
+        out = target(full[:, :len(prompt)], past_key_values=cache, use_cache=True)
+        for pos in range(len(prompt), full.shape[1], chunk):
+            out = target(full[:, pos:pos + chunk], past_key_values=cache, use_cache=True)
+    assert int(out.logits[0, -1].argmax()) == int(logits.argmax())
+    assert reproduce_reading_in_chunks(target, prompt, reply, int(logits.argmin())) is None
 
 
 def test_plugin_loader(tmp_path):

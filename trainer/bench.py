@@ -538,6 +538,40 @@ def reproduce_in_chunks(target, ids: list[int], token: int, max_chunk: int = VER
 
 
 @torch.no_grad()
+def reproduce_reading_in_chunks(target, prompt_ids: list[int], reply_ids: list[int], token: int,
+                                max_chunk: int = VERIFY_CHUNKS) -> int | None:
+    """The smallest chunk size c (2..max_chunk) for which the target picks `token` after `prompt_ids + reply_ids`
+    when it reads the prompt in one forward and the reply in consecutive forwards of c tokens over the cache (the
+    last one shorter), as verification forwards read a speculative reply; None when no such c gives `token`.
+    `reproduce_in_chunks` re-reads only the last j tokens, so the cached states of the rest keep one-token decoding's
+    rounding; here every state of the reply carries a c-token forward's, as in the speculative run. (c = 1 is plain
+    decoding itself.)"""
+    from modeling_beagle.generation_beagle import cache_kwargs
+
+    device = next(target.parameters()).device
+    full = torch.tensor([prompt_ids + reply_ids], device=device)
+    start = len(prompt_ids)
+    for c in range(2, max_chunk + 1):
+        cache = cache_kwargs(target, DynamicCache(config=target.config))
+        out = target(full[:, :start], **cache, use_cache=True, logits_to_keep=1)
+        for pos in range(start, full.shape[1], c):
+            out = target(full[:, pos : pos + c], **cache, use_cache=True, logits_to_keep=1)
+        if int(out.logits[0, -1].argmax()) == token:
+            return c
+    return None
+
+
+def _reproduced_label(divergence: dict) -> str:
+    """How a divergence was reproduced: the j of `reproduce_in_chunks`, "c=" the chunk of `reproduce_reading_in_chunks`,
+    or a dash."""
+    if divergence.get("reproduced_chunk"):
+        return str(divergence["reproduced_chunk"])
+    if divergence.get("reproduced_reading_chunk"):
+        return f"c={divergence['reproduced_reading_chunk']}"
+    return "–"
+
+
+@torch.no_grad()
 def examine_divergence(target, prompt_ids: list[int], plain_new: list[int], other_new: list[int]) -> dict:
     """The target's logits at the first position where `other_new` leaves plain greedy, recomputed by one forward
     over the plain prefix (prompt + plain tokens before it), and whether the target itself picks the method's token.
@@ -550,8 +584,11 @@ def examine_divergence(target, prompt_ids: list[int], plain_new: list[int], othe
     - or `reproduced_chunk` is set: reading the same prefix with its last j tokens in one forward over the cache
       (`reproduce_in_chunks`, j = 1..16, the shape of a verification forward), the target's own greedy choice is the
       method's token. Rounding differences accumulated over the layers can exceed one spacing of the output; this
-      shows the flip is the target's own arithmetic, not the method's choice. A token the target never prefers on
-      any of these forwards stays unexplained.
+      shows the flip is the target's own arithmetic, not the method's choice;
+    - or, when neither holds, `reproduced_reading_chunk` is set: reading the whole reply before that position in
+      forwards of c tokens (`reproduce_reading_in_chunks`, c = 2..16), the target's own greedy choice is the
+      method's token (the rounding of every cached state of the reply, not only the last few, then changes).
+    A token the target never prefers on any of these forwards stays unexplained.
     """
     index = _first_difference(plain_new, other_new)
     record = {"position": index, "plain_token": None, "method_token": None}
@@ -572,9 +609,12 @@ def examine_divergence(target, prompt_ids: list[int], plain_new: list[int], othe
     gap = abs(a - b)
     within_spacing = gap <= BF16_RELATIVE_SPACING * magnitude
     reproduced = None if within_spacing else reproduce_in_chunks(target, prefix, method_token)
+    read = None
+    if not within_spacing and reproduced is None and index > 0:
+        read = reproduce_reading_in_chunks(target, prompt_ids, plain_new[:index], method_token)
     return {**record, "plain_logit": a, "method_logit": b, "gap": gap, "top2_gap": float(top2[0] - top2[1]),
-            "gap_bf16_spacings": gap / spacing, "reproduced_chunk": reproduced,
-            "within_rounding": within_spacing or reproduced is not None}
+            "gap_bf16_spacings": gap / spacing, "reproduced_chunk": reproduced, "reproduced_reading_chunk": read,
+            "within_rounding": within_spacing or reproduced is not None or read is not None}
 
 
 def _median(values):
@@ -873,7 +913,8 @@ def render_markdown(report: dict) -> str:
                   "The target's logits recomputed at the first differing position on the plain prefix. Within rounding: "
                   "the two tokens' logits differ by at most 2^-7 of their magnitude (about one bf16 spacing), or the "
                   "target itself picks the method's token when it reads the prefix's last j tokens in one forward over "
-                  "the cache (j = 1..16, a verification forward's shape; the reproducing j is given).", "",
+                  "the cache (j = 1..16, a verification forward's shape; the reproducing j is given), or when it "
+                  "reads the whole reply before that position in forwards of c tokens (c = 2..16; given as c=).", "",
                   "| prompt set | dtype | method | prompt | position | tokens (plain / method) | logits | gap (bf16 "
                   "spacings) | reproduced at j | within rounding |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r, d in divergences:
@@ -881,7 +922,7 @@ def render_markdown(report: dict) -> str:
                          f"{d.get('position')} | {d.get('plain_token')} / {d.get('method_token')} | "
                          f"{_fmt(d.get('plain_logit'), 4)} / {_fmt(d.get('method_logit'), 4)} | "
                          f"{_fmt(d.get('gap'), 4)} ({_fmt(d.get('gap_bf16_spacings'), 1)}) | "
-                         f"{d.get('reproduced_chunk') or '–'} | {d['within_rounding']} |")
+                         f"{_reproduced_label(d)} | {d['within_rounding']} |")
     return "\n".join(parts) + "\n"
 
 
