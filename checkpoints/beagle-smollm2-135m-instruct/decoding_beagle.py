@@ -170,7 +170,7 @@ def sampled_child_scores(log_q: torch.Tensor, drawn: torch.Tensor) -> torch.Tens
 
     Their draft log-probability, as for top-k children. A child drawn first is taken by recursive rejection sampling
     far more often than its q says (`benchmarks/sampled_acceptance.py`), but valuing children by their rank and q
-    measured that way raised τ at T = 1 by about 0.1 and verified more nodes for it, with no net speedup
+    measured that way raised τ at T = 1 by 0.16-0.19 and verified more nodes for it, with no net speedup
     (`benchmarks/sampled_tree_variants.py`, which swaps this function).
     """
     return log_q.gather(-1, drawn)
