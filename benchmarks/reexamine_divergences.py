@@ -4,8 +4,9 @@ A bf16 row is SUSPECT when one of its outputs leaves plain greedy at a position 
 rounding tie of the target's own arithmetic (`trainer.bench.examine_divergence`). When those checks grow (session 23
 added `reproduce_reading_in_chunks`: the whole reply read in forwards of c tokens), this replays each unexplained
 divergence of a committed run without rerunning the bench: it loads the run's target as the run did (name, dtype,
-`--prepack`), rebuilds the first-turn prompt, regenerates plain greedy up to the divergence (it must give the
-recorded plain token, or the replay is refused), and examines the method's recorded token again.
+`--prepack`), rebuilds the prompt as the bench does (first or second turn), regenerates plain greedy up to the
+divergence (it must give the recorded plain token, or the replay is refused), and examines the method's recorded
+token again.
 
     python benchmarks/reexamine_divergences.py benchmarks/results/bench-amx-v12-equal-budget-80-bfloat16
 
@@ -25,7 +26,14 @@ if str(ROOT) not in sys.path:
 
 from modeling_beagle import prepack_linear_weights  # noqa: E402
 from trainer.assets import load_prompts, load_target  # noqa: E402
-from trainer.bench import _reproduced_label, examine_divergence, first_turn_ids, generation_kwargs  # noqa: E402
+from trainer.bench import (  # noqa: E402
+    BenchSettings,
+    Case,
+    _reproduced_label,
+    _Setting,
+    examine_divergence,
+    generation_kwargs,
+)
 from trainer.precision import DTYPES  # noqa: E402
 
 
@@ -45,17 +53,20 @@ def main(argv=None) -> int:
         return 0
     rows, targets = [], {}
     for result, old in pending:
-        if "/" in result["prompt_set"]:
-            raise SystemExit(f"{old['prompt_id']}: only first turns can be replayed here, found {result['prompt_set']}")
         dtype = result["dtype"]
         if dtype not in targets:
             target, tokenizer = load_target(settings["target"], DTYPES[dtype])
             if settings.get("prepack"):
                 prepack_linear_weights(target)
-            targets[dtype] = target, tokenizer
-        target, tokenizer = targets[dtype]
-        question = next(q for q in load_prompts(result["prompt_set"]) if str(q["id"]) == old["prompt_id"])
-        prompt = first_turn_ids(tokenizer, question["turns"][0])
+            targets[dtype] = target, tokenizer, {}  # the target's first-turn answers, per dtype as in the bench
+        target, tokenizer, answers = targets[dtype]
+        questions = load_prompts(result["prompt_set"].split("/")[0])
+        question = next(q for q in questions if str(q["id"]) == old["prompt_id"])
+        turn = 2 if result["prompt_set"].endswith("/turn-2") else 1
+        # the bench's own prompt (a second turn holds the target's greedy answer to the first, as in the run)
+        setting = _Setting(target, tokenizer, [], dtype, 0.0,
+                           BenchSettings(max_new_tokens=settings["max_new_tokens"]), answers)
+        prompt = setting.prompt_ids(Case(result["prompt_set"], old["prompt_id"], turn, turns=question["turns"][:turn]))
         index = old["position"]
         ids = torch.tensor([prompt])
         plain = target.generate(ids, attention_mask=torch.ones_like(ids),

@@ -551,13 +551,15 @@ def reproduce_reading_in_chunks(target, prompt_ids: list[int], reply_ids: list[i
     device = next(target.parameters()).device
     full = torch.tensor([prompt_ids + reply_ids], device=device)
     start = len(prompt_ids)
+    cache = DynamicCache(config=target.config)
+    prompt_out = target(full[:, :start], **cache_kwargs(target, cache), use_cache=True, logits_to_keep=1)  # once
     for c in range(2, max_chunk + 1):
-        cache = cache_kwargs(target, DynamicCache(config=target.config))
-        out = target(full[:, :start], **cache, use_cache=True, logits_to_keep=1)
+        out = prompt_out
         for pos in range(start, full.shape[1], c):
-            out = target(full[:, pos : pos + c], **cache, use_cache=True, logits_to_keep=1)
+            out = target(full[:, pos : pos + c], **cache_kwargs(target, cache), use_cache=True, logits_to_keep=1)
         if int(out.logits[0, -1].argmax()) == token:
             return c
+        cache.crop(start - cache.get_seq_length())  # back to the prompt's states for the next chunk size
     return None
 
 
