@@ -68,6 +68,9 @@ def main(argv=None) -> int:
                            BenchSettings(max_new_tokens=settings["max_new_tokens"]), answers)
         prompt = setting.prompt_ids(Case(result["prompt_set"], old["prompt_id"], turn, turns=question["turns"][:turn]))
         index = old["position"]
+        if old["method_token"] == old["plain_token"]:
+            raise SystemExit(f"{old['prompt_id']}: the recorded divergence at {index} has the same token "
+                             f"{old['plain_token']} for plain greedy and the method: not a divergence")
         ids = torch.tensor([prompt])
         plain = target.generate(ids, attention_mask=torch.ones_like(ids),
                                 **generation_kwargs(target, index + 1, False, 0.0))[0, len(prompt):].tolist()

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 from modeling_beagle import BeagleModel, beagle_generate  # noqa: E402
 from trainer.assets import load_prompts, load_target  # noqa: E402
-from trainer.bench import DTYPES, machine_info, parse_tree_shape, spread, tree_shape_label  # noqa: E402
+from trainer.bench import DTYPES, first_turn_ids, machine_info, parse_tree_shape, spread, tree_shape_label  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,8 +49,7 @@ def main(argv=None) -> int:
     beagle = BeagleModel.from_pretrained(args.beagle, dtype=dtype).eval()
     beagle.bind_target(target)
     questions = spread(load_prompts("mt-bench"), args.num_prompts)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"] for q in questions]
+    prompts = [torch.tensor([first_turn_ids(tokenizer, q["turns"][0])]) for q in questions]
     rows = []
     for shape in shapes:
         for sampled in (False, True):

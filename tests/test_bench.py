@@ -512,3 +512,92 @@ def test_bench_prompts_from_text_turns_with_and_without_a_chat_template():
     plain = plain[0, ids.shape[1]:]
     assert answers == {("set", "q"): chat_tok.decode(plain, skip_special_tokens=True)}
     assert chat_second == chat_tok(f"<user>Hi<assistant>{answers[('set', 'q')]}<user>More<assistant>")["input_ids"]
+
+
+def test_reexamine_divergences_replays_a_finished_runs_prompt_and_keeps_a_last_ranked_token_unexplained(
+        tmp_path, monkeypatch):
+    """`benchmarks/reexamine_divergences.py` on a bench.json it did not write: it rebuilds the run's prompt (chat
+    template, first and second turns), regenerates plain greedy up to the divergence, and applies the bench's current
+    checks. A method token the target ranks first at that position (the same token as plain greedy's, so a one-token
+    "divergence" by construction) is explained; the token it ranks last is not, and then the exit status is 1. A
+    recorded plain token this target does not replay is refused; a run with nothing to re-examine writes nothing."""
+    from test_generation import tiny_tokenizer
+
+    from trainer.bench import Case, _Setting, examine_divergence
+
+    script = _benchmark_module("reexamine_divergences")
+    target, _ = tiny_pair("bfloat16")
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    questions = [{"id": 7, "turns": ["Hello", "Again"]}]
+    monkeypatch.setattr(script, "load_target", lambda name, dtype: (target, tokenizer))
+    monkeypatch.setattr(script, "load_prompts", lambda name: questions)
+
+    # what the bench would have seen: its prompt ids and plain greedy on them, per turn
+    answers = {}
+    setting = _Setting(target, tokenizer, [], "bfloat16", 0.0, settings(max_new_tokens=6), answers)
+    cases = {"mt-bench": Case("mt-bench", "7", 1, turns=questions[0]["turns"][:1]),
+             "mt-bench/turn-2": Case("mt-bench/turn-2", "7", 2, turns=questions[0]["turns"])}
+    divergences, expected = [], {}
+    for prompt_set, case in cases.items():
+        prompt = setting.prompt_ids(case)
+        ids = torch.tensor([prompt])
+        plain = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=6)[0, len(prompt):].tolist()
+        with torch.no_grad():
+            logits = target(torch.tensor([prompt + plain[:4]]), logits_to_keep=1).logits[0, -1]
+        last = int(logits.argmin())
+        expected[prompt_set] = examine_divergence(target, prompt, plain[:5], plain[:4] + [last])
+        divergences.append({"prompt_set": prompt_set, "dtype": "bfloat16", "method": "biased",
+                            "divergences": [{"prompt_id": "7", "position": 4, "plain_token": plain[4],
+                                             "method_token": last, "within_rounding": False}]})
+    run = tmp_path / "run"
+    run.mkdir()
+    bench_json = {"settings": {"target": "tiny", "max_new_tokens": 6, "prepack": False}, "results": divergences}
+    (run / "bench.json").write_text(json.dumps(bench_json))
+
+    assert script.main([str(run)]) == 1
+    out = json.loads((run / "reexamined.json").read_text())
+    assert out["all_explained"] is False and len(out["divergences"]) == 2
+    for row in out["divergences"]:
+        assert row["now"] == json.loads(json.dumps(expected[row["prompt_set"]]))  # the second turn replayed too
+        assert row["now"]["within_rounding"] is False
+    assert "All explained: False." in (run / "reexamined.md").read_text()
+
+    # a token the target scores exactly as its own choice (its head row copied, so an exact tie everywhere that
+    # greedy breaks towards the lower id) is explained, on both turns
+    tied = 95
+    assert all(tied > row["divergences"][0]["plain_token"] for row in bench_json["results"])
+    with torch.no_grad():
+        head = target.get_output_embeddings().weight
+        head[tied] = head[bench_json["results"][0]["divergences"][0]["plain_token"]]
+    for row in bench_json["results"]:
+        row["divergences"][0]["method_token"] = tied
+    (run / "bench.json").write_text(json.dumps(bench_json))
+    assert script.main([str(run)]) == 0
+    out = json.loads((run / "reexamined.json").read_text())
+    assert out["all_explained"] is True and all(row["now"]["gap"] == 0.0 for row in out["divergences"])
+
+    # a "divergence" with the same token on both sides is malformed
+    bench_json["results"][0]["divergences"][0]["method_token"] = bench_json["results"][0]["divergences"][0][
+        "plain_token"]
+    (run / "bench.json").write_text(json.dumps(bench_json))
+    with pytest.raises(SystemExit, match="not a divergence"):
+        script.main([str(run)])
+    bench_json["results"][0]["divergences"][0]["method_token"] = tied
+
+    # a recorded plain token this target does not give is refused, naming the prompt and the position
+    bench_json["results"][0]["divergences"][0]["plain_token"] = (bench_json["results"][0]["divergences"][0]
+                                                                 ["plain_token"] + 1) % 96
+    (run / "bench.json").write_text(json.dumps(bench_json))
+    with pytest.raises(SystemExit, match="does not give the recorded token .* at 4"):
+        script.main([str(run)])
+
+    # nothing to re-examine: no files written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "bench.json").write_text(json.dumps({"settings": bench_json["settings"], "results": [
+        {**divergences[0], "divergences": [{**divergences[0]["divergences"][0], "within_rounding": True}]}]}))
+    assert script.main([str(empty)]) == 0
+    assert not (empty / "reexamined.json").exists()

@@ -57,13 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from modeling_beagle import beagle_generate, packed_path, prepacking_available  # (+ the generate hook)
 
     from .assets import load_prompts, load_target
+    from .bench import first_turn_ids
 
     dtype = getattr(torch, args.dtype)
     print(f"[beagle demo] target {args.target} ({args.dtype}), draft {args.beagle}")
     target, tokenizer = load_target(args.target, dtype=dtype)
     question = load_prompts("mt-bench")[args.question]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question["turns"][0]}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = torch.tensor([first_turn_ids(tokenizer, question["turns"][0])])  # the bench's prompt for this question
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     if Path(args.beagle).is_dir() or "/" in args.beagle:
         beagle = AutoModel.from_pretrained(args.beagle, trust_remote_code=True)
