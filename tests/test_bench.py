@@ -601,3 +601,48 @@ def test_reexamine_divergences_replays_a_finished_runs_prompt_and_keeps_a_last_r
         {**divergences[0], "divergences": [{**divergences[0]["divergences"][0], "within_rounding": True}]}]}))
     assert script.main([str(empty)]) == 0
     assert not (empty / "reexamined.json").exists()
+
+
+def test_draft_overlap_reads_each_drafts_first_step_and_bounds_overlap_by_the_vocabulary():
+    """`benchmarks/draft_overlap.py`: the Beagle distribution it scores at each reply position is the one a round's
+    first draft step computes there (the true context in a cache, one query); the EAGLE-2-style draft's is its chain
+    step after its rows up to that position; overlap is 1 - total variation and never exceeds p's mass on the draft
+    vocabulary, which is 1 for a full-vocabulary draft."""
+    from test_decoding import _true_context
+    from test_eagle2_baseline import eagle2, perturbed
+
+    script = _benchmark_module("draft_overlap")
+    target, _ = tiny_pair()
+    torch.manual_seed(3)
+    reduced = BeagleModel.from_target(target, attn_implementation="eager", draft_vocab_size=40).eval()
+    reduced.set_draft_vocabulary(torch.randperm(96)[:40].sort().values)
+    full = BeagleModel.from_target(target, attn_implementation="eager").eval()
+    baseline = perturbed(eagle2.Eagle2Draft.from_target(target, draft_vocab_size=40)).eval()
+    sequence = torch.randint(3, 96, (1, 12))
+    prompt_len = 5
+    drafts = {"reduced": (reduced, script.beagle_first_step), "full": (full, script.beagle_first_step),
+              "eagle2": (baseline, script.eagle2_first_step)}
+    metrics = script.position_metrics(target, drafts, sequence, prompt_len, temperature=1.0)
+    with torch.no_grad():
+        out = target(sequence, output_hidden_states=True)
+    for name, (draft, _) in drafts.items():
+        assert len(metrics[f"{name}_overlap"]) == 12 - prompt_len
+        for index, j in enumerate(range(prompt_len - 1, 11)):
+            with torch.no_grad():
+                if name == "eagle2":  # its rows 0..j-1, the last of which reads (t_j, f_{j-1})
+                    step = draft(input_ids=sequence[:, 1:j + 1], features=out.hidden_states[-1][:, :j]).logits[0, -1]
+                else:  # states < j in a cache, the root t_j
+                    cache = _true_context(target, draft, sequence[:, : j + 1])
+                    step = draft(input_ids=sequence[:, j:j + 1], position_ids=torch.tensor([[j]]),
+                                 past_key_values=cache).logits[0, 0]
+            step = step.float().softmax(-1)
+            to_target = draft.draft_to_target
+            q = step if to_target is None else torch.zeros(96).index_copy_(0, to_target, step)
+            p = out.logits[0, j].float().softmax(-1)
+            assert metrics[f"{name}_overlap"][index] == pytest.approx(1 - 0.5 * float((p - q).abs().sum()), abs=1e-5)
+            assert metrics[f"{name}_top1"][index] == float(int(p.argmax()) == int(q.argmax()))
+            assert metrics[f"{name}_overlap"][index] <= metrics[f"{name}_vocab_mass"][index] + 1e-6
+            assert (metrics["top1_mass"][index] <= metrics["top8_mass"][index] <= metrics["top32_mass"][index]
+                    <= 1 + 1e-6)
+    assert metrics["full_vocab_mass"] == pytest.approx([1.0] * (12 - prompt_len), abs=1e-5)
+    assert max(metrics["reduced_vocab_mass"]) < 1
