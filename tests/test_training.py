@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 
 from modeling_beagle import BeagleCache, BeagleModel, inverse_block_mask, window_draft_mask, window_starts
 from trainer import BeagleTrainer, BeagleTrainingArguments, SpeculativeEvalCallback
+import trainer.beagle_trainer as trainer_module
 from trainer.objectives import offset_weights, soft_labels_from_states, stage1_forward, stage2_step
 
 
@@ -155,6 +156,50 @@ def make_trainer(tmp_path, target, dataset, init_seed=0, **overrides):
     args = BeagleTrainingArguments(**settings)
     return BeagleTrainer(model=beagle, args=args, target_model=target, train_dataset=dataset.select(range(56)),
                          eval_dataset=dataset.select(range(56, 64)))
+
+
+def test_evaluation_scores_every_supervised_position_at_every_draft_step(tmp_path):
+    """`BeagleTrainer.evaluate` places the windows at every offset in turn: its first-step α (stage-1 offset 1 and
+    stage-2 step 1) is exactly the first draft step's top-1 agreement over all held-out supervised positions, computed
+    here directly (each query reads the true states before it); later steps are scored on as many positions; the
+    global RNG is left as it was (training's stream does not depend on evaluations)."""
+    from trainer.objectives import next_token_ids
+
+    target = make_target("llama", initializer_range=0.2)
+    data = tiny_dataset(target)
+    trainer = make_trainer(tmp_path, target, data, max_steps=20, stage1_window=3, stage2_steps=4)
+    trainer.train()
+    counts = {}
+    real_step = trainer_module.stage2_step
+
+    def counting_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        counts[args[10]] = counts.get(args[10], 0) + int(out[1])  # (..., offsets, step, smooth_l1_weight)
+        return out
+
+    rng = torch.random.get_rng_state()
+    trainer_module.stage2_step = counting_step
+    try:
+        metrics = trainer.evaluate()
+    finally:
+        trainer_module.stage2_step = real_step
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    eval_rows = data.select(range(56, 64))
+    ids = torch.tensor(eval_rows["input_ids"])
+    supervised = torch.tensor(eval_rows["loss_mask"]).bool()
+    assert counts == {t: int(supervised.sum()) for t in range(1, 5)}  # every position at every step
+    beagle = trainer.beagle.eval()
+    with torch.no_grad():
+        hidden = target(ids, output_hidden_states=True).hidden_states
+        layer_ids = list(beagle.config.target_layer_ids)
+        context = torch.cat([hidden[i] for i in layer_ids], -1) if len(layer_ids) > 1 else hidden[layer_ids[0]]
+        logits = beagle(input_ids=ids, context_states=context, context_next_ids=next_token_ids(ids)).logits
+        labels = soft_labels_from_states(beagle, hidden[-1][supervised])
+    direct = (logits[supervised].argmax(-1) == labels.argmax()).float().mean()
+    assert 0 < float(direct) < 1
+    assert metrics["eval_alpha_step_1"] == pytest.approx(float(direct), abs=1e-6)
+    assert metrics["eval_alpha_offset_1"] == pytest.approx(float(direct), abs=1e-6)
+    assert {f"eval_alpha_step_{t}" for t in range(1, 5)} | {f"eval_alpha_offset_{i}" for i in range(1, 4)} <= set(metrics)
 
 
 def test_training_lowers_loss_and_raises_agreement(tmp_path):

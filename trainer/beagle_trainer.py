@@ -255,31 +255,39 @@ class BeagleTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Held-out top-1 agreement α per draft position: stage-1 offsets 1..k and stage-2 steps 1..S (the latter is
-        exactly chain drafting with the true tokens), plus both loss terms."""
+        exactly chain drafting with the true tokens), plus both loss terms.
+
+        Every supervised position is scored at every offset and step: the windows are placed at each of their k
+        (stage 1) or S (stage 2) possible offsets in turn, so position p is the i-th draft position of its window
+        once per i. (Training draws one offset per sequence; scoring with one draw, as before session 24, scored
+        each stage-2 step on about 1/S of the positions, a noisier estimate of the same mean.)"""
         dataloader = self.get_eval_dataloader(eval_dataset)
         model = self.model
         model.eval()
         sums: dict[str, torch.Tensor] = {}
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(self.args.seed)  # the same window offsets at every evaluation
+        generator_state = torch.random.get_rng_state()  # iterating the loader draws a seed: leave training's stream
         for inputs in dataloader:
             inputs = self._prepare_inputs(inputs)
             context, top, labels, supervised = self.target_features(inputs)
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
             k = self.args.stage1_window
-            _, stats = stage1_forward(self.beagle, ids, context, top, labels, supervised, mask, k,
-                                      self._offsets(ids.shape[0], k), self.args.smooth_l1_weight)
-            for name, v in stats.items():
-                sums[f"offset_{name}"] = sums.get(f"offset_{name}", 0) + v
-            steps = self.args.stage2_steps
-            offsets = self._offsets(ids.shape[0], steps)
-            draft = torch.zeros_like(top, dtype=self.beagle.dtype)
-            for t in range(1, steps + 1):
-                _, _, stats, states, at_step = stage2_step(self.beagle, ids, context, draft, top, labels, supervised,
-                                                           mask, steps, offsets, t, self.args.smooth_l1_weight)
-                draft = torch.where(at_step[..., None], states, draft)
+            for offset in range(k):
+                offsets = torch.full((ids.shape[0],), offset, device=ids.device)
+                _, stats = stage1_forward(self.beagle, ids, context, top, labels, supervised, mask, k, offsets,
+                                          self.args.smooth_l1_weight)
                 for name, v in stats.items():
-                    sums[f"step_{name}"] = sums.get(f"step_{name}", 0) + v
+                    sums[f"offset_{name}"] = sums.get(f"offset_{name}", 0) + v
+            steps = self.args.stage2_steps
+            for offset in range(steps):
+                offsets = torch.full((ids.shape[0],), offset, device=ids.device)
+                draft = torch.zeros_like(top, dtype=self.beagle.dtype)
+                for t in range(1, steps + 1):
+                    _, _, stats, states, at_step = stage2_step(self.beagle, ids, context, draft, top, labels,
+                                                               supervised, mask, steps, offsets, t,
+                                                               self.args.smooth_l1_weight)
+                    draft = torch.where(at_step[..., None], states, draft)
+                    for name, v in stats.items():
+                        sums[f"step_{name}"] = sums.get(f"step_{name}", 0) + v
         torch.random.set_rng_state(generator_state)
         metrics = {}
         for kind in ("offset", "step"):
