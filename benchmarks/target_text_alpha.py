@@ -51,8 +51,9 @@ def greedy_replies(target, tokenizer, cases, max_new_tokens: int) -> list[dict]:
 
 def evaluate(trainer_class, draft, target, rows: list[dict], steps: int, batch_size: int) -> dict:
     """The draft's own trainer's evaluation over `rows`: α per draft step 1..`steps` (`alpha`) and, where the
-    trainer reports it (Beagle's stage-1 metric with k = 1), step 1 over every reply token (`alpha_step1_all`;
-    Beagle's stage-2 steps each score the positions of one window offset, about 1/S of them)."""
+    trainer reports it (Beagle's stage-1 metric with k = 1), step 1 through the stage-1 mask (`alpha_step1_all`).
+    Both trainers score every reply token at every step (Beagle's since session 24: its stage-2 steps each scored
+    the positions of one window offset, about 1/S of them, before)."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = BeagleTrainingArguments(output_dir=output_dir, stage1_window=1, stage2_steps=steps, bf16=False,
                                        per_device_eval_batch_size=batch_size, report_to="none", seed=0)
