@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                 pooled.setdefault(key, []).extend(values)
             for name in drafts:
                 per_prompt[name].append(statistics.mean(metrics[f"{name}_overlap"]))
-            print(f"T={temperature:g} prompt {prompts[i]['id']}: {len(values)} positions, overlap "
+            print(f"T={temperature:g} prompt {prompts[i]['id']}: {len(metrics['top1_mass'])} positions, overlap "
                   + ", ".join(f"{name} {per_prompt[name][-1]:.3f}" for name in drafts), flush=True)
         row = {"temperature": temperature, "positions": len(pooled["top1_mass"]),
                **{key: statistics.mean(values) for key, values in pooled.items()},

@@ -49,16 +49,21 @@ def test_shipped_checkpoint_is_a_hub_folder():
     assert (SHIPPED / "model.safetensors").stat().st_size < 16 * 2**20  # no target embedding / head inside
 
 
-def test_shipped_remote_code_is_the_package_code():
-    """Hub users run the checkpoint's copy of the modeling files, not the installed package: they must not drift."""
+CANDIDATE = Path(__file__).resolve().parents[1] / "benchmarks" / "candidates" / "beagle-smollm2-135m-instruct-part5"
+
+
+@pytest.mark.parametrize("folder", [SHIPPED, CANDIDATE], ids=["shipped", "candidate-part5"])
+def test_shipped_remote_code_is_the_package_code(folder):
+    """Hub users run the checkpoint's copy of the modeling files, not the installed package: they must not drift
+    (the shipped checkpoint's, and the committed candidate's that may replace it)."""
     from modeling_beagle.modeling_beagle import CUSTOM_GENERATE_SOURCE
 
     package = Path(__file__).resolve().parents[1] / "modeling_beagle"
-    shipped = sorted(p.name for p in SHIPPED.glob("*.py"))
+    shipped = sorted(p.name for p in folder.glob("*.py"))
     assert shipped == sorted(p.name for p in package.glob("*_beagle.py"))
     for name in shipped:
-        assert (SHIPPED / name).read_text() == (package / name).read_text(), f"{name} differs: re-export the checkpoint"
-    assert (SHIPPED / "custom_generate" / "generate.py").read_text() == CUSTOM_GENERATE_SOURCE
+        assert (folder / name).read_text() == (package / name).read_text(), f"{name} differs: re-export the checkpoint"
+    assert (folder / "custom_generate" / "generate.py").read_text() == CUSTOM_GENERATE_SOURCE
 
 
 def test_greedy_identity_and_tau_floor_on_mt_bench(real):
