@@ -21,12 +21,18 @@ features with the true tokens, exactly what chain drafting computes).
 
 Inference: `target.generate(ids, assistant_model=draft)` (Beagle's generate hook dispatches any assistant offering
 `beagle_candidate_generator`; `import modeling_beagle` installs it). `Eagle2CandidateGenerator` keeps the draft's own
-`DynamicCache` over the accepted prefix and drafts a chain on its own predicted features.
+`DynamicCache` over the accepted prefix and drafts a chain on its own predicted features. EAGLE-2's dynamic trees:
+Beagle's own loop, `target.generate(ids, custom_generate=beagle_generate, beagle=draft, tree_shape=...)`, drives this
+draft through the same drafting interface as a Beagle (`new_draft_cache` gives an `Eagle2TreeCache`,
+`append_context` runs the accepted rows, each tree level appends its nodes' rows under the tree mask), so both drafts
+are verified, pruned and accepted by the same code.
 
     python benchmarks/eagle2_draft.py train --target_model ... --dataset ... --output_dir runs/eagle2 ...  # = beagle train
-    beagle bench ... --plugin benchmarks/eagle2_draft.py:<checkpoint folder>   # `bench_methods` plugin ("eagle2-chain")
+    beagle bench ... --plugin benchmarks/eagle2_draft.py:<checkpoint folder>[@chain,tree,tree-lookup]
+        # `bench_methods` plugin: "eagle2-chain" (default), "eagle2-tree", "eagle2-tree-lookup"
 """
 
+import functools
 import inspect
 import logging
 import os
@@ -181,11 +187,14 @@ class Eagle2Draft(PreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        features: torch.Tensor,
+        features: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        past_key_values: "DynamicCache | Eagle2TreeCache | None" = None,
         return_logits: bool = True,
+        draft_states: torch.Tensor | None = None,
+        draft_next_ids: torch.LongTensor | None = None,
+        draft_position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> Eagle2Output:
         r"""
@@ -195,8 +204,16 @@ class Eagle2Draft(PreTrainedModel):
             position_ids (`(batch, q)`): row p's position p. Default: the cache length + 0..q-1.
             attention_mask: `(batch, past + q)` key validity (1 = real token) on top of causal attention by cache
                 index, or a `(batch, q, past + q)` bool mask of exactly which keys each row reads.
-            past_key_values (`DynamicCache`): the draft's keys / values of earlier rows; updated in place.
+            past_key_values (`DynamicCache`): the draft's keys / values of earlier rows; updated in place. An
+                `Eagle2TreeCache` instead makes this call one level of Beagle's draft tree (`tree_level`), with
+                Beagle's arguments (`draft_states`, `draft_next_ids`, `draft_position_ids`, a 3-d `attention_mask`).
         """
+        if isinstance(past_key_values, Eagle2TreeCache):
+            return self.tree_level(input_ids, past_key_values, attention_mask, draft_states, draft_next_ids,
+                                   draft_position_ids)
+        if features is None or draft_states is not None:
+            raise ValueError("Eagle2Draft: expected `features` (and no `draft_states`, which only a tree level "
+                             "with an `Eagle2TreeCache` reads).")
         dtype = self.fc.weight.dtype
         if features.shape[:2] != input_ids.shape or features.shape[-1] != self.config.hidden_size:
             raise ValueError(f"Eagle2Draft: `features` shape expected {(*input_ids.shape, self.config.hidden_size)}, "
@@ -227,6 +244,60 @@ class Eagle2Draft(PreTrainedModel):
                             **{_CACHE_KWARG: past_key_values}, **kwargs)
         logits = self.compute_logits(hidden) if return_logits else None
         return Eagle2Output(last_hidden_state=hidden, logits=logits)  # the cache, if any, was updated in place
+
+    # ------------------------------------------------------------------------------ Beagle's tree loop (beagle_generate)
+    # `beagle_generate` / `draft_tree` drive a draft through `new_draft_cache`, `append_context` and one call per tree
+    # level; this draft answers them with its own rows. A Beagle level appends each frontier node's parent state (read
+    # with the node's token) as a key and queries with the node's token; here both are the same row, FC([embed(node
+    # token); parent's ĥ]) at the parent's position, which is appended as a key and also read as the query.
+    def new_draft_cache(self) -> "Eagle2TreeCache":
+        return Eagle2TreeCache()
+
+    @torch.no_grad()
+    def append_context(self, cache: "Eagle2TreeCache", states: torch.Tensor, position_ids: torch.Tensor,
+                       valid: torch.Tensor | None = None, draft: bool = False,
+                       next_ids: torch.Tensor | None = None) -> "Eagle2TreeCache":
+        """Run the rows (next_ids_j, f_j) of newly read target states as true rows of `cache` (causal, padding
+        slots never read) and keep each batch row's newest valid row's output: the root's prediction."""
+        if draft or next_ids is None:
+            raise ValueError("Eagle2Draft.append_context: expected true states with `next_ids` (each state's next "
+                             f"token: row j reads (t_(j+1), f_j)), found draft={draft}, next_ids={next_ids is not None}.")
+        if cache.num_draft:
+            raise RuntimeError("Eagle2Draft.append_context: the cache still holds draft rows; call "
+                               "`cache.discard_drafts()` first.")
+        batch, num_rows = next_ids.shape
+        valid = next_ids.new_ones(batch, num_rows, dtype=torch.bool) if valid is None else valid.bool()
+        keys_valid = valid if cache.valid is None else torch.cat([cache.valid, valid], dim=1)
+        out = self(input_ids=next_ids, features=states, position_ids=position_ids, attention_mask=keys_valid,
+                   past_key_values=cache.kv, return_logits=False)
+        newest = num_rows - 1 - valid.flip(1).long().argmax(1)  # every row of a round holds at least one valid state
+        hidden = out.last_hidden_state
+        cache.newest = hidden.gather(1, newest[:, None, None].expand(-1, 1, hidden.shape[-1]))
+        cache.add_true(position_ids, valid)
+        return cache
+
+    def tree_level(self, input_ids, cache: "Eagle2TreeCache", attention_mask, draft_states=None, draft_next_ids=None,
+                   draft_position_ids=None) -> Eagle2Output:
+        """One level of `draft_tree`. Level 0 (no `draft_states`): the query is the root, whose row (f of the last
+        read token, root) is the cache's newest true row, so its output is returned as is. Deeper levels: the rows
+        (node token, parent's ĥ) at the parent's position are appended as draft keys and read as the queries, each
+        reading the true rows `attention_mask` allows (and no padding) and its own lineage's draft rows."""
+        if draft_states is None:
+            if input_ids.shape[1] != 1:
+                raise ValueError(f"Eagle2Draft.tree_level: level 0 expected one query (the root), found "
+                                 f"{input_ids.shape[1]}.")
+            hidden = cache.newest
+        else:
+            if draft_next_ids.shape != input_ids.shape:
+                raise ValueError("Eagle2Draft.tree_level: expected the frontier tokens as both queries and "
+                                 f"`draft_next_ids`, found shapes {tuple(input_ids.shape)} and "
+                                 f"{tuple(draft_next_ids.shape)}.")
+            num_true = cache.num_true
+            allowed = torch.cat([attention_mask[..., :num_true] & cache.valid[:, None, :], attention_mask[..., num_true:]],
+                                dim=-1)
+            hidden = self(input_ids=draft_next_ids, features=draft_states, position_ids=draft_position_ids,
+                          attention_mask=allowed, past_key_values=cache.kv, return_logits=False).last_hidden_state
+        return Eagle2Output(last_hidden_state=hidden, logits=self.compute_logits(hidden))
 
     # ------------------------------------------------------------------------------------------- generation
     def beagle_check_generation(self, target_model, generation_mode, generation_config) -> None:
@@ -401,6 +472,32 @@ def _crop(cache: DynamicCache, keep: int) -> None:
         cache.crop(-excess)
 
 
+class Eagle2TreeCache:
+    """An `Eagle2Draft`'s cache in Beagle's tree loop: the decoder layer's keys / values of the true rows (the
+    accepted prefix), then of the current round's tree rows (`discard_drafts` drops them); each true row's position
+    and validity (`positions`, `valid`: the names `draft_tree` reads) and the output of each batch row's newest true
+    row (`newest`, `(batch, 1, hidden)`)."""
+
+    def __init__(self) -> None:
+        self.kv = DynamicCache()
+        self.num_true = 0
+        self.positions: torch.Tensor | None = None  # (batch, num_true)
+        self.valid: torch.Tensor | None = None
+        self.newest: torch.Tensor | None = None
+
+    @property
+    def num_draft(self) -> int:
+        return self.kv.get_seq_length() - self.num_true
+
+    def add_true(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
+        self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
+        self.num_true += positions.shape[1]
+
+    def discard_drafts(self) -> None:
+        _crop(self.kv, self.num_true)
+
+
 class Eagle2CandidateGenerator(BeagleCandidateGenerator):
     """Chain drafts from an `Eagle2Draft` for transformers' assisted-decoding loop (batch size 1), through the same
     hidden-state protocol as Beagle's generator (`requires_model_outputs`, `model_kwargs_overrides`) and the same
@@ -492,8 +589,10 @@ class Eagle2CandidateGenerator(BeagleCandidateGenerator):
 
 # ---------------------------------------------------------------------------------------------- bench plugin
 try:  # `beagle bench`'s own types and generate settings (trainer/bench.py)
-    from trainer.bench import Method, MethodRun, generation_kwargs  # noqa: E402
+    from trainer.bench import Method, MethodRun, generation_kwargs, tree_shape_label  # noqa: E402
 except ImportError:  # the same contract, should trainer/bench.py be absent
+    tree_shape_label = str
+
     @dataclass
     class MethodRun:
         output_ids: torch.Tensor
@@ -530,25 +629,58 @@ def load_draft(checkpoint, target) -> Eagle2Draft:
     return draft.bind_target(target)
 
 
-def bench_methods(target, tokenizer, arg) -> list:
-    """`beagle bench --plugin benchmarks/eagle2_draft.py:<checkpoint folder>`: one method, "eagle2-chain" (greedy
-    or sampled chain drafting through `target.generate(..., assistant_model=draft)`, with the bench's generate
-    settings, exactly as its built-in "beagle-chain"). The bench counts target forwards itself."""
-    if not arg:
-        raise ValueError(f"{METHOD_NAME}: expected the checkpoint folder of a trained Eagle2Draft "
-                         f"(--plugin benchmarks/eagle2_draft.py:PATH), found {arg!r}.")
-    draft = load_draft(arg, target)
+PLUGIN_METHODS = ("chain", "tree", "tree-lookup")
 
-    def run(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
+
+def _method_run(output, draft) -> "MethodRun":
+    stats = draft.generation_stats
+    drafted = [sum(1 for d in stats.drafted if d > i) for i in range(max(stats.drafted, default=0))]
+    return MethodRun(output, target_forwards=None, accepted_per_position=stats.acceptance_per_position(),
+                     draft_time_s=stats.draft_time_s, drafted_per_position=drafted)
+
+
+def bench_methods(target, tokenizer, arg, tree_shape="auto") -> list:
+    """`beagle bench --plugin benchmarks/eagle2_draft.py:<checkpoint folder>[@chain,tree,tree-lookup]`: the methods
+    after `@` (default: `chain` alone), each run with the bench's generate settings exactly as its built-in namesake:
+    "eagle2-chain" (`target.generate(..., assistant_model=draft)`, as "beagle-chain"), "eagle2-tree" and
+    "eagle2-tree-lookup" (Beagle's own loop, `custom_generate=beagle_generate`, on the bench's `--tree-shape`, which
+    the bench hands over as `tree_shape`, resolved as for "beagle-tree": "auto" reuses the verification-cost curve
+    measured for this target, and this draft's confidence threshold prunes). The bench counts target forwards
+    itself."""
+    checkpoint, _, names = (arg or "").partition("@")
+    names = [n.strip() for n in names.split(",")] if names else ["chain"]
+    if not checkpoint or not names or any(n not in PLUGIN_METHODS for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{METHOD_NAME}: expected the checkpoint folder of a trained Eagle2Draft, optionally followed "
+                         f"by @ and methods among {list(PLUGIN_METHODS)} (--plugin benchmarks/eagle2_draft.py:PATH"
+                         f"[@chain,tree]), found {arg!r}.")
+    draft = load_draft(checkpoint, target)
+
+    def chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
         output = target.generate(input_ids, attention_mask=attention_mask, assistant_model=draft,
                                  **generation_kwargs(target, max_new_tokens, do_sample, temperature))
-        stats = draft.generation_stats
-        drafted = [sum(1 for d in stats.drafted if d > i) for i in range(max(stats.drafted, default=0))]
-        return MethodRun(output, target_forwards=None, accepted_per_position=stats.acceptance_per_position(),
-                         draft_time_s=stats.draft_time_s, drafted_per_position=drafted)
+        return _method_run(output, draft)
 
-    return [Method(METHOD_NAME, run, "target.generate(assistant_model=eagle2_draft): EAGLE-2-style draft, adaptive "
-                                     "chain")]
+    methods = {"chain": Method(METHOD_NAME, chain, "target.generate(assistant_model=eagle2_draft): EAGLE-2-style "
+                                                   "draft, adaptive chain")}
+    if {"tree", "tree-lookup"} & set(names):
+        from modeling_beagle import beagle_generate
+        from modeling_beagle.decoding_beagle import resolve_tree_shape
+
+        shape = resolve_tree_shape(target, draft, tree_shape)  # "auto" times this machine once per target
+
+        def tree(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, **lookup):
+            output = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate,
+                                     beagle=draft, tree_shape=shape, **lookup,
+                                     **generation_kwargs(target, max_new_tokens, do_sample, temperature))
+            return _method_run(output, draft)
+
+        described = (f"target.generate(custom_generate=beagle_generate, beagle=eagle2_draft): EAGLE-2-style draft, "
+                     f"tree_shape={tree_shape_label(tree_shape)}: depth={shape.depth}, top_k={shape.top_k}, "
+                     f"total_tokens={shape.total_tokens}, min_prob={shape.min_prob}")
+        methods["tree"] = Method("eagle2-tree", tree, described)
+        methods["tree-lookup"] = Method("eagle2-tree-lookup", functools.partial(tree, prompt_lookup_num_tokens=10),
+                                        described + ", plus the prompt-lookup branch (prompt_lookup_num_tokens=10)")
+    return [methods[n] for n in names]
 
 
 # ------------------------------------------------------------------------------------------------- training CLI
@@ -599,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Eagle2CandidateGenerator", "Eagle2Draft", "Eagle2DraftConfig", "Eagle2Trainer", "bench_methods",
+__all__ = ["Eagle2CandidateGenerator", "Eagle2Draft", "Eagle2DraftConfig", "Eagle2TreeCache", "Eagle2Trainer", "bench_methods",
            "eagle2_forward_loss", "eagle2_unroll", "eagle2_unroll_stats", "load_draft", "make_eagle2"]
 
 if __name__ == "__main__":

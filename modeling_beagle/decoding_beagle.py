@@ -522,7 +522,7 @@ def beagle_generate(
     for b in range(batch):
         roots[b] = choose(b, out.logits[b, -1])
         emit(b, int(roots[b]))
-    beagle_cache = BeagleCache()
+    beagle_cache = beagle.new_draft_cache()
     beagle.append_context(beagle_cache, target_states(out, layer_ids), positions, kv_valid,
                           next_ids=torch.cat([input_ids[:, 1:], roots[:, None]], dim=1))
     root_positions = positions[:, -1] + 1

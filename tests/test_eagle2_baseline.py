@@ -137,6 +137,52 @@ def test_cached_chain_drafting_equals_the_training_unroll():
                     torch.testing.assert_close(state[0, 0], unrolled[i - 1][b, start], rtol=1e-5, atol=1e-5)
 
 
+def test_tree_nodes_are_what_the_draft_computes_along_each_path():
+    """In Beagle's tree loop (`draft_tree` through `Eagle2TreeCache`) every node is among the top-k of its parent's
+    logits computed by plain cached chain drafting along the parent's own path (true rows, then one row per path
+    token): the tree's masks hand each row exactly its lineage. Also with a left-padded batch."""
+    from modeling_beagle import TreeShape, draft_tree
+    from modeling_beagle.generation_beagle import draft_topk
+
+    target = make_target("llama", initializer_range=0.2)
+    torch.manual_seed(7)
+    draft = perturbed(eagle2.Eagle2Draft.from_target(target, attn_implementation="eager",
+                                                     draft_confidence_threshold=0.0), scale=0.1).eval()
+    ids = torch.randint(3, 96, (2, 9))
+    h = target_states(target, ids)
+    n = 8  # states 0..7 are read; ids[:, 8] is the root (bonus) token
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, :3] = False  # row 1 is left-padded: its prompt starts at column 3
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    cache = draft.new_draft_cache()
+    draft.append_context(cache, h[:, :n], positions, valid, next_ids=ids[:, 1:n + 1])
+    shape = TreeShape(depth=4, top_k=3, total_tokens=30)
+    tokens, parents, depths = draft_tree(draft, cache, ids[:, n], positions[:, -1] + 1, shape)
+    assert cache.num_draft > 0 and int(depths.max()) >= 3
+    cache.discard_drafts()
+    assert cache.num_draft == 0 and cache.kv.get_seq_length() == n
+
+    def path_logits(b, path):
+        first = 3 if b == 1 else 0  # the padded row's chain starts at its first real token, positions from 0
+        chain = DynamicCache()
+        with torch.no_grad():
+            out = draft(input_ids=ids[b:b + 1, first + 1:n + 1], features=h[b:b + 1, first:n], past_key_values=chain)
+            state = out.last_hidden_state[:, -1:]
+            for step, token in enumerate(path):
+                state = draft(input_ids=torch.tensor([[token]]), features=state, past_key_values=chain,
+                              position_ids=torch.tensor([[n - first + step]])).last_hidden_state
+            return draft.compute_logits(state)[0, 0]
+
+    for b in range(2):
+        for i in range(tokens.shape[1]):
+            path, node = [], int(parents[b, i])
+            while node >= 0:
+                path.insert(0, int(tokens[b, node]))
+                node = int(parents[b, node])
+            _, top = draft_topk(draft, path_logits(b, path), shape.top_k)
+            assert int(tokens[b, i]) in top.tolist(), f"row {b}, node {i} at depth {int(depths[b, i])}"
+
+
 # ------------------------------------------------------------------------------- training and generation
 def tiny_dataset(target, rows=64, prompt=4, answer=28):
     torch.manual_seed(0)
@@ -175,6 +221,30 @@ def test_training_lowers_the_loss_and_generation_stays_lossless(tmp_path):
     assert identical == len(prompts)
     assert tau > max(tau_untrained, 1.15)
 
+    # Beagle's own tree loop drives this draft too (`Eagle2TreeCache`): greedy output identical to plain greedy, one
+    # prompt at a time and in left-padded batches whose rows accept different numbers of tokens per round.
+    from modeling_beagle import TreeShape, beagle_generate
+
+    tree_accepted = 0
+    for shape in ("chain", TreeShape(depth=4, top_k=3, total_tokens=10), TreeShape(depth=5, top_k=2, total_tokens=8,
+                                                                                   min_prob=0.05)):
+        for prompt in prompts[:4]:
+            settings = dict(do_sample=False, max_new_tokens=20, attention_mask=torch.ones_like(prompt))
+            out = target.generate(prompt, custom_generate=beagle_generate, beagle=draft, tree_shape=shape, **settings)
+            assert torch.equal(out, target.generate(prompt, **settings)), f"{shape}: differs from plain greedy"
+            tree_accepted += sum(draft.generation_stats.accepted)
+    lengths = [2, 4, 3]
+    batch = torch.zeros(3, 4, dtype=torch.long)
+    mask = torch.zeros(3, 4, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        batch[row, 4 - length:] = prompts[4 + row][0, :length]
+        mask[row, 4 - length:] = 1
+    settings = dict(attention_mask=mask, do_sample=False, max_new_tokens=20)
+    out = target.generate(batch, custom_generate=beagle_generate, beagle=draft,
+                          tree_shape=TreeShape(depth=4, top_k=3, total_tokens=10), **settings)
+    assert torch.equal(out, target.generate(batch, **settings))
+    assert tree_accepted > 40
+
     # Sampling: the draft hands its processed probabilities to transformers' speculative sampling.
     prompt = prompts[0]
     torch.manual_seed(3)
@@ -194,6 +264,26 @@ def test_training_lowers_the_loss_and_generation_stays_lossless(tmp_path):
         factory, arg = load_plugin(f"{SCRIPT}:{tmp_path / 'eagle2'}")
     (method,) = factory(target, None, arg)
     assert method.name == "eagle2-chain"
+    for spec in (f"{tmp_path / 'eagle2'}@tree,tree-lookup", f"{tmp_path / 'eagle2'}@chain,tree"):
+        names = [m.name for m in factory(target, None, spec)]
+        assert names == ["eagle2-" + n for n in spec.partition("@")[2].split(",")]
+    (tree_method,) = factory(target, None, f"{tmp_path / 'eagle2'}@tree")
+    try:  # the bench hands its --tree-shape to a plugin that takes it
+        from trainer.bench import call_plugin
+    except ImportError:
+        pass
+    else:
+        from modeling_beagle import TreeShape
+
+        (given,) = call_plugin(factory, target, None, f"{tmp_path / 'eagle2'}@tree", TreeShape(3, 2, 5, 0.05))
+        assert "tree_shape=3,2,5,0.05: depth=3, top_k=2, total_tokens=5, min_prob=0.05" in given.description
+    for bad in (f"{tmp_path / 'eagle2'}@forest", f"{tmp_path / 'eagle2'}@tree,tree", f"@tree"):
+        with pytest.raises(ValueError, match="checkpoint folder.*chain"):
+            factory(target, None, bad)
+    result = tree_method.run(prompt, torch.ones_like(prompt), 12, False, 0.0, 0)
+    assert torch.equal(result.output_ids, target.generate(prompt, do_sample=False, max_new_tokens=12,
+                                                          attention_mask=torch.ones_like(prompt)))
+    assert result.accepted_per_position and result.draft_time_s > 0
     result = method.run(prompt, torch.ones_like(prompt), 12, False, 0.0, 0)
     assert torch.equal(result.output_ids, target.generate(prompt, do_sample=False, max_new_tokens=12,
                                                           attention_mask=torch.ones_like(prompt)))

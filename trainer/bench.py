@@ -32,6 +32,7 @@ import datetime
 import functools
 import gc
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -254,15 +255,17 @@ def load_plugin(spec: str) -> tuple[Callable, str | None]:
 
     The contract: the file (loaded by path, so it needs no package) defines
 
-        def bench_methods(target, tokenizer, arg: str | None) -> list[Method]
+        def bench_methods(target, tokenizer, arg: str | None[, tree_shape=...]) -> list[Method]
 
     which the bench calls once per target dtype, after loading the target (in eval mode, on its device) and its
     tokenizer, with ARG from the command line (e.g. a checkpoint folder). Each `Method(name, run)` must have a name not
     used by another method; its `run(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed)` must
     generate exactly as `target.generate` with the same settings would (greedy: token-identical in float32; sampling:
     the target's distribution at `temperature`, no top-k / top-p) and return a `MethodRun` (import both classes from
-    `trainer.bench`). The bench counts the target's forwards itself (a hook on `target.get_decoder()`), so a plugin
-    that runs the target through `target(...)` or its decoder needs to report nothing but `output_ids`; draft
+    `trainer.bench`). A factory that takes the keyword `tree_shape` also gets the bench's first `--tree-shape` spec
+    (`call_plugin`), to draft the same trees as `beagle-tree`. The bench counts the target's forwards itself (a hook
+    on `target.get_decoder()`), so a plugin that runs the target through `target(...)` or its decoder needs to report
+    nothing but `output_ids`; draft
     methods should also return `accepted_per_position` (and `drafted_per_position`, `draft_time_s`). With `--prepack`
     the target arrives packed (`modeling_beagle.is_prepacked(target)`): pack the plugin's draft too
     (`prepack_linear_weights`), as the bench packs Beagle's, so that drafts are compared alike.
@@ -283,6 +286,14 @@ def load_plugin(spec: str) -> tuple[Callable, str | None]:
         raise BeagleBenchError(f"`--plugin` {path}: expected a function `bench_methods(target, tokenizer, arg)`, found "
                                "none.")
     return factory, arg
+
+
+def call_plugin(factory, target, tokenizer, arg, tree_shape="auto") -> list:
+    """`factory(target, tokenizer, arg)`, plus `tree_shape=` (the bench's first `--tree-shape` spec, unresolved) when
+    the factory takes that keyword: a plugin's own tree method then drafts the tree shape `beagle-tree` gets."""
+    if "tree_shape" in inspect.signature(factory).parameters:
+        return factory(target, tokenizer, arg, tree_shape=tree_shape)
+    return factory(target, tokenizer, arg)
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -1063,7 +1074,7 @@ def run_from_args(args) -> int:
             beagle.bind_target(target)
         methods = builtin_methods(names, target, beagle, tree_shapes, args.prompt_lookup_tokens)
         for factory, arg in plugins:
-            methods += list(factory(target, tokenizer, arg))
+            methods += list(call_plugin(factory, target, tokenizer, arg, tree_shapes[0]))
         return target, tokenizer, methods
 
     temperatures = tuple(float(t) for t in split(args.temperatures))

@@ -628,6 +628,11 @@ class BeagleModel(BeaglePreTrainedModel):
         position_embeddings = self.rotary_emb(states, position_ids)
         return self.block.project_context(states, position_embeddings, next_embeds)
 
+    def new_draft_cache(self) -> BeagleCache:
+        """An empty cache of the kind this draft reads (Beagle's own decoding loop asks the draft for it, so another
+        draft with the same drafting interface can bring its own)."""
+        return BeagleCache()
+
     def append_context(
         self,
         cache: BeagleCache,
