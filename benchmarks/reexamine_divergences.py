@@ -11,6 +11,13 @@ token again.
     python benchmarks/reexamine_divergences.py benchmarks/results/bench-amx-v12-equal-budget-80-bfloat16
 
 writes `reexamined.json` and `reexamined.md` into that folder (the run's own files are left as they are).
+
+`--replay-fp32` adds, for each divergence these checks still leave unexplained, the exact-arithmetic test: the run's
+method rebuilt as the bench built it (its `--beagle` checkpoint, `--tree-shape`, `--plugin`s and packing) generates
+on the same prompt with the float32 target, and its whole reply is compared with float32 plain greedy. Identical
+means the method is lossless on that prompt where rounding cannot interfere, so the bf16 divergence is the bf16
+arithmetic's (verifying several tokens in one forward); a biased method would leave plain greedy in float32 too.
+It is evidence, not a proof for the bf16 position: the row stays "not within rounding" and the report says both.
 """
 
 import argparse
@@ -27,12 +34,17 @@ if str(ROOT) not in sys.path:
 from modeling_beagle import prepack_linear_weights  # noqa: E402
 from trainer.assets import load_prompts, load_target  # noqa: E402
 from trainer.bench import (  # noqa: E402
+    BUILTIN_METHODS,
     BenchSettings,
     Case,
     _reproduced_label,
     _Setting,
+    builtin_methods,
+    call_plugin,
     examine_divergence,
     generation_kwargs,
+    load_plugin,
+    parse_tree_shape,
 )
 from trainer.precision import DTYPES  # noqa: E402
 
@@ -41,6 +53,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a beagle bench output folder (with bench.json)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--replay-fp32", action="store_true",
+                        help="also regenerate each still unexplained method's reply with the float32 target and compare "
+                        "it with float32 plain greedy")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,10 +93,15 @@ def main(argv=None) -> int:
             raise SystemExit(f"{old['prompt_id']}: plain greedy here does not give the recorded token "
                              f"{old['plain_token']} at {index}: this machine or version does not replay the run")
         new = examine_divergence(target, prompt, plain[: index + 1], plain[:index] + [old["method_token"]])
-        rows.append({"prompt_set": result["prompt_set"], "dtype": dtype, "method": result["method"],
-                     "prompt_id": old["prompt_id"], "before": old, "now": new})
+        row = {"prompt_set": result["prompt_set"], "dtype": dtype, "method": result["method"],
+               "prompt_id": old["prompt_id"], "before": old, "now": new}
+        if args.replay_fp32 and not new["within_rounding"]:
+            row["fp32_replay_identical"] = replay_in_fp32(settings, result["method"], prompt, targets)
+        rows.append(row)
         print(f"{old['prompt_id']} {result['method']}: within rounding {new['within_rounding']} "
-              f"(reproduced {_reproduced_label(new)})", flush=True)
+              f"(reproduced {_reproduced_label(new)})"
+              + (f"; float32 replay identical to plain greedy: {row['fp32_replay_identical']}"
+                 if "fp32_replay_identical" in row else ""), flush=True)
     out = {"run": str(folder), "settings": settings, "divergences": rows,
            "all_explained": all(row["now"]["within_rounding"] for row in rows)}
     (folder / "reexamined.json").write_text(json.dumps(out, indent=2))
@@ -90,16 +110,56 @@ def main(argv=None) -> int:
              "(`benchmarks/reexamine_divergences.py`): the gap on the plain prefix, the last j tokens re-read in one "
              "forward (j = 1..16), and the whole reply read in forwards of c tokens (c = 2..16).", "",
              "| prompt set | dtype | method | prompt | position | tokens (plain / method) | gap (bf16 spacings) | "
-             "reproduced | within rounding |", "|---|---|---|---|---|---|---|---|---|"]
+             "reproduced | within rounding | float32 replay identical to plain greedy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         now = row["now"]
         lines.append(f"| {row['prompt_set']} | {row['dtype']} | {row['method']} | {row['prompt_id']} | "
                      f"{now['position']} | {now['plain_token']} / {now['method_token']} | {now['gap']:.4f} "
-                     f"({now['gap_bf16_spacings']:.1f}) | {_reproduced_label(now)} | {now['within_rounding']} |")
+                     f"({now['gap_bf16_spacings']:.1f}) | {_reproduced_label(now)} | {now['within_rounding']} | "
+                     f"{row.get('fp32_replay_identical', '–')} |")
     lines += ["", f"All explained: {out['all_explained']}."]
+    if any("fp32_replay_identical" in row for row in rows):
+        lines += [f"Every unexplained one replays identically in float32: "
+                  f"{all(row.get('fp32_replay_identical', True) for row in rows)} (evidence that the method is "
+                  "lossless on those prompts in exact arithmetic, not a proof for the bf16 position)."]
     (folder / "reexamined.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if out["all_explained"] else 1
+
+
+def replay_in_fp32(settings: dict, method_name: str, prompt: list[int], cache: dict) -> bool:
+    """The run's method `method_name`, rebuilt for the float32 target as `beagle bench` builds it, on `prompt`:
+    whether its reply (the run's `max_new_tokens`, greedy) equals float32 plain greedy's token for token."""
+    if "replay" not in cache:
+        from modeling_beagle import BeagleModel
+
+        target, tokenizer = load_target(settings["target"], DTYPES["float32"])
+        if settings.get("prepack"):
+            prepack_linear_weights(target)
+        beagle = None
+        if settings.get("beagle"):
+            beagle = BeagleModel.from_pretrained(settings["beagle"], dtype=torch.float32).eval()
+            if settings.get("prepack"):
+                prepack_linear_weights(beagle)
+            beagle.bind_target(target)
+        shape = parse_tree_shape(str(settings.get("tree_shape") or "auto").split(", ")[0])
+        names = [n for n in BUILTIN_METHODS if n.startswith("beagle") and beagle is not None]
+        methods = builtin_methods(names, target, beagle, shape, settings.get("prompt_lookup_num_tokens", 10))
+        for spec in settings.get("plugins") or []:
+            factory, arg = load_plugin(spec)
+            methods += list(call_plugin(factory, target, tokenizer, arg, shape))
+        cache["replay"] = target, {m.name: m for m in methods}
+    target, methods = cache["replay"]
+    if method_name not in methods:
+        raise SystemExit(f"--replay-fp32: the run's method {method_name!r} cannot be rebuilt here (found "
+                         f"{sorted(methods)}).")
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+    new_tokens = settings["max_new_tokens"]
+    plain = target.generate(ids, attention_mask=mask, **generation_kwargs(target, new_tokens, False, 0.0))
+    replayed = methods[method_name].run(ids, mask, new_tokens, False, 0.0, 0).output_ids
+    return bool(torch.equal(replayed, plain))
 
 
 if __name__ == "__main__":

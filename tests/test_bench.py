@@ -603,6 +603,64 @@ def test_reexamine_divergences_replays_a_finished_runs_prompt_and_keeps_a_last_r
     assert not (empty / "reexamined.json").exists()
 
 
+def test_reexamine_divergences_replays_the_method_in_float32(tmp_path, monkeypatch):
+    """`--replay-fp32`: each still unexplained divergence's method is rebuilt from the run's settings (its Beagle
+    checkpoint, tree shape and plugins) for the float32 target and its whole reply compared with float32 plain
+    greedy: Beagle's tree replays identically, a plugin method that alters a token does not, and a method the
+    settings cannot rebuild is refused by name."""
+    from test_generation import tiny_tokenizer
+
+    from trainer.bench import Case, _Setting
+
+    script = _benchmark_module("reexamine_divergences")
+    target32, beagle = tiny_pair("float32")
+    beagle.save_pretrained(tmp_path / "beagle")
+    target16, _ = tiny_pair("bfloat16")
+    tokenizer = tiny_tokenizer()
+    monkeypatch.setattr(script, "load_target",
+                        lambda name, dtype: (target32 if dtype == torch.float32 else target16, tokenizer))
+    questions = [{"id": 7, "turns": ["Hello"]}]
+    monkeypatch.setattr(script, "load_prompts", lambda name: questions)
+    plugin = tmp_path / "altering.py"
+    plugin.write_text(
+        "from trainer.bench import Method, MethodRun\n\n"
+        "def bench_methods(target, tokenizer, arg, tree_shape='auto'):\n"
+        "    def run(ids, mask, new, do_sample, temperature, seed):\n"
+        "        out = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=0)\n"
+        "        out[0, -1] = (out[0, -1] + 1) % target.config.vocab_size\n"
+        "        return MethodRun(out)\n"
+        "    return [Method('altering', run)]\n")
+
+    setting = _Setting(target16, tokenizer, [], "bfloat16", 0.0, settings(max_new_tokens=6), {})
+    prompt = setting.prompt_ids(Case("mt-bench", "7", 1, turns=questions[0]["turns"]))
+    ids = torch.tensor([prompt])
+    plain = target16.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=6)[0, len(prompt):].tolist()
+    with torch.no_grad():
+        last = int(target16(torch.tensor([prompt + plain[:4]]), logits_to_keep=1).logits[0, -1].argmin())
+    divergence = {"prompt_id": "7", "position": 4, "plain_token": plain[4], "method_token": last,
+                  "within_rounding": False}
+    results = [{"prompt_set": "mt-bench", "dtype": "bfloat16", "method": name, "divergences": [divergence]}
+               for name in ("beagle-tree", "altering")]
+    run = tmp_path / "run"
+    run.mkdir()
+    bench_settings = {"target": "tiny", "max_new_tokens": 6, "prepack": False, "beagle": str(tmp_path / "beagle"),
+                      "tree_shape": "3,2,4", "plugins": [str(plugin)]}
+    (run / "bench.json").write_text(json.dumps({"settings": bench_settings, "results": results}))
+
+    assert script.main([str(run), "--replay-fp32"]) == 1  # the bf16 checks still leave both unexplained
+    rows = {row["method"]: row for row in json.loads((run / "reexamined.json").read_text())["divergences"]}
+    assert rows["beagle-tree"]["fp32_replay_identical"] is True
+    assert rows["altering"]["fp32_replay_identical"] is False
+    report = (run / "reexamined.md").read_text()
+    assert "| True |" in report and "replays identically in float32: False" in report
+
+    results[1]["method"] = "eagle9-tree"
+    (run / "bench.json").write_text(json.dumps({"settings": bench_settings, "results": results}))
+    with pytest.raises(SystemExit, match="'eagle9-tree' cannot be rebuilt"):
+        script.main([str(run), "--replay-fp32"])
+
+
 def test_draft_overlap_reads_each_drafts_first_step_and_bounds_overlap_by_the_vocabulary():
     """`benchmarks/draft_overlap.py`: the Beagle distribution it scores at each reply position is the one a round's
     first draft step computes there (the true context in a cache, one query); the EAGLE-2-style draft's is its chain
