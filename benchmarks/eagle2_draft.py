@@ -588,8 +588,8 @@ class Eagle2CandidateGenerator(BeagleCandidateGenerator):
 
 
 # ---------------------------------------------------------------------------------------------- bench plugin
-try:  # `beagle bench`'s own types and generate settings (trainer/bench.py)
-    from trainer.bench import Method, MethodRun, generation_kwargs, tree_shape_label  # noqa: E402
+try:  # `beagle bench`'s own types, generate settings and run record (trainer/bench.py)
+    from trainer.bench import Method, MethodRun, _beagle_run, generation_kwargs, tree_shape_label  # noqa: E402
 except ImportError:  # the same contract, should trainer/bench.py be absent
     tree_shape_label = str
 
@@ -617,6 +617,12 @@ except ImportError:  # the same contract, should trainer/bench.py be absent
             kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
         return kwargs
 
+    def _beagle_run(output_ids, draft) -> MethodRun:
+        stats = draft.generation_stats
+        drafted = [sum(1 for d in stats.drafted if d > i) for i in range(max(stats.drafted, default=0))]
+        return MethodRun(output_ids, accepted_per_position=stats.acceptance_per_position(),
+                         draft_time_s=stats.draft_time_s, drafted_per_position=drafted)
+
 
 def load_draft(checkpoint, target) -> Eagle2Draft:
     """A trained Eagle2Draft from `checkpoint` in the target's dtype, on its device, in eval mode, bound to it
@@ -632,21 +638,14 @@ def load_draft(checkpoint, target) -> Eagle2Draft:
 PLUGIN_METHODS = ("chain", "tree", "tree-lookup")
 
 
-def _method_run(output, draft) -> "MethodRun":
-    stats = draft.generation_stats
-    drafted = [sum(1 for d in stats.drafted if d > i) for i in range(max(stats.drafted, default=0))]
-    return MethodRun(output, target_forwards=None, accepted_per_position=stats.acceptance_per_position(),
-                     draft_time_s=stats.draft_time_s, drafted_per_position=drafted)
-
-
-def bench_methods(target, tokenizer, arg, tree_shape="auto") -> list:
+def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_tokens: int = 10) -> list:
     """`beagle bench --plugin benchmarks/eagle2_draft.py:<checkpoint folder>[@chain,tree,tree-lookup]`: the methods
     after `@` (default: `chain` alone), each run with the bench's generate settings exactly as its built-in namesake:
     "eagle2-chain" (`target.generate(..., assistant_model=draft)`, as "beagle-chain"), "eagle2-tree" and
     "eagle2-tree-lookup" (Beagle's own loop, `custom_generate=beagle_generate`, on the bench's `--tree-shape`, which
     the bench hands over as `tree_shape`, resolved as for "beagle-tree": "auto" reuses the verification-cost curve
-    measured for this target, and this draft's confidence threshold prunes). The bench counts target forwards
-    itself."""
+    measured for this target, and this draft's confidence threshold prunes; the lookup branch proposes the bench's
+    `prompt_lookup_num_tokens`). The bench counts target forwards itself."""
     checkpoint, _, names = (arg or "").partition("@")
     names = [n.strip() for n in names.split(",")] if names else ["chain"]
     if not checkpoint or not names or any(n not in PLUGIN_METHODS for n in names) or len(set(names)) != len(names):
@@ -658,7 +657,7 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto") -> list:
     def chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
         output = target.generate(input_ids, attention_mask=attention_mask, assistant_model=draft,
                                  **generation_kwargs(target, max_new_tokens, do_sample, temperature))
-        return _method_run(output, draft)
+        return _beagle_run(output, draft)
 
     methods = {"chain": Method(METHOD_NAME, chain, "target.generate(assistant_model=eagle2_draft): EAGLE-2-style "
                                                    "draft, adaptive chain")}
@@ -672,14 +671,15 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto") -> list:
             output = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate,
                                      beagle=draft, tree_shape=shape, **lookup,
                                      **generation_kwargs(target, max_new_tokens, do_sample, temperature))
-            return _method_run(output, draft)
+            return _beagle_run(output, draft)
 
         described = (f"target.generate(custom_generate=beagle_generate, beagle=eagle2_draft): EAGLE-2-style draft, "
                      f"tree_shape={tree_shape_label(tree_shape)}: depth={shape.depth}, top_k={shape.top_k}, "
                      f"total_tokens={shape.total_tokens}, min_prob={shape.min_prob}")
         methods["tree"] = Method("eagle2-tree", tree, described)
-        methods["tree-lookup"] = Method("eagle2-tree-lookup", functools.partial(tree, prompt_lookup_num_tokens=10),
-                                        described + ", plus the prompt-lookup branch (prompt_lookup_num_tokens=10)")
+        methods["tree-lookup"] = Method(
+            "eagle2-tree-lookup", functools.partial(tree, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
+            described + f", plus the prompt-lookup branch (prompt_lookup_num_tokens={prompt_lookup_num_tokens})")
     return [methods[n] for n in names]
 
 

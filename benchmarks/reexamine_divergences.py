@@ -39,10 +39,9 @@ from trainer.bench import (  # noqa: E402
     Case,
     _reproduced_label,
     _Setting,
-    builtin_methods,
-    call_plugin,
     examine_divergence,
     generation_kwargs,
+    load_methods,
     load_plugin,
     parse_tree_shape,
 )
@@ -132,23 +131,14 @@ def replay_in_fp32(settings: dict, method_name: str, prompt: list[int], cache: d
     """The run's method `method_name`, rebuilt for the float32 target as `beagle bench` builds it, on `prompt`:
     whether its reply (the run's `max_new_tokens`, greedy) equals float32 plain greedy's token for token."""
     if "replay" not in cache:
-        from modeling_beagle import BeagleModel
-
         target, tokenizer = load_target(settings["target"], DTYPES["float32"])
         if settings.get("prepack"):
             prepack_linear_weights(target)
-        beagle = None
-        if settings.get("beagle"):
-            beagle = BeagleModel.from_pretrained(settings["beagle"], dtype=torch.float32).eval()
-            if settings.get("prepack"):
-                prepack_linear_weights(beagle)
-            beagle.bind_target(target)
-        shape = parse_tree_shape(str(settings.get("tree_shape") or "auto").split(", ")[0])
-        names = [n for n in BUILTIN_METHODS if n.startswith("beagle") and beagle is not None]
-        methods = builtin_methods(names, target, beagle, shape, settings.get("prompt_lookup_num_tokens", 10))
-        for spec in settings.get("plugins") or []:
-            factory, arg = load_plugin(spec)
-            methods += list(call_plugin(factory, target, tokenizer, arg, shape))
+        names = [n for n in BUILTIN_METHODS if n.startswith("beagle")] if settings.get("beagle") else []
+        methods = load_methods(target, tokenizer, names, settings.get("beagle"), bool(settings.get("prepack")),
+                               [parse_tree_shape(str(settings.get("tree_shape") or "auto").split(", ")[0])],
+                               settings.get("prompt_lookup_num_tokens", 10),
+                               [load_plugin(spec) for spec in settings.get("plugins") or []])
         cache["replay"] = target, {m.name: m for m in methods}
     target, methods = cache["replay"]
     if method_name not in methods:

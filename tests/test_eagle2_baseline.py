@@ -275,8 +275,10 @@ def test_training_lowers_the_loss_and_generation_stays_lossless(tmp_path):
     else:
         from modeling_beagle import TreeShape
 
-        (given,) = call_plugin(factory, target, None, f"{tmp_path / 'eagle2'}@tree", TreeShape(3, 2, 5, 0.05))
+        given, lookup = call_plugin(factory, target, None, f"{tmp_path / 'eagle2'}@tree,tree-lookup",
+                                    tree_shape=TreeShape(3, 2, 5, 0.05), prompt_lookup_num_tokens=4)
         assert "tree_shape=3,2,5,0.05: depth=3, top_k=2, total_tokens=5, min_prob=0.05" in given.description
+        assert "prompt_lookup_num_tokens=4" in lookup.description
     for bad in (f"{tmp_path / 'eagle2'}@forest", f"{tmp_path / 'eagle2'}@tree,tree", f"@tree"):
         with pytest.raises(ValueError, match="checkpoint folder.*chain"):
             factory(target, None, bad)

@@ -255,17 +255,18 @@ def load_plugin(spec: str) -> tuple[Callable, str | None]:
 
     The contract: the file (loaded by path, so it needs no package) defines
 
-        def bench_methods(target, tokenizer, arg: str | None[, tree_shape=...]) -> list[Method]
+        def bench_methods(target, tokenizer, arg: str | None[, tree_shape=..., prompt_lookup_num_tokens=...])
+            -> list[Method]
 
     which the bench calls once per target dtype, after loading the target (in eval mode, on its device) and its
     tokenizer, with ARG from the command line (e.g. a checkpoint folder). Each `Method(name, run)` must have a name not
     used by another method; its `run(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed)` must
     generate exactly as `target.generate` with the same settings would (greedy: token-identical in float32; sampling:
     the target's distribution at `temperature`, no top-k / top-p) and return a `MethodRun` (import both classes from
-    `trainer.bench`). A factory that takes the keyword `tree_shape` also gets the bench's first `--tree-shape` spec
-    (`call_plugin`), to draft the same trees as `beagle-tree`. The bench counts the target's forwards itself (a hook
-    on `target.get_decoder()`), so a plugin that runs the target through `target(...)` or its decoder needs to report
-    nothing but `output_ids`; draft
+    `trainer.bench`). A factory that takes the keywords `tree_shape` / `prompt_lookup_num_tokens` also gets the bench's
+    first `--tree-shape` spec and `--prompt-lookup-tokens` (`call_plugin`), to draft what `beagle-tree` and
+    `beagle-tree-lookup` get. The bench counts the target's forwards itself (a hook on `target.get_decoder()`), so a
+    plugin that runs the target through `target(...)` or its decoder needs to report nothing but `output_ids`; draft
     methods should also return `accepted_per_position` (and `drafted_per_position`, `draft_time_s`). With `--prepack`
     the target arrives packed (`modeling_beagle.is_prepacked(target)`): pack the plugin's draft too
     (`prepack_linear_weights`), as the bench packs Beagle's, so that drafts are compared alike.
@@ -288,12 +289,33 @@ def load_plugin(spec: str) -> tuple[Callable, str | None]:
     return factory, arg
 
 
-def call_plugin(factory, target, tokenizer, arg, tree_shape="auto") -> list:
-    """`factory(target, tokenizer, arg)`, plus `tree_shape=` (the bench's first `--tree-shape` spec, unresolved) when
-    the factory takes that keyword: a plugin's own tree method then drafts the tree shape `beagle-tree` gets."""
-    if "tree_shape" in inspect.signature(factory).parameters:
-        return factory(target, tokenizer, arg, tree_shape=tree_shape)
-    return factory(target, tokenizer, arg)
+def call_plugin(factory, target, tokenizer, arg, **options) -> list:
+    """`factory(target, tokenizer, arg)`, plus each of the bench's `options` the factory takes by keyword
+    (`tree_shape`: the first `--tree-shape` spec, unresolved; `prompt_lookup_num_tokens`): a plugin's own tree and
+    lookup methods then draft what `beagle-tree` and `beagle-tree-lookup` get."""
+    accepted = inspect.signature(factory).parameters
+    return factory(target, tokenizer, arg, **{name: value for name, value in options.items() if name in accepted})
+
+
+def load_methods(target, tokenizer, names, beagle_path=None, prepack: bool = False, tree_shapes=("auto",),
+                 prompt_lookup_num_tokens: int = 10, plugins=()) -> list[Method]:
+    """The methods `beagle bench` measures on a loaded target (packed already when `prepack`): the built-in `names`,
+    with the Beagle checkpoint at `beagle_path` loaded in the target's dtype and device, packed alike and bound to it,
+    then every plugin's (`(factory, arg)` pairs from `load_plugin`), given the bench's tree shape and lookup length."""
+    from modeling_beagle import BeagleModel, prepack_linear_weights
+
+    beagle = None
+    if beagle_path:
+        weight = next(target.parameters())
+        beagle = BeagleModel.from_pretrained(beagle_path, dtype=weight.dtype).to(weight.device).eval()
+        if prepack:
+            prepack_linear_weights(beagle)  # the draft's block too; a plugin packs its own draft likewise
+        beagle.bind_target(target)
+    methods = builtin_methods(names, target, beagle, list(tree_shapes), prompt_lookup_num_tokens)
+    for factory, arg in plugins:
+        methods += list(call_plugin(factory, target, tokenizer, arg, tree_shape=tree_shapes[0],
+                                    prompt_lookup_num_tokens=prompt_lookup_num_tokens))
+    return methods
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -1060,21 +1082,13 @@ def run_from_args(args) -> int:
 
     def load(dtype_name: str):
         import modeling_beagle  # noqa: F401  (installs the generate hook)
-        from modeling_beagle import BeagleModel, prepack_linear_weights
+        from modeling_beagle import prepack_linear_weights
 
-        dtype = DTYPES[dtype_name]
-        target, tokenizer = load_target(args.target, dtype, device=device)
+        target, tokenizer = load_target(args.target, DTYPES[dtype_name], device=device)
         if args.prepack:
             prepack_linear_weights(target)
-        beagle = None
-        if args.beagle:
-            beagle = BeagleModel.from_pretrained(args.beagle, dtype=dtype).to(device).eval()
-            if args.prepack:
-                prepack_linear_weights(beagle)  # the draft's block too; a plugin packs its own draft likewise
-            beagle.bind_target(target)
-        methods = builtin_methods(names, target, beagle, tree_shapes, args.prompt_lookup_tokens)
-        for factory, arg in plugins:
-            methods += list(call_plugin(factory, target, tokenizer, arg, tree_shapes[0]))
+        methods = load_methods(target, tokenizer, names, args.beagle, args.prepack, tree_shapes,
+                               args.prompt_lookup_tokens, plugins)
         return target, tokenizer, methods
 
     temperatures = tuple(float(t) for t in split(args.temperatures))
