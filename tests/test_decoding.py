@@ -356,6 +356,52 @@ def test_prompt_lookup_proposes_what_transformers_prompt_lookup_proposes():
     assert 50 < found < 300  # both outcomes exercised
 
 
+def _suffix_lookup_reference(sequence: list[int], num_tokens: int, max_ngram: int, latest: bool, min_ngram: int):
+    """suffix_lookup written out with Python loops: every earlier end, its match length, the periodic proposal."""
+    n = len(sequence)
+    matches = []
+    for end in range(n - 1):
+        length = 0
+        while length < max_ngram and end - length >= 0 and sequence[end - length] == sequence[n - 1 - length]:
+            length += 1
+        matches.append(length)
+    if num_tokens < 1 or not matches or max(matches) < max(min_ngram, 1):
+        return []
+    ends = [e for e, m in enumerate(matches) if m == max(matches)]
+    end = ends[-1] if latest else ends[0]
+    extended = list(sequence)
+    while len(extended) < end + 1 + num_tokens:
+        extended.append(extended[len(extended) - (n - 1 - end)])
+    return extended[end + 1 : end + 1 + num_tokens]
+
+
+def test_suffix_lookup_takes_the_longest_repeated_suffix():
+    from modeling_beagle.decoding_beagle import suffix_lookup
+
+    g = torch.Generator().manual_seed(1)
+    kinds = set()
+    for _ in range(400):
+        sequence = torch.randint(0, int(torch.randint(2, 6, (1,), generator=g)),
+                                 (int(torch.randint(1, 40, (1,), generator=g)),), generator=g)
+        num_tokens, max_ngram = int(torch.randint(0, 9, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
+        latest, min_ngram = bool(torch.randint(0, 2, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        proposal = suffix_lookup(sequence, num_tokens, max_ngram, latest, min_ngram)
+        assert proposal == _suffix_lookup_reference(sequence.tolist(), num_tokens, max_ngram, latest, min_ngram)
+        if not latest:  # the earliest occurrence of the longest match up to n tokens is transformers' n-gram rule,
+            reference = prompt_lookup(sequence, num_tokens, max_ngram)  # which stops at the sequence's end
+            if min_ngram == 1:
+                assert proposal[: len(reference)] == reference and (bool(proposal) == bool(reference))
+            kinds.add("extended" if len(proposal) > len(reference) else "same")
+        kinds.add("found" if proposal else "none")
+    assert kinds == {"extended", "same", "found", "none"}
+    # hand-checked: the longest match wins over an earlier 2-gram; ties go to the latest occurrence
+    sequence = torch.tensor([1, 2, 3, 4, 1, 2, 3, 9, 1, 2, 3])
+    assert suffix_lookup(sequence, 5) == [9, 1, 2, 3, 9]  # after the latest "1 2 3", repeating with period 4
+    assert suffix_lookup(sequence, 5, latest=False) == [4, 1, 2, 3, 9]
+    assert suffix_lookup(torch.tensor([5, 7, 7, 7]), 4) == [7, 7, 7, 7]
+    assert suffix_lookup(torch.tensor([1, 2, 9, 2]), 3, min_ngram=2) == []
+
+
 def test_lookup_branch_merges_into_the_tree():
     target, beagle = trained_pair()
     ids = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(5))
@@ -383,9 +429,10 @@ def test_lookup_branch_merges_into_the_tree():
     assert int(from_lookup[0].sum()) == 2 and int(from_lookup[1].sum()) == 0 and int(from_lookup[2].sum()) == 3
 
 
+@pytest.mark.parametrize("rule", ["suffix", "ngram"])
 @pytest.mark.parametrize("shape", ["chain", TreeShape(depth=3, top_k=2, total_tokens=6, min_prob=0.05)],
                          ids=["chain", "pruned-tree"])
-def test_greedy_identity_with_the_lookup_branch(shape):
+def test_greedy_identity_with_the_lookup_branch(shape, rule):
     """The lookup branch is one more branch of the verified tree: output stays plain greedy, single rows and padded
     batches, and the branch's tokens are accepted (the peaky tiny target repeats itself, as greedy text does)."""
     target, beagle = trained_pair()
@@ -396,7 +443,7 @@ def test_greedy_identity_with_the_lookup_branch(shape):
         new = int(torch.randint(1, 48, (1,), generator=g))
         ref = target.generate(ids, do_sample=False, max_new_tokens=new)
         out = spec(target, beagle, ids, shape, do_sample=False, max_new_tokens=new, prompt_lookup_num_tokens=1 + i % 6,
-                   max_matching_ngram_size=1 + i % 3)
+                   max_matching_ngram_size=[None, 1, 3][i % 3], prompt_lookup_rule=rule)
         assert torch.equal(out, ref), f"prompt {i}: output differs from plain greedy"
         stats = beagle.generation_stats
         assert len(stats.accepted_from_lookup) == stats.rounds
@@ -407,7 +454,7 @@ def test_greedy_identity_with_the_lookup_branch(shape):
         new = int(torch.randint(5, 40, (1,), generator=g))
         ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new)
         out = spec(target, beagle, ids, shape, attention_mask=mask, do_sample=False, max_new_tokens=new,
-                   prompt_lookup_num_tokens=4)
+                   prompt_lookup_num_tokens=4, prompt_lookup_rule=rule)
         assert torch.equal(out, ref)
         from_lookup += sum(beagle.generation_stats.accepted_from_lookup)
     assert from_lookup > 20, "the lookup branch was rarely accepted: the test would not exercise it"
@@ -416,8 +463,11 @@ def test_greedy_identity_with_the_lookup_branch(shape):
 def test_bad_prompt_lookup_settings_are_refused():
     from modeling_beagle.decoding_beagle import resolve_prompt_lookup
 
-    assert resolve_prompt_lookup(GenerationConfig()) == (0, 2)
+    assert resolve_prompt_lookup(GenerationConfig()) == (0, 32)  # the suffix rule reads matches up to 32 tokens
+    assert resolve_prompt_lookup(GenerationConfig(), "ngram") == (0, 2)  # transformers' default
     assert resolve_prompt_lookup(GenerationConfig(prompt_lookup_num_tokens=5, max_matching_ngram_size=3)) == (5, 3)
+    with pytest.raises(BeagleGenerationError, match="prompt_lookup_rule"):
+        resolve_prompt_lookup(GenerationConfig(prompt_lookup_num_tokens=5), "longest")
     for bad in (0, -2, 1.5, True):
         config = GenerationConfig()
         config.prompt_lookup_num_tokens = bad

@@ -235,7 +235,7 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                 f"beagle-tree-lookup{suffix}",
                 functools.partial(beagle_tree, shape=shape, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
                 f"target.generate(custom_generate=beagle_generate, prompt_lookup_num_tokens={prompt_lookup_num_tokens}): "
-                f"{tree}, plus the prompt-lookup branch"))
+                f"{tree}, plus the prompt-lookup branch (its default rule: the longest repeated suffix)"))
     from modeling_beagle import is_prepacked
 
     methods = []

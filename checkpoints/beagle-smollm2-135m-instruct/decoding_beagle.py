@@ -11,8 +11,9 @@ One round, for every row of the batch at once:
      children of the `top_k` best frontier nodes by cumulative draft log-probability, for `depth` levels; the
      `total_tokens` best nodes are kept (a chain is the tree with top_k = 1). With `min_prob`, nodes whose path the
      draft itself gives less than that probability are dropped and drafting stops once no frontier node reaches it.
-     With `prompt_lookup_num_tokens`, the continuation that followed the last n-gram's earlier occurrence in the
-     row's own text joins the tree as one more branch (transformers' prompt lookup, merged where the tree shares it).
+     With `prompt_lookup_num_tokens`, the continuation that followed an earlier occurrence of the row's own last
+     tokens joins the tree as one more branch, merged where the tree shares it (`prompt_lookup_rule`: the longest
+     repeated suffix by default, or transformers' n-gram rule).
   2. verify: one target forward over [root; kept nodes] with a tree attention mask and explicit positions.
   3. accept: walk down from the root. At each node the target picks its token exactly as plain decoding would
      (argmax, or a sample from its processed distribution); if a child carries that token the walk descends,
@@ -282,6 +283,37 @@ def prompt_lookup(sequence: torch.Tensor, num_tokens: int, max_ngram: int) -> li
     return []
 
 
+def suffix_lookup(sequence: torch.Tensor, num_tokens: int, max_ngram: int = 32, latest: bool = True,
+                  min_ngram: int = 1) -> list[int]:
+    """A lookup proposal for one row from the longest repeated suffix: up to `num_tokens` tokens that followed the
+    earlier occurrence of the sequence's end with the longest match (counted up to `max_ngram` tokens; ties: the
+    latest occurrence, or the earliest with `latest=False`); [] when no match reaches `min_ngram` tokens.
+
+    Where the continuation runs into the sequence's own end, the proposal repeats with the match's period (the text
+    after the occurrence is what followed it, and the current end follows the occurrence the same way).
+    """
+    length = sequence.shape[0]
+    if num_tokens < 1 or length < 2:
+        return []
+    ends = (sequence[:-1] == sequence[-1]).nonzero().flatten()  # earlier occurrences of the last token
+    if ends.numel() == 0:
+        return []
+    offsets = torch.arange(min(max_ngram, length - 1), device=sequence.device)
+    earlier = ends[:, None] - offsets[None]
+    same = (earlier >= 0) & (sequence[earlier.clamp(min=0)] == sequence[length - 1 - offsets][None])
+    matched = same.long().cumprod(1).sum(1)
+    best = int(matched.max())
+    if best < min_ngram:
+        return []
+    candidates = ends[matched == best]
+    end = int(candidates[-1] if latest else candidates[0])
+    period = length - 1 - end
+    proposal = sequence[end + 1 : end + 1 + num_tokens].tolist()
+    while len(proposal) < num_tokens:
+        proposal.append(proposal[len(proposal) - period])
+    return proposal
+
+
 def add_lookup_branch(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, proposals: list[list[int]]):
     """Merge one proposed continuation of the root per row into a draft tree (`draft_tree`'s layout).
 
@@ -356,12 +388,19 @@ def resolve_tree_shape(target, beagle, tree_shape) -> TreeShape:
                                 f"total_tokens[/min_prob], found {tree_shape!r}.")
 
 
-def resolve_prompt_lookup(generation_config) -> tuple[int, int]:
+# The loop's lookup rules and the longest match each reads when `max_matching_ngram_size` is not set.
+PROMPT_LOOKUP_RULES = {"suffix": 32, "ngram": 2}
+
+
+def resolve_prompt_lookup(generation_config, rule: str = "suffix") -> tuple[int, int]:
     """`prompt_lookup_num_tokens` / `max_matching_ngram_size` (transformers' prompt-lookup settings) for the loop's
-    lookup branch: (0, _) when off; the n-gram size defaults to 2 as in transformers."""
+    lookup branch under `rule`: (0, _) when off; the match length defaults to 32 tokens for "suffix" and to 2 for
+    "ngram", as in transformers."""
+    if rule not in PROMPT_LOOKUP_RULES:
+        raise BeagleGenerationError(f"`prompt_lookup_rule` expected one of {sorted(PROMPT_LOOKUP_RULES)}, found {rule!r}.")
     num_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None)
     max_ngram = getattr(generation_config, "max_matching_ngram_size", None)
-    max_ngram = 2 if max_ngram is None else max_ngram
+    max_ngram = PROMPT_LOOKUP_RULES[rule] if max_ngram is None else max_ngram
     for name, value in (("prompt_lookup_num_tokens", num_tokens), ("max_matching_ngram_size", max_ngram)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise BeagleGenerationError(f"`{name}` expected a positive integer, found {value!r}.")
@@ -406,16 +445,20 @@ def beagle_generate(
     tree_shape=None,
     beagle_streamer=None,
     sampled_drafts=None,
+    prompt_lookup_rule: str = "suffix",
     **model_kwargs,
 ):
     """Speculative decoding with Beagle draft trees, for batches of (left-)padded prompts.
 
     Use as `target.generate(input_ids, custom_generate=beagle_generate, beagle=beagle, tree_shape=...)`.
     `tree_shape`: "auto" (default: sized from this machine's verification-cost curve), "chain", a `TreeShape`, or a
-    dict with depth / top_k / total_tokens. `prompt_lookup_num_tokens=N` (with `max_matching_ngram_size`, default 2:
-    transformers' prompt-lookup settings) adds to every round's tree the up-to-N tokens that followed the last n-gram's
-    earliest earlier occurrence in the prompt and output, as one more branch verified in the same forward (lossless
-    like every branch). Statistics of the run are left in `beagle.generation_stats`.
+    dict with depth / top_k / total_tokens. `prompt_lookup_num_tokens=N` (transformers' prompt-lookup setting) adds
+    to every round's tree up to N tokens that followed an earlier occurrence of the row's last tokens in its prompt
+    and output, as one more branch verified in the same forward (lossless like every branch). `prompt_lookup_rule`
+    picks the occurrence: "suffix" (default) the latest one of the longest repeated suffix, up to
+    `max_matching_ngram_size` tokens (default 32), repeating with its period where the continuation reaches the end
+    (`suffix_lookup`); "ngram" transformers' rule, the earliest occurrence of the last n-gram, n <=
+    `max_matching_ngram_size` (default 2) (`prompt_lookup`). Statistics of the run are left in `beagle.generation_stats`.
     transformers does not hand `streamer` to a `custom_generate` callable: pass it as `beagle_streamer=` (the
     checkpoint folder's `custom_generate/generate.py` does so for you).
     `sampled_drafts` (sampling only; default: on when `do_sample`): draw each node's children from the draft's
@@ -439,7 +482,7 @@ def beagle_generate(
         raise BeagleGenerationError("`synced_gpus` expected False: Beagle's loop does not run under ZeRO-3/FSDP sync.")
     beagle.ensure_bound_to(model)
     shape = resolve_tree_shape(model, beagle, tree_shape)
-    lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config)
+    lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config, prompt_lookup_rule)
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
         raise BeagleGenerationError("the target's cache expected an empty DynamicCache, found "
@@ -460,6 +503,7 @@ def beagle_generate(
     pad = generation_config._pad_token_tensor
     pad = int(pad) if pad is not None else (int(eos.flatten()[0]) if eos is not None else 0)
     max_new = generation_config.max_length - prompt_len
+    lookup = suffix_lookup if prompt_lookup_rule == "suffix" else prompt_lookup
     stats = BeagleGenerationStats()
     beagle.generation_stats = stats
 
@@ -539,8 +583,8 @@ def beagle_generate(
         beagle_cache.discard_drafts()
         from_lookup = None
         if lookup_tokens:
-            proposals = [[] if done[b] else prompt_lookup(rows_seq[b][first_valid[b]:],
-                                                          min(lookup_tokens, max_new - num_new[b] - 1), max_ngram)
+            proposals = [[] if done[b] else lookup(rows_seq[b][first_valid[b]:],
+                                                   min(lookup_tokens, max_new - num_new[b] - 1), max_ngram)
                          for b in range(batch)]
             tokens, parents, depths, from_lookup = add_lookup_branch(tokens, parents, depths, proposals)
         if sampled_drafts:  # lookup nodes (and the walk's root) are fixed, not drawn: rank -1

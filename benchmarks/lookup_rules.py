@@ -1,0 +1,225 @@
+"""Which prompt-lookup rule proposes the target's own text best: an offline replay, no timing.
+
+Beagle's own loop adds one prompt-lookup branch to every draft tree (`prompt_lookup_num_tokens`). On MT-bench that
+branch carries a third of τ (20 first turns: tree 1.93, tree + branch 2.89), so what it proposes matters. This
+script takes the target's greedy replies (generated once, cached in `--replies`) and replays, for each rule, a
+lookup-only speculative walk over every reply: at each round the rule proposes up to N tokens from the prompt and
+the text so far, the walk takes the proposal's prefix that matches the reply, plus one token (the target's own).
+Per rule it reports τ of that walk, proposed tokens per round (what verification pays for) and how many proposed
+tokens the walk took per proposed token.
+
+Rules (`lookup(sequence, num_tokens) -> list[int]`):
+- `ngram2-earliest`: transformers' prompt lookup (`max_matching_ngram_size=2`: the last 2-gram, else the last token;
+  the continuation after its earliest earlier occurrence): `decoding_beagle.prompt_lookup`;
+- `suffix-latest` / `suffix-earliest`: the longest suffix of the text (up to 32 tokens) that occurred before, the
+  continuation after its latest / earliest occurrence (`decoding_beagle.suffix_lookup`);
+- `-min2`: no proposal where only the last token matches.
+
+    python benchmarks/lookup_rules.py --prompt-sets mt-bench,humaneval --num-prompts 20 \
+        --replies runs/lookup_rules/replies.json --out benchmarks/results/lookup_rules
+
+writes `<out>.json` and `<out>.md`.
+
+It is also a `beagle bench` plugin (ARG: the Beagle checkpoint folder) whose methods run Beagle's own loop with the
+bench's tree and lookup length but another lookup rule than the loop's default ("suffix", which `beagle-tree-lookup`
+runs):
+
+    beagle bench --beagle CKPT --methods plain,beagle-tree-lookup --plugin benchmarks/lookup_rules.py:CKPT ...
+
+adds `tree-lookup-ngram` (`prompt_lookup_rule="ngram"`: transformers' rule, the loop's default before session 26)
+and `tree-lookup-suffix-3x6` (the continuations after the three best earlier occurrences, 6 tokens each, merged into
+the tree as three branches: swapped in for the run); `CKPT@ngram` selects one of them.
+"""
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import modeling_beagle.decoding_beagle as decoding  # noqa: E402
+from modeling_beagle.decoding_beagle import prompt_lookup, suffix_lookup  # noqa: E402
+from trainer.assets import load_prompts, load_target  # noqa: E402
+from trainer.bench import first_turn_ids, machine_info, spread  # noqa: E402
+from trainer.precision import DTYPES  # noqa: E402
+
+RULES = {
+    "ngram2-earliest": lambda seq, n: prompt_lookup(seq, n, 2),
+    "suffix-earliest": partial(suffix_lookup, max_ngram=32, latest=False),
+    "suffix-latest": partial(suffix_lookup, max_ngram=32, latest=True),
+    "suffix-latest-min2": partial(suffix_lookup, max_ngram=32, latest=True, min_ngram=2),
+    "suffix-latest-min3": partial(suffix_lookup, max_ngram=32, latest=True, min_ngram=3),
+}
+
+
+def suffix_lookups(sequence: torch.Tensor, num_tokens: int, branches: int, max_ngram: int = 32) -> list[list[int]]:
+    """Up to `branches` distinct continuations: `suffix_lookup`'s, then those after the next-best earlier occurrences
+    of the sequence's end (by match length, then recency), each repeating with its period at the sequence's end."""
+    length = sequence.shape[0]
+    if num_tokens < 1 or length < 2:
+        return []
+    ends = (sequence[:-1] == sequence[-1]).nonzero().flatten()
+    offsets = torch.arange(min(max_ngram, length - 1))
+    earlier = ends[:, None] - offsets[None]
+    matched = ((earlier >= 0) & (sequence[earlier.clamp(min=0)] == sequence[length - 1 - offsets][None])).long()
+    matched = matched.cumprod(1).sum(1).tolist()
+    proposals = []
+    for _, end in sorted(zip(matched, ends.tolist()), reverse=True):
+        proposal = sequence[end + 1 : end + 1 + num_tokens].tolist()
+        while len(proposal) < num_tokens:
+            proposal.append(proposal[len(proposal) - (length - 1 - end)])
+        if proposal not in proposals:
+            proposals.append(proposal)
+        if len(proposals) == branches:
+            break
+    return proposals
+
+
+def merge_branches(tokens, parents, depths, proposals):
+    """`decoding_beagle.add_lookup_branch` for several proposals per row (each row's list of continuations)."""
+    from_lookup = torch.zeros(tokens.shape, dtype=torch.bool)
+    for i in range(max((len(p) for p in proposals), default=0)):
+        tokens, parents, depths, added = ADD_LOOKUP_BRANCH(tokens, parents, depths,
+                                                           [p[i] if i < len(p) else [] for p in proposals])
+        from_lookup = torch.cat([from_lookup, torch.zeros(added.shape[0], added.shape[1] - from_lookup.shape[1],
+                                                          dtype=torch.bool)], dim=1) | added
+    return tokens, parents, depths, from_lookup
+
+
+ADD_LOOKUP_BRANCH, SUFFIX_LOOKUP = decoding.add_lookup_branch, decoding.suffix_lookup
+
+
+@contextmanager
+def lookup_branches(branches: int | None):
+    """Beagle's loop with up to `branches` suffix-rule continuations merged into each tree (None: the loop as is)."""
+    if branches is not None:
+        decoding.suffix_lookup = lambda sequence, num_tokens, max_ngram: suffix_lookups(sequence, num_tokens, branches,
+                                                                                        max_ngram)
+        decoding.add_lookup_branch = merge_branches
+    try:
+        yield
+    finally:
+        decoding.suffix_lookup, decoding.add_lookup_branch = SUFFIX_LOOKUP, ADD_LOOKUP_BRANCH
+
+
+def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_tokens=10):
+    from modeling_beagle import BeagleModel, beagle_generate, is_prepacked, prepack_linear_weights
+    from modeling_beagle.decoding_beagle import resolve_tree_shape
+    from trainer.bench import Method, _beagle_run, generation_kwargs
+
+    path, _, selected = (arg or "").partition("@")
+    if not path:
+        raise ValueError("lookup_rules: expected the Beagle checkpoint folder (--plugin benchmarks/lookup_rules.py:PATH"
+                         "[@ngram,suffix-3x6]), found nothing.")
+    beagle = BeagleModel.from_pretrained(path, dtype=next(target.parameters()).dtype).to(target.device).eval()
+    if is_prepacked(target):
+        prepack_linear_weights(beagle)
+    beagle.bind_target(target)
+    shape = resolve_tree_shape(target, beagle, tree_shape)  # the bench hands over its parsed first --tree-shape
+
+    def run(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, num_tokens, rule, branches=None):
+        with lookup_branches(branches):
+            out = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate,
+                                  beagle=beagle, tree_shape=shape, prompt_lookup_num_tokens=num_tokens,
+                                  prompt_lookup_rule=rule, **generation_kwargs(target, max_new_tokens, do_sample, temperature))
+        return _beagle_run(out, beagle)
+
+    methods = {"ngram": Method("tree-lookup-ngram", partial(run, num_tokens=prompt_lookup_num_tokens, rule="ngram"),
+                               f"the tree + one ngram-rule (transformers') branch of {prompt_lookup_num_tokens}"),
+               "suffix-3x6": Method("tree-lookup-suffix-3x6", partial(run, num_tokens=6, rule="suffix", branches=3),
+                                    "the tree + up to three suffix-rule branches of 6")}
+    names = selected.split(",") if selected else list(methods)
+    unknown = [name for name in names if name not in methods]
+    if unknown:
+        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)} after '@', found {unknown}.")
+    return [methods[name] for name in names]
+
+
+def target_replies(target_name: str, dtype: str, prompt_sets: list[str], num_prompts: int, max_new_tokens: int,
+                   path: Path) -> list[dict]:
+    """`[{"id", "prompt": [ids], "reply": [ids]}]`: the target's greedy replies (batch 1), cached in `path`."""
+    settings = dict(target=target_name, dtype=dtype, prompt_sets=prompt_sets, num_prompts=num_prompts,
+                    max_new_tokens=max_new_tokens)
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["settings"] == settings:
+            return cached["replies"]
+        raise SystemExit(f"{path} holds replies for {cached['settings']}, expected {settings}: pass another --replies.")
+    target, tokenizer = load_target(target_name, DTYPES[dtype])
+    replies = []
+    for name in prompt_sets:
+        for prompt in spread(load_prompts(name), num_prompts):
+            ids = first_turn_ids(tokenizer, prompt["turns"][0])
+            out = target.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.eos_token_id)
+            replies.append({"prompt_set": name, "id": prompt["id"], "prompt": ids, "reply": out[0, len(ids):].tolist()})
+            print(f"{prompt['id']}: {len(replies[-1]['reply'])} tokens", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "replies": replies}))
+    return replies
+
+
+def replay(rule, prompt: list[int], reply: list[int], num_tokens: int) -> dict:
+    """A lookup-only speculative walk over `reply`: rounds, proposed tokens, taken proposed tokens."""
+    sequence = torch.tensor(prompt + reply)
+    start, position, rounds, proposed, taken = len(prompt), 0, 0, 0, 0
+    while position < len(reply):
+        proposal = rule(sequence[: start + position], min(num_tokens, len(reply) - position - 1))
+        matched = 0
+        while matched < len(proposal) and proposal[matched] == reply[position + matched]:
+            matched += 1
+        rounds, proposed, taken = rounds + 1, proposed + len(proposal), taken + matched
+        position += matched + 1
+    return {"rounds": rounds, "proposed": proposed, "taken": taken, "tokens": len(reply)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--prompt-sets", default="mt-bench,humaneval")
+    parser.add_argument("--num-prompts", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--lengths", default="10,16", help="comma-separated proposal lengths N")
+    parser.add_argument("--replies", required=True, help="JSON cache of the target's replies (written if absent)")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompt_sets = args.prompt_sets.split(",")
+    replies = target_replies(args.target, args.dtype, prompt_sets, args.num_prompts, args.max_new_tokens,
+                             Path(args.replies))
+    results = []
+    for name in prompt_sets:
+        rows = [r for r in replies if r["prompt_set"] == name]
+        for num_tokens in (int(n) for n in args.lengths.split(",")):
+            for rule_name, rule in RULES.items():
+                walks = [replay(rule, r["prompt"], r["reply"], num_tokens) for r in rows]
+                total = {key: sum(w[key] for w in walks) for key in walks[0]}
+                results.append({"prompt_set": name, "rule": rule_name, "num_tokens": num_tokens,
+                                "tau": total["tokens"] / total["rounds"],
+                                "proposed_per_round": total["proposed"] / total["rounds"],
+                                "taken_per_proposed": total["taken"] / max(total["proposed"], 1), **total})
+    lines = ["| prompt set | N | rule | τ (lookup only) | proposed per round | taken per proposed |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['prompt_set']} | {r['num_tokens']} | {r['rule']} | {r['tau']:.3f} | {r['proposed_per_round']:.2f} | "
+              f"{r['taken_per_proposed']:.3f} |" for r in results]
+    table = "\n".join(lines) + "\n"
+    report = {"benchmark": "lookup_rules", "settings": vars(args), "machine": machine_info(torch.device("cpu")), "results": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2))
+    out.with_name(out.name + ".md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
