@@ -443,7 +443,8 @@ print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 print("tokens per target forward:", beagle.generation_stats.to_dict()["tau"])
 
 # Beagle's own loop with dynamic draft trees (also batches of padded prompts), from this repo's custom_generate/;
-# prompt_lookup_num_tokens adds transformers' prompt-lookup continuation to each tree as one more branch.
+# prompt_lookup_num_tokens adds to each tree, as one more branch, the tokens that followed the latest earlier
+# occurrence of the text's longest repeated suffix (prompt_lookup_rule="ngram": transformers' prompt-lookup rule).
 out = target.generate(ids, custom_generate=beagle_id, assistant_model=beagle, trust_remote_code=True,
                       prompt_lookup_num_tokens=10, max_new_tokens={max_new_tokens}, do_sample=False)
 print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

@@ -704,3 +704,50 @@ def test_draft_overlap_reads_each_drafts_first_step_and_bounds_overlap_by_the_vo
                     <= 1 + 1e-6)
     assert metrics["full_vocab_mass"] == pytest.approx([1.0] * (12 - prompt_len), abs=1e-5)
     assert max(metrics["reduced_vocab_mass"]) < 1
+
+
+def test_lookup_rules_replay_and_branches():
+    """`benchmarks/lookup_rules.py`: the lookup-only walk counts rounds and taken tokens as speculative decoding
+    would; several suffix-rule branches start with the loop's own proposal, are distinct, and merge into a tree whose
+    nodes are the branches' prefixes; the multi-branch loop stays plain greedy."""
+    from conftest import trained_pair
+
+    from modeling_beagle import beagle_generate
+    from modeling_beagle.decoding_beagle import suffix_lookup
+
+    rules = _benchmark_module("lookup_rules")
+    # a reply that repeats the prompt: round 1 has no earlier 8 (the target's token 5 only), round 2 proposes 6 7 8
+    # after the earlier 5 and takes all three, round 3 has no room left for a proposal (the target's last token)
+    walk = rules.replay(rules.RULES["suffix-latest"], [5, 6, 7, 8], [5, 6, 7, 8, 5, 6], num_tokens=3)
+    assert walk == {"rounds": 3, "proposed": 3, "taken": 3, "tokens": 6}
+    walk = rules.replay(rules.RULES["ngram2-earliest"], [1, 2], [3, 4, 5], num_tokens=4)  # nothing repeats
+    assert walk == {"rounds": 3, "proposed": 0, "taken": 0, "tokens": 3}
+    g = torch.Generator().manual_seed(3)
+    for _ in range(100):
+        sequence = torch.randint(0, 4, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g)
+        proposals = rules.suffix_lookups(sequence, 5, 3)
+        assert proposals[:1] == ([suffix_lookup(sequence, 5)] if suffix_lookup(sequence, 5) else [])
+        assert len(proposals) <= 3 and len({tuple(p) for p in proposals}) == len(proposals)
+    tokens, parents, depths = torch.tensor([[9]]), torch.tensor([[-1]]), torch.tensor([[1]])
+    merged, merged_parents, merged_depths, from_lookup = rules.merge_branches(tokens, parents, depths,
+                                                                              [[[9, 1, 2], [9, 1, 3], [4]]])
+    paths = []
+    for i in range(merged.shape[1]):
+        path, node = [], i
+        while node >= 0:
+            path.insert(0, int(merged[0, node]))
+            node = int(merged_parents[0, node])
+        paths.append(tuple(path))
+    assert sorted(paths) == sorted([(9,), (9, 1), (9, 1, 2), (9, 1, 3), (4,)])
+    assert from_lookup[0].tolist() == [p != (9,) for p in paths]
+    assert merged_depths[0].tolist() == [len(p) for p in paths]
+    target, beagle = trained_pair()
+    for seed in range(4):
+        ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(seed))
+        ref = target.generate(ids, do_sample=False, max_new_tokens=30)
+        with rules.lookup_branches(3):
+            out = target.generate(ids, custom_generate=beagle_generate, beagle=beagle, do_sample=False,
+                                  max_new_tokens=30, tree_shape=TreeShape(depth=2, top_k=2, total_tokens=3),
+                                  prompt_lookup_num_tokens=4)
+        assert torch.equal(out, ref)
+    assert rules.decoding.suffix_lookup is suffix_lookup  # swapped back
