@@ -110,18 +110,15 @@ def lookup_branches(branches: int | None):
 
 
 def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_tokens=10):
-    from modeling_beagle import BeagleModel, beagle_generate, is_prepacked, prepack_linear_weights
+    from modeling_beagle import beagle_generate
     from modeling_beagle.decoding_beagle import resolve_tree_shape
-    from trainer.bench import Method, _beagle_run, generation_kwargs
+    from trainer.bench import Method, _beagle_run, generation_kwargs, load_beagle_for
 
     path, _, selected = (arg or "").partition("@")
     if not path:
         raise ValueError("lookup_rules: expected the Beagle checkpoint folder (--plugin benchmarks/lookup_rules.py:PATH"
                          "[@ngram,suffix-3x6]), found nothing.")
-    beagle = BeagleModel.from_pretrained(path, dtype=next(target.parameters()).dtype).to(target.device).eval()
-    if is_prepacked(target):
-        prepack_linear_weights(beagle)
-    beagle.bind_target(target)
+    beagle = load_beagle_for(target, path)
     shape = resolve_tree_shape(target, beagle, tree_shape)  # the bench hands over its parsed first --tree-shape
 
     def run(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, num_tokens, rule, branches=None):
