@@ -62,19 +62,12 @@ RULES = {
 def suffix_lookups(sequence: torch.Tensor, num_tokens: int, branches: int, max_ngram: int = 32) -> list[list[int]]:
     """Up to `branches` distinct continuations: `suffix_lookup`'s, then those after the next-best earlier occurrences
     of the sequence's end (by match length, then recency), each repeating with its period at the sequence's end."""
-    length = sequence.shape[0]
-    if num_tokens < 1 or length < 2:
+    if num_tokens < 1 or sequence.shape[0] < 2:
         return []
-    ends = (sequence[:-1] == sequence[-1]).nonzero().flatten()
-    offsets = torch.arange(min(max_ngram, length - 1))
-    earlier = ends[:, None] - offsets[None]
-    matched = ((earlier >= 0) & (sequence[earlier.clamp(min=0)] == sequence[length - 1 - offsets][None])).long()
-    matched = matched.cumprod(1).sum(1).tolist()
+    ends, matched = decoding.suffix_matches(sequence, max_ngram)
     proposals = []
-    for _, end in sorted(zip(matched, ends.tolist()), reverse=True):
-        proposal = sequence[end + 1 : end + 1 + num_tokens].tolist()
-        while len(proposal) < num_tokens:
-            proposal.append(proposal[len(proposal) - (length - 1 - end)])
+    for _, end in sorted(zip(matched.tolist(), ends.tolist()), reverse=True):
+        proposal = decoding.periodic_continuation(sequence, end, num_tokens)
         if proposal not in proposals:
             proposals.append(proposal)
         if len(proposals) == branches:

@@ -135,7 +135,7 @@ def replay_in_fp32(settings: dict, method_name: str, prompt: list[int], cache: d
         if settings.get("prepack"):
             prepack_linear_weights(target)
         names = [n for n in BUILTIN_METHODS if n.startswith("beagle")] if settings.get("beagle") else []
-        methods = load_methods(target, tokenizer, names, settings.get("beagle"), bool(settings.get("prepack")),
+        methods = load_methods(target, tokenizer, names, settings.get("beagle"),
                                [parse_tree_shape(str(settings.get("tree_shape") or "auto").split(", ")[0])],
                                settings.get("prompt_lookup_num_tokens", 10),
                                [load_plugin(spec) for spec in settings.get("plugins") or []])

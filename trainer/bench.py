@@ -297,25 +297,25 @@ def call_plugin(factory, target, tokenizer, arg, **options) -> list:
     return factory(target, tokenizer, arg, **{name: value for name, value in options.items() if name in accepted})
 
 
-def load_beagle_for(target, path, prepack: bool | None = None):
+def load_beagle_for(target, path):
     """The Beagle checkpoint at `path` in the target's dtype and on its device, in eval mode, bound to it; its linear
-    weights packed when `prepack` (default: when the target's are, as after `--prepack`), as a plugin's drafts are."""
+    weights packed when the target's are (after `--prepack`), as a plugin's drafts are."""
     from modeling_beagle import BeagleModel, is_prepacked, prepack_linear_weights
 
     weight = next(target.parameters())
     beagle = BeagleModel.from_pretrained(path, dtype=weight.dtype).to(weight.device).eval()
-    if is_prepacked(target) if prepack is None else prepack:
+    if is_prepacked(target):
         prepack_linear_weights(beagle)
     beagle.bind_target(target)
     return beagle
 
 
-def load_methods(target, tokenizer, names, beagle_path=None, prepack: bool = False, tree_shapes=("auto",),
-                 prompt_lookup_num_tokens: int = 10, plugins=()) -> list[Method]:
-    """The methods `beagle bench` measures on a loaded target (packed already when `prepack`): the built-in `names`,
-    with the Beagle checkpoint at `beagle_path` loaded in the target's dtype and device, packed alike and bound to it,
-    then every plugin's (`(factory, arg)` pairs from `load_plugin`), given the bench's tree shape and lookup length."""
-    beagle = load_beagle_for(target, beagle_path, prepack) if beagle_path else None
+def load_methods(target, tokenizer, names, beagle_path=None, tree_shapes=("auto",), prompt_lookup_num_tokens: int = 10,
+                 plugins=()) -> list[Method]:
+    """The methods `beagle bench` measures on a loaded (and, with `--prepack`, packed) target: the built-in `names`,
+    with the Beagle checkpoint at `beagle_path` loaded by `load_beagle_for`, then every plugin's (`(factory, arg)`
+    pairs from `load_plugin`), given the bench's tree shape and lookup length."""
+    beagle = load_beagle_for(target, beagle_path) if beagle_path else None
     methods = builtin_methods(names, target, beagle, list(tree_shapes), prompt_lookup_num_tokens)
     for factory, arg in plugins:
         methods += list(call_plugin(factory, target, tokenizer, arg, tree_shape=tree_shapes[0],
@@ -1092,8 +1092,7 @@ def run_from_args(args) -> int:
         target, tokenizer = load_target(args.target, DTYPES[dtype_name], device=device)
         if args.prepack:
             prepack_linear_weights(target)
-        methods = load_methods(target, tokenizer, names, args.beagle, args.prepack, tree_shapes,
-                               args.prompt_lookup_tokens, plugins)
+        methods = load_methods(target, tokenizer, names, args.beagle, tree_shapes, args.prompt_lookup_tokens, plugins)
         return target, tokenizer, methods
 
     temperatures = tuple(float(t) for t in split(args.temperatures))

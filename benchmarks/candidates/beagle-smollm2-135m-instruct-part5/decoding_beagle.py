@@ -283,35 +283,46 @@ def prompt_lookup(sequence: torch.Tensor, num_tokens: int, max_ngram: int) -> li
     return []
 
 
+def suffix_matches(sequence: torch.Tensor, max_ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The earlier occurrences of the sequence's last token (`ends`, their positions, in order) and how many tokens
+    of the sequence's end each matches (`matched`, counted up to `max_ngram`)."""
+    length = sequence.shape[0]
+    ends = (sequence[:-1] == sequence[-1]).nonzero().flatten()
+    offsets = torch.arange(min(max_ngram, length - 1), device=sequence.device)
+    earlier = ends[:, None] - offsets[None]
+    same = (earlier >= 0) & (sequence[earlier.clamp(min=0)] == sequence[length - 1 - offsets][None])
+    return ends, same.long().cumprod(1).sum(1)
+
+
+def periodic_continuation(sequence: torch.Tensor, end: int, num_tokens: int) -> list[int]:
+    """`num_tokens` tokens that followed position `end`; where they run into the sequence's own end, repeated with
+    the period `len(sequence) - 1 - end` (the current end follows the occurrence at `end` the same way)."""
+    period = sequence.shape[0] - 1 - end
+    proposal = sequence[end + 1 : end + 1 + num_tokens].tolist()
+    while len(proposal) < num_tokens:
+        proposal.append(proposal[len(proposal) - period])
+    return proposal
+
+
 def suffix_lookup(sequence: torch.Tensor, num_tokens: int, max_ngram: int = 32, latest: bool = True,
                   min_ngram: int = 1) -> list[int]:
     """A lookup proposal for one row from the longest repeated suffix: up to `num_tokens` tokens that followed the
     earlier occurrence of the sequence's end with the longest match (counted up to `max_ngram` tokens; ties: the
     latest occurrence, or the earliest with `latest=False`); [] when no match reaches `min_ngram` tokens.
 
-    Where the continuation runs into the sequence's own end, the proposal repeats with the match's period (the text
-    after the occurrence is what followed it, and the current end follows the occurrence the same way).
+    Where the continuation runs into the sequence's own end, the proposal repeats with the match's period
+    (`periodic_continuation`).
     """
-    length = sequence.shape[0]
-    if num_tokens < 1 or length < 2:
+    if num_tokens < 1 or sequence.shape[0] < 2:
         return []
-    ends = (sequence[:-1] == sequence[-1]).nonzero().flatten()  # earlier occurrences of the last token
+    ends, matched = suffix_matches(sequence, max_ngram)
     if ends.numel() == 0:
         return []
-    offsets = torch.arange(min(max_ngram, length - 1), device=sequence.device)
-    earlier = ends[:, None] - offsets[None]
-    same = (earlier >= 0) & (sequence[earlier.clamp(min=0)] == sequence[length - 1 - offsets][None])
-    matched = same.long().cumprod(1).sum(1)
     best = int(matched.max())
     if best < min_ngram:
         return []
     candidates = ends[matched == best]
-    end = int(candidates[-1] if latest else candidates[0])
-    period = length - 1 - end
-    proposal = sequence[end + 1 : end + 1 + num_tokens].tolist()
-    while len(proposal) < num_tokens:
-        proposal.append(proposal[len(proposal) - period])
-    return proposal
+    return periodic_continuation(sequence, int(candidates[-1] if latest else candidates[0]), num_tokens)
 
 
 def add_lookup_branch(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, proposals: list[list[int]]):
