@@ -26,13 +26,16 @@ runs):
 
     beagle bench --beagle CKPT --methods plain,beagle-tree-lookup --plugin benchmarks/lookup_rules.py:CKPT ...
 
-adds `tree-lookup-ngram` (`prompt_lookup_rule="ngram"`: transformers' rule, the loop's default before session 26)
-and `tree-lookup-suffix-3x6` (the continuations after the three best earlier occurrences, 6 tokens each, merged into
-the tree as three branches: swapped in for the run); `CKPT@ngram` selects one of them.
+adds `tree-lookup-ngram` (`prompt_lookup_rule="ngram"`: transformers' rule, the loop's default before session 26),
+`tree-lookup-suffix-3x6` (the continuations after the three best earlier occurrences, 6 tokens each, merged into
+the tree as three branches: swapped in for the run) and `tree-lookup-nocopy` (copy mode off: the tree and a branch of
+the bench's lookup length in every round, the default before session 27); `CKPT@ngram,nocopy` selects some of them.
+`copyMxN` adds copy mode with other settings (`lookup_copy_match=M`, `lookup_copy_tokens=N`): `CKPT@nocopy,copy6x32`.
 """
 
 import argparse
 import json
+import re
 import sys
 from contextlib import contextmanager
 from functools import partial
@@ -86,20 +89,21 @@ def merge_branches(tokens, parents, depths, proposals):
     return tokens, parents, depths, from_lookup
 
 
-ADD_LOOKUP_BRANCH, SUFFIX_LOOKUP = decoding.add_lookup_branch, decoding.suffix_lookup
+ADD_LOOKUP_BRANCH, LOOKUP_RULES = decoding.add_lookup_branch, decoding.LOOKUP_RULES
 
 
 @contextmanager
 def lookup_branches(branches: int | None):
-    """Beagle's loop with up to `branches` suffix-rule continuations merged into each tree (None: the loop as is)."""
+    """Beagle's loop with up to `branches` suffix-rule continuations merged into each tree (None: the loop as is):
+    the "suffix" rule's continuation (the loop's `LOOKUP_RULES`) and its branch merging are swapped for the run."""
     if branches is not None:
-        decoding.suffix_lookup = lambda sequence, num_tokens, max_ngram: suffix_lookups(sequence, num_tokens, branches,
-                                                                                        max_ngram)
+        several = lambda sequence, end, num_tokens: suffix_lookups(sequence, num_tokens, branches)  # noqa: E731
+        decoding.LOOKUP_RULES = {**LOOKUP_RULES, "suffix": (decoding.suffix_match, several)}
         decoding.add_lookup_branch = merge_branches
     try:
         yield
     finally:
-        decoding.suffix_lookup, decoding.add_lookup_branch = SUFFIX_LOOKUP, ADD_LOOKUP_BRANCH
+        decoding.LOOKUP_RULES, decoding.add_lookup_branch = LOOKUP_RULES, ADD_LOOKUP_BRANCH
 
 
 def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_tokens=10):
@@ -114,21 +118,36 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
     beagle = load_beagle_for(target, path)
     shape = resolve_tree_shape(target, beagle, tree_shape)  # the bench hands over its parsed first --tree-shape
 
-    def run(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, num_tokens, rule, branches=None):
+    def run(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, num_tokens, rule, branches=None,
+            **copy_mode):
         with lookup_branches(branches):
             out = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate,
                                   beagle=beagle, tree_shape=shape, prompt_lookup_num_tokens=num_tokens,
-                                  prompt_lookup_rule=rule, **generation_kwargs(target, max_new_tokens, do_sample, temperature))
+                                  prompt_lookup_rule=rule, **copy_mode,
+                                  **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
     methods = {"ngram": Method("tree-lookup-ngram", partial(run, num_tokens=prompt_lookup_num_tokens, rule="ngram"),
                                f"the tree + one ngram-rule (transformers') branch of {prompt_lookup_num_tokens}"),
                "suffix-3x6": Method("tree-lookup-suffix-3x6", partial(run, num_tokens=6, rule="suffix", branches=3),
-                                    "the tree + up to three suffix-rule branches of 6")}
+                                    "the tree + up to three suffix-rule branches of 6"),
+               "nocopy": Method("tree-lookup-nocopy",
+                                partial(run, num_tokens=prompt_lookup_num_tokens, rule="suffix", lookup_copy_match=0),
+                                f"the tree + one suffix-rule branch of {prompt_lookup_num_tokens} in every round, copy "
+                                "mode off (lookup_copy_match=0: the loop's default before session 27)")}
     names = selected.split(",") if selected else list(methods)
+    for name in names:  # copy mode's settings: copyMxN (lookup_copy_match=M, lookup_copy_tokens=N)
+        match = re.fullmatch(r"copy(\d+)x(\d+)", name)
+        if match:
+            copy_match, copy_tokens = int(match[1]), int(match[2])
+            methods[name] = Method(f"tree-lookup-{name}", partial(run, num_tokens=prompt_lookup_num_tokens, rule="suffix",
+                                                                  lookup_copy_match=copy_match,
+                                                                  lookup_copy_tokens=copy_tokens),
+                                   f"the tree + one suffix-rule branch of {prompt_lookup_num_tokens}; from a {copy_match}-"
+                                   f"token match, copy mode: a branch of {copy_tokens}, no draft")
     unknown = [name for name in names if name not in methods]
     if unknown:
-        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)} after '@', found {unknown}.")
+        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)} or copyMxN after '@', found {unknown}.")
     return [methods[name] for name in names]
 
 

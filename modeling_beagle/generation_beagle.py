@@ -49,6 +49,7 @@ class BeagleGenerationStats:
     # of those, per round, the tokens only the prompt-lookup branch proposed (Beagle's own loop with
     # `prompt_lookup_num_tokens`; empty otherwise)
     accepted_from_lookup: list[int] = field(default_factory=list)
+    copy_rounds: int = 0  # rounds in copy mode (only the lookup branch verified, no draft; Beagle's own loop)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
 
@@ -78,6 +79,7 @@ class BeagleGenerationStats:
             "accepted": self.accepted,
             "acceptance_per_position": self.acceptance_per_position(),
             "accepted_from_lookup": self.accepted_from_lookup,
+            "copy_rounds": self.copy_rounds,
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
         }

@@ -706,7 +706,7 @@ def test_draft_overlap_reads_each_drafts_first_step_and_bounds_overlap_by_the_vo
     assert max(metrics["reduced_vocab_mass"]) < 1
 
 
-def test_lookup_rules_replay_and_branches():
+def test_lookup_rules_replay_and_branches(monkeypatch):
     """`benchmarks/lookup_rules.py`: the lookup-only walk counts rounds and taken tokens as speculative decoding
     would; several suffix-rule branches start with the loop's own proposal, are distinct, and merge into a tree whose
     nodes are the branches' prefixes; the multi-branch loop stays plain greedy."""
@@ -742,6 +742,10 @@ def test_lookup_rules_replay_and_branches():
     assert from_lookup[0].tolist() == [p != (9,) for p in paths]
     assert merged_depths[0].tolist() == [len(p) for p in paths]
     target, beagle = trained_pair()
+    merged_branches = []  # per round, how many continuations the loop merged into its tree
+    merge = rules.merge_branches
+    monkeypatch.setattr(rules, "merge_branches",
+                        lambda *args: merged_branches.append(max(len(p) for p in args[3])) or merge(*args))
     for seed in range(4):
         ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(seed))
         ref = target.generate(ids, do_sample=False, max_new_tokens=30)
@@ -750,4 +754,30 @@ def test_lookup_rules_replay_and_branches():
                                   max_new_tokens=30, tree_shape=TreeShape(depth=2, top_k=2, total_tokens=3),
                                   prompt_lookup_num_tokens=4)
         assert torch.equal(out, ref)
-    assert rules.decoding.suffix_lookup is suffix_lookup  # swapped back
+    assert max(merged_branches) > 1  # the swapped rule was the loop's: several branches in some rounds
+    assert rules.decoding.LOOKUP_RULES["suffix"] == (rules.decoding.suffix_match, rules.decoding.periodic_continuation)
+    assert rules.decoding.add_lookup_branch is rules.ADD_LOOKUP_BRANCH  # swapped back
+
+
+def test_paired_comparison_of_bench_methods():
+    """`benchmarks/paired.py`: per prompt, tokens/s ratios and τ differences against the base method; plain rows and
+    prompts the base did not run are left out; a base no prompt ran is refused."""
+    paired = _benchmark_module("paired")
+
+    def run(method, prompt, time_s, tau, new_tokens=100):
+        return dict(prompt_set="mt-bench", temperature=0.0, dtype="float32", method=method, prompt_id=prompt, turn=1,
+                    time_s=time_s, tau=tau, new_tokens=new_tokens)
+
+    runs = [run("plain", "a", 10.0, 1.0), run("base", "a", 4.0, 2.0), run("new", "a", 2.0, 3.0),
+            run("plain", "b", 10.0, 1.0), run("base", "b", 5.0, 2.5), run("new", "b", 5.0, 2.0),
+            run("base", "c", 6.0, 2.0, new_tokens=60), run("new", "c", 4.0, 2.5, new_tokens=40),
+            run("new", "d", 1.0, 9.0)]  # base never ran d
+    (row,) = paired.paired_rows(runs, "base")
+    assert row["method"] == "new" and row["prompts"] == 3
+    ratios = [2.0, 1.0, 1.0]  # a: twice as fast; b: same; c: 40/4 against 60/6 tokens/s
+    assert row["ratio_median"] == pytest.approx(1.0) and row["ratio_mean"] == pytest.approx(sum(ratios) / 3)
+    assert row["faster"] == 1 and row["time_ratio"] == pytest.approx(15.0 / 11.0)
+    assert row["tau_diff"] == pytest.approx((1.0 - 0.5 + 0.5) / 3)
+    assert "| new | base | 3 |" in paired.markdown([row])
+    with pytest.raises(SystemExit, match="--base"):
+        paired.paired_rows(runs, "missing")

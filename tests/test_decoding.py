@@ -429,39 +429,61 @@ def test_lookup_branch_merges_into_the_tree():
     assert int(from_lookup[0].sum()) == 2 and int(from_lookup[1].sum()) == 0 and int(from_lookup[2].sum()) == 3
 
 
+@pytest.mark.parametrize("copy_match", [0, 2], ids=["tree-every-round", "copy-mode"])
 @pytest.mark.parametrize("rule", ["suffix", "ngram"])
 @pytest.mark.parametrize("shape", ["chain", TreeShape(depth=3, top_k=2, total_tokens=6, min_prob=0.05)],
                          ids=["chain", "pruned-tree"])
-def test_greedy_identity_with_the_lookup_branch(shape, rule):
+def test_greedy_identity_with_the_lookup_branch(shape, rule, copy_match, monkeypatch):
     """The lookup branch is one more branch of the verified tree: output stays plain greedy, single rows and padded
-    batches, and the branch's tokens are accepted (the peaky tiny target repeats itself, as greedy text does)."""
+    batches, and the branch's tokens are accepted (the peaky tiny target repeats itself, as greedy text does). In copy
+    mode, rounds whose every row matches at least `lookup_copy_match` tokens verify only the (longer) lookup branch,
+    and Beagle does not draft in them."""
+    import modeling_beagle.decoding_beagle as decoding
+
+    drafts = []
+    for name in ("draft_tree", "draft_sampled_tree"):
+        real = getattr(decoding, name)
+        monkeypatch.setattr(decoding, name, lambda *args, _real=real, **kwargs: drafts.append(1) or _real(*args, **kwargs))
     target, beagle = trained_pair()
     g = torch.Generator().manual_seed(8)
-    from_lookup = 0
+    from_lookup = copy_rounds = 0
+    copy = dict(lookup_copy_match=copy_match, lookup_copy_tokens=7)
+
+    def check_stats(stats, single_row=True):
+        nonlocal from_lookup, copy_rounds
+        assert len(stats.accepted_from_lookup) == stats.rounds
+        assert all(0 <= f <= a for f, a in zip(stats.accepted_from_lookup, stats.accepted))
+        if single_row:  # (stats count rounds per row)
+            assert len(drafts) == stats.rounds - stats.copy_rounds  # no draft in copy rounds, one in every other round
+        drafts.clear()
+        from_lookup += sum(stats.accepted_from_lookup)
+        copy_rounds += stats.copy_rounds
+
     for i in range(16):
         ids = torch.randint(3, 96, (1, int(torch.randint(2, 16, (1,), generator=g))), generator=g)
         new = int(torch.randint(1, 48, (1,), generator=g))
         ref = target.generate(ids, do_sample=False, max_new_tokens=new)
         out = spec(target, beagle, ids, shape, do_sample=False, max_new_tokens=new, prompt_lookup_num_tokens=1 + i % 6,
-                   max_matching_ngram_size=[None, 1, 3][i % 3], prompt_lookup_rule=rule)
+                   max_matching_ngram_size=[None, 1, 3][i % 3], prompt_lookup_rule=rule, **copy)
         assert torch.equal(out, ref), f"prompt {i}: output differs from plain greedy"
-        stats = beagle.generation_stats
-        assert len(stats.accepted_from_lookup) == stats.rounds
-        assert all(0 <= f <= a for f, a in zip(stats.accepted_from_lookup, stats.accepted))
-        from_lookup += sum(stats.accepted_from_lookup)
+        check_stats(beagle.generation_stats)
     for _ in range(6):
         ids, mask = padded_batch(g, int(torch.randint(2, 5, (1,), generator=g)))
         new = int(torch.randint(5, 40, (1,), generator=g))
         ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new)
         out = spec(target, beagle, ids, shape, attention_mask=mask, do_sample=False, max_new_tokens=new,
-                   prompt_lookup_num_tokens=4, prompt_lookup_rule=rule)
+                   prompt_lookup_num_tokens=4, prompt_lookup_rule=rule, **copy)
         assert torch.equal(out, ref)
-        from_lookup += sum(beagle.generation_stats.accepted_from_lookup)
+        check_stats(beagle.generation_stats, single_row=False)
     assert from_lookup > 20, "the lookup branch was rarely accepted: the test would not exercise it"
+    if copy_match:
+        assert copy_rounds > 4, "copy mode rarely started: the test would not exercise it"
+    else:
+        assert copy_rounds == 0
 
 
 def test_bad_prompt_lookup_settings_are_refused():
-    from modeling_beagle.decoding_beagle import resolve_prompt_lookup
+    from modeling_beagle.decoding_beagle import resolve_copy_mode, resolve_prompt_lookup
 
     assert resolve_prompt_lookup(GenerationConfig()) == (0, 32)  # the suffix rule reads matches up to 32 tokens
     assert resolve_prompt_lookup(GenerationConfig(), "ngram") == (0, 2)  # transformers' default
@@ -477,6 +499,16 @@ def test_bad_prompt_lookup_settings_are_refused():
     config.max_matching_ngram_size = 0
     with pytest.raises(BeagleGenerationError, match="max_matching_ngram_size"):
         resolve_prompt_lookup(config)
+    assert resolve_copy_mode(0, 1) == (0, 1) and resolve_copy_mode(4, 32) == (4, 32)
+    assert resolve_copy_mode(None, 32) == (4, 32) and resolve_copy_mode(None, 32, do_sample=True) == (0, 32)
+    assert resolve_copy_mode(2, 8, do_sample=True) == (2, 8)  # on when asked for, sampling too
+    for bad in (-1, 2.0, True, "4"):
+        with pytest.raises(BeagleGenerationError, match="lookup_copy_match"):
+            resolve_copy_mode(bad, 32)
+        with pytest.raises(BeagleGenerationError, match="lookup_copy_tokens"):
+            resolve_copy_mode(4, bad)
+    with pytest.raises(BeagleGenerationError, match="lookup_copy_tokens"):
+        resolve_copy_mode(4, 0)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -486,7 +518,10 @@ def test_bad_prompt_lookup_settings_are_refused():
     # one draft node and up to two lookup tokens (max_new_tokens=4 leaves room for them): the branch gets accepted
     (TreeShape(depth=1, top_k=1, total_tokens=1), 4, {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 1}, False),
     (TreeShape(depth=1, top_k=1, total_tokens=1), 4, {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 1}, True),
-], ids=["top-k-tree", "sampled-tree", "top-k-tree-and-lookup", "sampled-tree-and-lookup"])
+    # copy mode whenever the last token occurred before: such rounds verify a 3-token lookup branch and no draft
+    (TreeShape(depth=2, top_k=2, total_tokens=4), 4, {"prompt_lookup_num_tokens": 1, "max_matching_ngram_size": 1,
+                                                       "lookup_copy_match": 1, "lookup_copy_tokens": 3}, True),
+], ids=["top-k-tree", "sampled-tree", "top-k-tree-and-lookup", "sampled-tree-and-lookup", "sampled-tree-copy-mode"])
 def test_tree_sampling_matches_target_distribution(shape, new, lookup, sampled):
     """Sampled output of the own loop has exactly the target's distribution, with fixed (top-k) children accepted when
     the target samples them and with sampled children verified by recursive rejection sampling (`sampled_drafts`),
@@ -500,7 +535,7 @@ def test_tree_sampling_matches_target_distribution(shape, new, lookup, sampled):
     exact = _exact_joint_of_tokens_2_and_3(target, prompt,
                                            LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(6)]))
     counts = torch.zeros(64)
-    accepted = from_lookup = 0
+    accepted = from_lookup = copy_rounds = 0
     torch.manual_seed(7)
     for _ in range(1200):
         out = spec(target, beagle, prompt, shape, do_sample=True, temperature=0.8, top_k=6, max_new_tokens=new,
@@ -509,9 +544,12 @@ def test_tree_sampling_matches_target_distribution(shape, new, lookup, sampled):
         counts[t2 * 8 + t3] += 1
         accepted += sum(beagle.generation_stats.accepted)
         from_lookup += sum(beagle.generation_stats.accepted_from_lookup)
+        copy_rounds += beagle.generation_stats.copy_rounds
     assert accepted > 120, "tree branches were rarely accepted: the test would not exercise the descent"
     if lookup:  # with sampled drafts the lookup branch is reached only through the residual draw: rarer
         assert from_lookup > (25 if sampled else 60), "the lookup branch was rarely accepted: the test would not exercise it"
+    if lookup.get("lookup_copy_match") == 1:
+        assert copy_rounds > 100, "copy mode rarely started: the test would not exercise it"
     assert _chi_square_p_value(counts, exact) > 1e-3
 
 

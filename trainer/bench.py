@@ -222,7 +222,7 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
         "beagle-tree-lookup": [],
     }
     if beagle is not None and {"beagle-tree", "beagle-tree-lookup"} & set(names):
-        from modeling_beagle.decoding_beagle import resolve_tree_shape
+        from modeling_beagle.decoding_beagle import LOOKUP_COPY_MATCH, LOOKUP_COPY_TOKENS, resolve_tree_shape
 
         for spec, label in zip(specs, labels):
             shape = resolve_tree_shape(target, beagle, spec)  # "auto" measures this machine now, not in a timed run
@@ -235,7 +235,8 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                 f"beagle-tree-lookup{suffix}",
                 functools.partial(beagle_tree, shape=shape, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
                 f"target.generate(custom_generate=beagle_generate, prompt_lookup_num_tokens={prompt_lookup_num_tokens}): "
-                f"{tree}, plus the prompt-lookup branch (its default rule: the longest repeated suffix)"))
+                f"{tree}, plus the prompt-lookup branch (its default rule: the longest repeated suffix; in greedy decoding, copy "
+                f"mode from a {LOOKUP_COPY_MATCH}-token match: {LOOKUP_COPY_TOKENS} lookup tokens, no draft)"))
     from modeling_beagle import is_prepacked
 
     methods = []
