@@ -445,6 +445,8 @@ print("tokens per target forward:", beagle.generation_stats.to_dict()["tau"])
 # Beagle's own loop with dynamic draft trees (also batches of padded prompts), from this repo's custom_generate/;
 # prompt_lookup_num_tokens adds to each tree, as one more branch, the tokens that followed the latest earlier
 # occurrence of the text's longest repeated suffix (prompt_lookup_rule="ngram": transformers' prompt-lookup rule).
+# Where the text repeats an earlier passage for 4 tokens or more, a greedy round skips the draft and verifies 32
+# tokens of the passage instead (copy mode: lookup_copy_match=4, lookup_copy_tokens=32; 0 turns it off).
 out = target.generate(ids, custom_generate=beagle_id, assistant_model=beagle, trust_remote_code=True,
                       prompt_lookup_num_tokens=10, max_new_tokens={max_new_tokens}, do_sample=False)
 print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
@@ -596,6 +598,9 @@ def results_section(bench: dict | None, plots: list[Path], heading: str = "###",
         parts += ["", "Settings: " + ", ".join(f"{k}: {_num(v)}" for k, v in settings.items()) + "."]
     if notes:
         parts += [""] + [f"- {k}: {v}" for k, v in notes.items()]
+    descriptions = (bench.get("settings") or {}).get("method_descriptions")
+    if isinstance(descriptions, dict) and descriptions:
+        parts += ["", "Methods:", ""] + [f"- `{_cell(name)}`: {_cell(text)}" for name, text in descriptions.items()]
     parts += ["", "τ counts the tokens produced per target forward (the bonus token included); speedup is tokens/s "
               "over plain `generate` on the same target and settings, measured in the same run; \"identical\" is "
               "the share of prompts whose output equals plain greedy decoding token for token."]

@@ -31,7 +31,8 @@ MAX_NEW_TOKENS = 24
 BENCH = {
     "machine": {"cpu": "test CPU", "threads": 2, "torch": torch.__version__, "gpu": ""},  # no GPU: an empty field
     "settings": {"max_new_tokens": MAX_NEW_TOKENS, "num_prompts": 8, "dtypes": ["bfloat16", "float32"],
-                 "timing": "per prompt: median wall time of `repeats` runs; methods interleaved in a rotating order"},
+                 "timing": "per prompt: median wall time of `repeats` runs; methods interleaved in a rotating order",
+                 "method_descriptions": {"beagle-tree": "target.generate(custom_generate=beagle_generate): a | tree"}},
     "runs": [{"method": "plain", "prompt_id": "mt-bench/81", "time_s": 1.0}],  # per-run detail: not in the card
     "results": [
         {"prompt_set": "mt-bench", "temperature": 0.0, "dtype": "bfloat16", "method": "plain", "tau": 1.0,
@@ -146,6 +147,7 @@ def test_card_sections_table_recipe_and_plots(checkpoint, saved):
     assert "| prompt-lookup | 1.30 | 22.0 | 1.10× |" in text
     assert "**Flagged by the bench**" in text and "humaneval float32 T=0 beagle-tree: invalid" in text
     assert "- timing: per prompt: median wall time" in text and "mt-bench/81" not in text
+    assert "Methods:\n\n- `beagle-tree`: target.generate(custom_generate=beagle_generate): a \\| tree" in text
     assert "cpu: test CPU" in text and "gpu:" not in text  # empty machine fields are left out of the card
     assert "beagle train --target_model example-org/tiny-llama-instruct --max_steps 4000" in text
     assert "1 h 30 min" in text and "12,345,678" in text
