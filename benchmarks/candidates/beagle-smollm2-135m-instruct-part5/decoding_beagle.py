@@ -515,7 +515,8 @@ def beagle_generate(
     `max_matching_ngram_size` (default 2) (`prompt_lookup`). Copy mode: in a round where every row's match is at least
     `lookup_copy_match` tokens long (default: 4 in greedy decoding, 0 (off) when sampling), the text is copying an
     earlier passage, which the draft rarely continues better than the passage does: Beagle does not draft, and the
-    round verifies only the lookup branch, extended to `lookup_copy_tokens` tokens (default 32). Statistics of the run are left in `beagle.generation_stats`.
+    round verifies only the lookup branch, extended to `lookup_copy_tokens` tokens (default 32); the rounds are
+    counted in `beagle.generation_stats.copy_rounds`. Statistics of the run are left in `beagle.generation_stats`.
     transformers does not hand `streamer` to a `custom_generate` callable: pass it as `beagle_streamer=` (the
     checkpoint folder's `custom_generate/generate.py` does so for you).
     `sampled_drafts` (sampling only; default: on when `do_sample`): draw each node's children from the draft's
@@ -560,7 +561,7 @@ def beagle_generate(
     pad = generation_config._pad_token_tensor
     pad = int(pad) if pad is not None else (int(eos.flatten()[0]) if eos is not None else 0)
     max_new = generation_config.max_length - prompt_len
-    copy_match, copy_tokens = resolve_copy_mode(lookup_copy_match, lookup_copy_tokens, bool(generation_config.do_sample))
+    copy_match, copy_tokens = resolve_copy_mode(lookup_copy_match, lookup_copy_tokens, do_sample)
     lookup_match, continuation = LOOKUP_RULES[prompt_lookup_rule]
     stats = BeagleGenerationStats()
     beagle.generation_stats = stats
@@ -634,7 +635,8 @@ def beagle_generate(
         # 1. Draft.
         started = time.perf_counter()
         proposals, copying = None, False
-        if lookup_tokens:  # copy mode: every row's end repeats an earlier passage: verify only its continuation
+        if lookup_tokens:
+            # each row's match (end position, length); copy mode when every unfinished row's is long enough
             found = [((-1, 0) if done[b] else lookup_match(rows_seq[b][first_valid[b]:], max_ngram))
                      for b in range(batch)]
             copying = bool(copy_match) and all(done[b] or (found[b][1] >= copy_match and max_new - num_new[b] > 1)
