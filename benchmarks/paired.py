@@ -4,7 +4,9 @@ A bench run's table compares every method with plain decoding. Two speculative m
 prompt by prompt, since each prompt's text (and length) is shared where the outputs are identical (fp32; in bf16
 near-tie flips may change a text per method). For each method against `--base`, per prompt set and temperature:
 the median and mean of the per-prompt tokens/s ratios (method / base) and on how many prompts the method was faster,
-the ratio of total times (base / method), and the mean paired τ difference with its standard error.
+the ratio of total tokens/s (all new tokens over all time; the ratio of total times where the texts are the same), and
+the mean paired τ difference with its standard error. `--exclude` leaves prompts out (`mt-bench/145`: a prompt id,
+every turn of it).
 
     python benchmarks/paired.py benchmarks/results/bench-amx-v15-copy-modes-20-float32 --base tree-lookup-nocopy
 
@@ -19,11 +21,13 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def paired_rows(runs: list[dict], base: str) -> list[dict]:
+def paired_rows(runs: list[dict], base: str, exclude: tuple[str, ...] = ()) -> list[dict]:
     """One row per (prompt set, temperature, dtype, method other than `base` and plain), over the prompts that both
-    the method and `base` ran (repeats: each prompt's first)."""
+    the method and `base` ran (repeats: each prompt's first), less the prompt ids in `exclude`."""
     by_prompt = defaultdict(dict)
     for run in runs:
+        if run["prompt_id"] in exclude:
+            continue
         key = (run["prompt_set"], run["temperature"], run["dtype"], run["prompt_id"], run.get("turn", 1))
         by_prompt[key].setdefault(run["method"], run)
     groups = defaultdict(lambda: defaultdict(list))
@@ -44,18 +48,19 @@ def paired_rows(runs: list[dict], base: str) -> list[dict]:
             rows.append(dict(prompt_set=prompt_set, temperature=temperature, dtype=dtype, method=method, base=base,
                              prompts=len(pairs), ratio_median=statistics.median(ratios), ratio_mean=statistics.mean(ratios),
                              faster=sum(r > 1 for r in ratios),
-                             time_ratio=sum(b["time_s"] for _, b in pairs) / sum(a["time_s"] for a, _ in pairs),
+                             total_ratio=(sum(a["new_tokens"] for a, _ in pairs) / sum(a["time_s"] for a, _ in pairs))
+                             / (sum(b["new_tokens"] for _, b in pairs) / sum(b["time_s"] for _, b in pairs)),
                              tau_diff=statistics.mean(tau_diffs), tau_diff_se=error))
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| prompt set | dtype | T | method | vs | prompts | tokens/s ratio (median / mean) | faster on | "
-             "total time (base / method) | τ difference |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "total tokens/s ratio | τ difference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['prompt_set']} | {r['dtype']} | {r['temperature']:g} | {r['method']} | {r['base']} | "
                      f"{r['prompts']} | {r['ratio_median']:.3f} / {r['ratio_mean']:.3f} | {r['faster']}/{r['prompts']} | "
-                     f"{r['time_ratio']:.3f} | {r['tau_diff']:+.3f} ± {r['tau_diff_se']:.3f} |")
+                     f"{r['total_ratio']:.3f} | {r['tau_diff']:+.3f} ± {r['tau_diff_se']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -63,11 +68,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="a bench output folder (or its bench.json)")
     parser.add_argument("--base", required=True, help="the method every other one is compared with")
+    parser.add_argument("--exclude", default="", help="comma-separated prompt ids to leave out (mt-bench/145)")
     parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     path = Path(args.results)
     bench = json.loads((path / "bench.json" if path.is_dir() else path).read_text())
-    table = markdown(paired_rows(bench["runs"], args.base))
+    exclude = tuple(name for name in args.exclude.split(",") if name)
+    table = markdown(paired_rows(bench["runs"], args.base, exclude))
     if args.out:
         Path(args.out).write_text(table)
     print(table, end="")

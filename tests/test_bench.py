@@ -776,8 +776,10 @@ def test_paired_comparison_of_bench_methods():
     assert row["method"] == "new" and row["prompts"] == 3
     ratios = [2.0, 1.0, 1.0]  # a: twice as fast; b: same; c: 40/4 against 60/6 tokens/s
     assert row["ratio_median"] == pytest.approx(1.0) and row["ratio_mean"] == pytest.approx(sum(ratios) / 3)
-    assert row["faster"] == 1 and row["time_ratio"] == pytest.approx(15.0 / 11.0)
+    assert row["faster"] == 1 and row["total_ratio"] == pytest.approx((240 / 11.0) / (260 / 15.0))
     assert row["tau_diff"] == pytest.approx((1.0 - 0.5 + 0.5) / 3)
     assert "| new | base | 3 |" in paired.markdown([row])
+    (row,) = paired.paired_rows(runs, "base", exclude=("a",))
+    assert row["prompts"] == 2 and row["ratio_median"] == pytest.approx(1.0)
     with pytest.raises(SystemExit, match="--base"):
         paired.paired_rows(runs, "missing")
