@@ -38,6 +38,7 @@ import json
 import re
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def lookup_branches(branches: int | None):
     the "suffix" rule's continuation (the loop's `LOOKUP_RULES`) and its branch merging are swapped for the run."""
     if branches is not None:
         several = lambda sequence, end, num_tokens: suffix_lookups(sequence, num_tokens, branches)  # noqa: E731
-        decoding.LOOKUP_RULES = {**LOOKUP_RULES, "suffix": (decoding.suffix_match, several)}
+        decoding.LOOKUP_RULES = {**LOOKUP_RULES, "suffix": replace(LOOKUP_RULES["suffix"], continuation=several)}
         decoding.add_lookup_branch = merge_branches
     try:
         yield

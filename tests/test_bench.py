@@ -755,7 +755,8 @@ def test_lookup_rules_replay_and_branches(monkeypatch):
                                   prompt_lookup_num_tokens=4)
         assert torch.equal(out, ref)
     assert max(merged_branches) > 1  # the swapped rule was the loop's: several branches in some rounds
-    assert rules.decoding.LOOKUP_RULES["suffix"] == (rules.decoding.suffix_match, rules.decoding.periodic_continuation)
+    suffix_rule = rules.decoding.LOOKUP_RULES["suffix"]
+    assert (suffix_rule.match, suffix_rule.continuation) == (rules.decoding.suffix_match, rules.decoding.periodic_continuation)
     assert rules.decoding.add_lookup_branch is rules.ADD_LOOKUP_BRANCH  # swapped back
 
 

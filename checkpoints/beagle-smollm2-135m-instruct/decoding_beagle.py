@@ -30,6 +30,7 @@ One round, for every row of the batch at once:
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -420,21 +421,30 @@ def resolve_tree_shape(target, beagle, tree_shape) -> TreeShape:
                                 f"total_tokens[/min_prob], found {tree_shape!r}.")
 
 
-# The loop's lookup rules and the longest match each reads when `max_matching_ngram_size` is not set.
-PROMPT_LOOKUP_RULES = {"suffix": 32, "ngram": 2}
-# Per rule: how a row's match is found ((end position, match length)) and how the proposal continues from it.
-LOOKUP_RULES = {"suffix": (suffix_match, periodic_continuation), "ngram": (ngram_match, following_tokens)}
+@dataclass(frozen=True)
+class LookupRule:
+    """One of the loop's prompt-lookup rules: how a row's match is found (`match(sequence, max_ngram)` -> (end
+    position, match length)), how the proposal continues from it (`continuation(sequence, end, num_tokens)`), and the
+    longest match it reads when `max_matching_ngram_size` is not set."""
+
+    match: Callable[[torch.Tensor, int], tuple[int, int]]
+    continuation: Callable[[torch.Tensor, int, int], list[int]]
+    max_ngram: int
+
+
+LOOKUP_RULES = {"suffix": LookupRule(suffix_match, periodic_continuation, 32),
+                "ngram": LookupRule(ngram_match, following_tokens, 2)}
 
 
 def resolve_prompt_lookup(generation_config, rule: str = "suffix") -> tuple[int, int]:
     """`prompt_lookup_num_tokens` / `max_matching_ngram_size` (transformers' prompt-lookup settings) for the loop's
     lookup branch under `rule`: (0, _) when off; the match length defaults to 32 tokens for "suffix" and to 2 for
     "ngram", as in transformers."""
-    if rule not in PROMPT_LOOKUP_RULES:
-        raise BeagleGenerationError(f"`prompt_lookup_rule` expected one of {sorted(PROMPT_LOOKUP_RULES)}, found {rule!r}.")
+    if rule not in LOOKUP_RULES:
+        raise BeagleGenerationError(f"`prompt_lookup_rule` expected one of {sorted(LOOKUP_RULES)}, found {rule!r}.")
     num_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None)
     max_ngram = getattr(generation_config, "max_matching_ngram_size", None)
-    max_ngram = PROMPT_LOOKUP_RULES[rule] if max_ngram is None else max_ngram
+    max_ngram = LOOKUP_RULES[rule].max_ngram if max_ngram is None else max_ngram
     for name, value in (("prompt_lookup_num_tokens", num_tokens), ("max_matching_ngram_size", max_ngram)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise BeagleGenerationError(f"`{name}` expected a positive integer, found {value!r}.")
@@ -562,7 +572,7 @@ def beagle_generate(
     pad = int(pad) if pad is not None else (int(eos.flatten()[0]) if eos is not None else 0)
     max_new = generation_config.max_length - prompt_len
     copy_match, copy_tokens = resolve_copy_mode(lookup_copy_match, lookup_copy_tokens, do_sample)
-    lookup_match, continuation = LOOKUP_RULES[prompt_lookup_rule]
+    lookup_rule = LOOKUP_RULES[prompt_lookup_rule]
     stats = BeagleGenerationStats()
     beagle.generation_stats = stats
 
@@ -637,13 +647,14 @@ def beagle_generate(
         proposals, copying = None, False
         if lookup_tokens:
             # each row's match (end position, length); copy mode when every unfinished row's is long enough
-            found = [((-1, 0) if done[b] else lookup_match(rows_seq[b][first_valid[b]:], max_ngram))
+            found = [((-1, 0) if done[b] else lookup_rule.match(rows_seq[b][first_valid[b]:], max_ngram))
                      for b in range(batch)]
             copying = bool(copy_match) and all(done[b] or (found[b][1] >= copy_match and max_new - num_new[b] > 1)
                                                for b in range(batch))
             num = copy_tokens if copying else lookup_tokens
             proposals = [[] if done[b] or found[b][0] < 0 else
-                         continuation(rows_seq[b][first_valid[b]:], found[b][0], min(num, max_new - num_new[b] - 1))
+                         lookup_rule.continuation(rows_seq[b][first_valid[b]:], found[b][0],
+                                                  min(num, max_new - num_new[b] - 1))
                          for b in range(batch)]
         if copying:
             stats.copy_rounds += 1
