@@ -509,6 +509,13 @@ def test_bad_prompt_lookup_settings_are_refused():
             resolve_copy_mode(4, bad)
     with pytest.raises(BeagleGenerationError, match="lookup_copy_tokens"):
         resolve_copy_mode(4, 0)
+    assert resolve_copy_mode(None, None) == (4, 32) and resolve_copy_mode(0, None, lookup=False) == (0, 32)
+    for copy_match, copy_tokens in ((4, None), (None, 16)):  # copy mode asked for without the lookup branch
+        with pytest.raises(BeagleGenerationError, match="without `prompt_lookup_num_tokens`"):
+            resolve_copy_mode(copy_match, copy_tokens, lookup=False)
+    target, beagle = trained_pair()
+    with pytest.raises(BeagleGenerationError, match="without `prompt_lookup_num_tokens`"):
+        spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", do_sample=False, max_new_tokens=4, lookup_copy_match=4)
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -457,11 +457,16 @@ def resolve_prompt_lookup(generation_config, rule: str = "suffix") -> tuple[int,
 LOOKUP_COPY_MATCH, LOOKUP_COPY_TOKENS = 4, 32
 
 
-def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False) -> tuple[int, int]:
+def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: bool = True) -> tuple[int, int]:
     """The loop's copy mode: (`lookup_copy_match`, `lookup_copy_tokens`), a match length (0: off) and a branch length;
-    a match length of None takes the default: `LOOKUP_COPY_MATCH` in greedy decoding, off when sampling."""
+    None takes the defaults: `LOOKUP_COPY_MATCH` in greedy decoding, off when sampling, and `LOOKUP_COPY_TOKENS`.
+    Copy mode extends the lookup branch: without one (`lookup` False) setting it is refused rather than ignored."""
+    if not lookup and (copy_match or copy_tokens is not None):
+        raise BeagleGenerationError("`lookup_copy_match` / `lookup_copy_tokens` expected only with the lookup branch "
+                                    "(copy mode extends it), found them without `prompt_lookup_num_tokens`.")
     if copy_match is None:
         copy_match = 0 if do_sample else LOOKUP_COPY_MATCH
+    copy_tokens = LOOKUP_COPY_TOKENS if copy_tokens is None else copy_tokens
     for name, value, least in (("lookup_copy_match", copy_match, 0), ("lookup_copy_tokens", copy_tokens, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             kind = "a non-negative integer (0: off)" if least == 0 else "a positive integer"
@@ -509,7 +514,7 @@ def beagle_generate(
     sampled_drafts=None,
     prompt_lookup_rule: str = "suffix",
     lookup_copy_match: int | None = None,
-    lookup_copy_tokens: int = LOOKUP_COPY_TOKENS,
+    lookup_copy_tokens: int | None = None,
     **model_kwargs,
 ):
     """Speculative decoding with Beagle draft trees, for batches of (left-)padded prompts.
@@ -571,7 +576,7 @@ def beagle_generate(
     pad = generation_config._pad_token_tensor
     pad = int(pad) if pad is not None else (int(eos.flatten()[0]) if eos is not None else 0)
     max_new = generation_config.max_length - prompt_len
-    copy_match, copy_tokens = resolve_copy_mode(lookup_copy_match, lookup_copy_tokens, do_sample)
+    copy_match, copy_tokens = resolve_copy_mode(lookup_copy_match, lookup_copy_tokens, do_sample, bool(lookup_tokens))
     lookup_rule = LOOKUP_RULES[prompt_lookup_rule]
     stats = BeagleGenerationStats()
     beagle.generation_stats = stats
