@@ -784,3 +784,28 @@ def test_paired_comparison_of_bench_methods():
     assert row["prompts"] == 2 and row["ratio_median"] == pytest.approx(1.0)
     with pytest.raises(SystemExit, match="--base"):
         paired.paired_rows(runs, "missing")
+
+
+def test_beagle_checkpoint_plugin_runs_a_second_draft_under_its_label(tmp_path):
+    """`benchmarks/beagle_checkpoint.py`: `LABEL=PATH@METHODS` loads the checkpoint at PATH as the bench loads
+    `--beagle` and runs the built-in methods with it, renamed `LABEL-<method>`; their greedy output is plain greedy's,
+    and malformed arguments are refused with the expected form."""
+    from conftest import trained_pair
+
+    plugin = _benchmark_module("beagle_checkpoint")
+    target, beagle = trained_pair()
+    beagle.save_pretrained(tmp_path / "candidate")
+    methods = plugin.bench_methods(target, None, f"cand={tmp_path / 'candidate'}@tree,tree-lookup",
+                                   tree_shape=TreeShape(depth=2, top_k=2, total_tokens=3), prompt_lookup_num_tokens=4)
+    assert [m.name for m in methods] == ["cand-tree", "cand-tree-lookup"]
+    assert all(str(tmp_path / "candidate") in m.description for m in methods)
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    ref = target.generate(ids, do_sample=False, max_new_tokens=20)
+    for method in methods:
+        run = method.run(ids, torch.ones_like(ids), 20, False, 0.0, 0)
+        assert torch.equal(run.output_ids, ref) and run.accepted_per_position
+    assert [m.name for m in plugin.bench_methods(target, None, f"c2={tmp_path / 'candidate'}", tree_shape="chain")] \
+        == ["c2-chain", "c2-tree", "c2-tree-lookup"]
+    for bad in (str(tmp_path / "candidate"), "=x", "a b=x", f"c={tmp_path}@bush", f"c={tmp_path}@tree,tree"):
+        with pytest.raises(ValueError, match="LABEL=PATH"):
+            plugin.parse_arg(bad)
