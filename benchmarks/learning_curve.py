@@ -18,7 +18,9 @@ Runs trained elsewhere (a recipe run that spanned sessions, say) are compared wi
 
 Each folder is a `beagle train` (or `eagle2_draft.py train`) output folder: its `tau_curve.jsonl` and its saved
 draft's `training_record` (every process of the run: wall time, steps, token-updates); peak memory is not known there.
-A draft trained in parts (each continuing the last with `--init_from`) is `LABEL=PART1_DIR+PART2_DIR`.
+A draft trained in parts (each continuing the last with `--init_from`) is `LABEL=PART1_DIR+PART2_DIR`; an earlier part
+may be a committed copy of its curve (a folder holding `tau_curve.jsonl`, or that file), as long as the last part is
+a run folder with its saved draft (whose training record holds every part).
 """
 
 import argparse
@@ -179,15 +181,25 @@ def main(argv=None) -> int:
     return report(args, runs, curves, out)
 
 
-def _read_curve(folder: str, spec: str) -> tuple[list[dict], str]:
-    """A finished run folder's τ curve and the path of its saved draft's config.json."""
-    curve_path = os.path.join(folder, "tau_curve.jsonl")
-    saved = [os.path.join(folder, name, "config.json") for _, name in DRAFTS.values()]
+def _read_curve(part: str, spec: str, need_draft: bool) -> tuple[list[dict], str | None]:
+    """A part's τ curve, and the path of its saved draft's config.json (None where `need_draft` is False and there is
+    none). A part is a finished run's folder, or, for an earlier part of a draft trained in parts, a committed copy of
+    its curve: a folder holding `tau_curve.jsonl` or the `.jsonl` file itself (e.g. `benchmarks/results/
+    recipe-smollm2-amx-part4`, `benchmarks/eagle2-smollm2-135m-instruct/training/eagle2-recipe-part4.tau_curve.jsonl`).
+    The totals come from the last part's draft, which records every part's processes."""
+    is_file = part.endswith(".jsonl")
+    curve_path = part if is_file else os.path.join(part, "tau_curve.jsonl")
+    saved = [] if is_file else [os.path.join(part, name, "config.json") for _, name in DRAFTS.values()]
     config_path = next((path for path in saved if os.path.isfile(path)), None)
-    if not os.path.isfile(curve_path) or config_path is None:
-        raise SystemExit(f"--from-run {spec}: expected a finished training run's folder, with tau_curve.jsonl and "
-                         f"a saved draft ({' or '.join(saved)}); found "
-                         f"{'no tau_curve.jsonl' if not os.path.isfile(curve_path) else 'no saved draft'}.")
+    if not os.path.isfile(curve_path) or (need_draft and config_path is None):
+        if need_draft:
+            expected = ("a finished training run's folder, with tau_curve.jsonl and a saved draft"
+                        + (f" ({' or '.join(saved)})" if saved else "")
+                        + (" (the last part: its draft's training record holds every part)" if "+" in spec else ""))
+        else:
+            expected = "a tau_curve.jsonl file or a folder holding one"
+        found = "no tau_curve.jsonl" if not os.path.isfile(curve_path) else "no saved draft"
+        raise SystemExit(f"--from-run {spec}: {part}: expected {expected}; found {found}.")
     with open(curve_path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()], config_path
 
@@ -198,7 +210,8 @@ def finished_runs(specs: list[str]) -> tuple[dict, dict]:
     `LABEL=DIR1+DIR2`: a draft trained in parts, each part continuing the previous part's draft (`--init_from`). The
     curves join end to end (a later part's steps and training time count on from the previous part's last point), and
     the totals are the last part's draft's `training_record`, which holds every part's processes. A part's α is on
-    its own held-out records."""
+    its own held-out records. Earlier parts may be committed copies of their curves (`_read_curve`), so a plot can be
+    re-made on a machine that holds only the last part's run folder."""
     runs, curves = {}, {}
     for spec in specs:
         label, sep, folders = spec.partition("=")
@@ -206,7 +219,7 @@ def finished_runs(specs: list[str]) -> tuple[dict, dict]:
             raise SystemExit(f"--from-run {spec!r}: expected LABEL=OUTPUT_DIR (e.g. beagle=runs/smollm2-135m-instruct).")
         curve, parts = [], folders.split("+")
         for number, folder in enumerate(parts, start=1):
-            rows, config_path = _read_curve(folder, spec)
+            rows, config_path = _read_curve(folder, spec, need_draft=number == len(parts))
             if len(parts) > 1:
                 last = curve[-1] if curve else {"step": 0, "train_wall_s": 0.0}
                 rows = [{**row, "step": row["step"] + last["step"], "part": number,

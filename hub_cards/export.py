@@ -3,6 +3,7 @@ bf16 in safetensors, without the target's embedding and head, the remote code an
 Trainer's files (`training_args.bin` is a pickle and never ships)."""
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,9 +33,20 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
         staging = Path(tmp) / "checkpoint"
         model.save_pretrained(staging)
         if destination.exists():
-            keep = destination / "README.md"  # an existing card stays until `beagle card` rewrites it
-            if keep.is_file():
-                shutil.copy2(keep, staging / "README.md")
+            for name in card_files(destination):  # an existing card stays until `beagle card` rewrites it
+                shutil.copy2(destination / name, staging / name)
             shutil.rmtree(destination)
         os.replace(staging, destination)
     return destination
+
+
+def card_files(folder: Path) -> list[str]:
+    """The model card of a checkpoint folder and the local images it shows (`![...](name.png)`), where they exist:
+    what an export into that folder keeps, so the card is not left pointing at deleted plots."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return []
+    linked = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", card.read_text(encoding="utf-8"))
+    images = [name for name in dict.fromkeys(linked)
+              if "/" not in name and ":" not in name and (folder / name).is_file()]
+    return ["README.md", *images]

@@ -377,6 +377,32 @@ def test_learning_curve_joins_a_draft_trained_in_parts(tmp_path):
         curves_module.finished_runs([f"beagle={tmp_path / 'p1'}+{tmp_path / 'p2'}+{tmp_path / 'p3'}"])
 
 
+def test_learning_curve_reads_earlier_parts_from_committed_curves(tmp_path):
+    """Earlier parts may be committed copies of their τ curves (a folder with only tau_curve.jsonl, or the .jsonl file
+    itself): the curve joins as from the run folder, the totals come from the last part's draft; the last part
+    without its saved draft, or a part with no curve, is refused with the part named."""
+    curves_module = _learning_curve_module()
+    _finished_run(tmp_path / "p1", "beagle", [1.2, 1.4], total_wall_s=3000.0)
+    _finished_run(tmp_path / "p2", "beagle", [1.4, 1.5], total_wall_s=4000.0)
+    _finished_run(tmp_path / "p3", "beagle", [1.6], total_wall_s=6000.0)
+    (tmp_path / "p3" / "beagle" / "config.json").write_text(json.dumps({"training_record": {
+        "runs": [{"data": "a"}, {"data": "b"}, {"data": "c"}], "total_wall_s": 6000.0, "total_token_updates": 9000,
+        "total_steps": 500}}))
+    expected = curves_module.finished_runs([f"beagle={tmp_path / 'p1'}+{tmp_path / 'p2'}+{tmp_path / 'p3'}"])
+    copies = tmp_path / "copies"
+    (copies / "p1").mkdir(parents=True)
+    (copies / "p1" / "tau_curve.jsonl").write_text((tmp_path / "p1" / "tau_curve.jsonl").read_text())
+    (copies / "p2.tau_curve.jsonl").write_text((tmp_path / "p2" / "tau_curve.jsonl").read_text())
+    joined = curves_module.finished_runs([f"beagle={copies / 'p1'}+{copies / 'p2.tau_curve.jsonl'}+{tmp_path / 'p3'}"])
+    assert joined[1] == expected[1] and [r["step"] for r in joined[1]["beagle"]] == [100, 200, 300, 400, 500]
+    assert joined[0]["beagle"]["steps"] == 500 and joined[0]["beagle"]["token_updates"] == 9000
+    with pytest.raises(SystemExit, match=r"p1: expected a finished training run's folder.*\(the last part.*found no "
+                                         "saved draft"):
+        curves_module.finished_runs([f"beagle={tmp_path / 'p3'}+{copies / 'p1'}"])
+    with pytest.raises(SystemExit, match="missing.jsonl: expected a tau_curve.jsonl file or a folder holding one"):
+        curves_module.finished_runs([f"beagle={copies / 'missing.jsonl'}+{tmp_path / 'p3'}"])
+
+
 def test_learning_curve_holds_float32_runs_to_identity_and_reports_bf16_shares(tmp_path, monkeypatch):
     """Greedy identity is exact only in float32: a float32 run (or one whose ledger predates the dtype field) whose
     evaluation differed from plain greedy makes the comparison INVALID (exit 1); a bf16 run reports its identical

@@ -435,6 +435,17 @@ def test_export_writes_a_pushable_bf16_folder(tmp_path):
     assert push_checkpoint(hub, "org/beagle-tiny", dry_run=True).files
     assert cli_main(["export", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
 
+    # Exporting again into the folder keeps its card and the plots the card shows; nothing else of the old folder.
+    with open(hub / "README.md", "a", encoding="utf-8") as card:
+        card.write("\n![speedup](run-speedup.png)\n![gone](missing.png)\n")
+    for name in ("run-speedup.png", "unlinked.png", "model-00002-of-00002.safetensors"):
+        (hub / name).write_bytes(b"old")
+    card_text = (hub / "README.md").read_text()
+    assert cli_main(["export", str(tmp_path / "run"), str(hub)]) == 0
+    assert (hub / "README.md").read_text() == card_text and (hub / "run-speedup.png").read_bytes() == b"old"
+    assert not (hub / "unlinked.png").exists() and not (hub / "model-00002-of-00002.safetensors").exists()
+    assert (hub / "model.safetensors").is_file()
+
 
 def test_card_says_which_stages_and_input_options_the_draft_was_trained_with(checkpoint):
     """A draft whose every recorded run trained stage 1 only is not described as two-stage trained, and the card lists

@@ -1,0 +1,425 @@
+"""Lossless speculative generation with Beagle through `target.generate(ids, assistant_model=beagle)`.
+
+transformers' assisted-decoding loop verifies the drafts, accepts (greedy match or speculative sampling) and crops
+the target's cache. Beagle plugs in as a candidate generator that uses transformers' hidden-state protocol
+(`requires_model_outputs`, `model_kwargs_overrides`): the target's verification forward also returns the true
+states Beagle reads next round, so the target never runs a second forward.
+
+One round (method.md §2): drop last round's draft states, append the true states the target produced for the
+accepted tokens, then draft a chain from the bonus token, appending each draft state lazily for the next step.
+"""
+
+import functools
+import inspect
+import os
+import time
+import types
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from packaging import version
+from transformers.generation import GenerationMixin
+from transformers.generation.candidate_generator import CandidateGenerator
+
+from .cache_beagle import BeagleCache
+
+# transformers versions whose private assisted-decoding protocol this module was written and tested against.
+SUPPORTED_TRANSFORMERS = ("5.20", "6.0")
+HOOK_MARKER = "__beagle_candidate_hook__"
+DISABLE_HOOK_ENV = "BEAGLE_DISABLE_GENERATE_HOOK"
+
+
+class BeagleGenerationError(ValueError):
+    """Generation settings Beagle cannot honour, with what to change."""
+
+
+class BeagleHookUnavailableError(BeagleGenerationError, AttributeError):
+    """A Beagle reached transformers' stock assisted decoding (the hook is not installed). Also an AttributeError,
+    so `getattr(beagle, "generation_config", None)` still answers None."""
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+@dataclass
+class BeagleGenerationStats:
+    """Per-round statistics of the last generation (a benchmark reads these)."""
+
+    drafted: list[int] = field(default_factory=list)  # draft tokens proposed per round
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted per round (bonus excluded)
+    # of those, per round, the tokens only the prompt-lookup branch proposed (Beagle's own loop with
+    # `prompt_lookup_num_tokens`; empty otherwise)
+    accepted_from_lookup: list[int] = field(default_factory=list)
+    copy_rounds: int = 0  # rounds in copy mode (only the lookup branch verified, no draft; Beagle's own loop)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+
+    @property
+    def rounds(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def tau(self) -> float:
+        """Tokens per target forward (verification), the bonus token included."""
+        return (sum(self.accepted) + self.rounds) / max(self.rounds, 1)
+
+    def acceptance_per_position(self) -> list[float]:
+        """Share of rounds that drafted position i whose draft was accepted at position i (i = 1, 2, ...)."""
+        rates = []
+        for i in range(max(self.drafted, default=0)):
+            drafted = sum(1 for d in self.drafted if d > i)
+            accepted = sum(1 for a, d in zip(self.accepted, self.drafted) if d > i and a > i)
+            rates.append(accepted / drafted)
+        return rates
+
+    def to_dict(self) -> dict:
+        return {
+            "rounds": self.rounds,
+            "tau": self.tau,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_per_position": self.acceptance_per_position(),
+            "accepted_from_lookup": self.accepted_from_lookup,
+            "copy_rounds": self.copy_rounds,
+            "draft_time_s": self.draft_time_s,
+            "verify_time_s": self.verify_time_s,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ draft primitives
+def target_states(model_outputs, layer_ids: list[int]) -> torch.Tensor:
+    """The context states Beagle reads from a target forward output: one layer, or several concatenated."""
+    hidden_states = getattr(model_outputs, "hidden_states", None)
+    if hidden_states is None:
+        raise BeagleGenerationError(
+            "the target's forward returned no `hidden_states`; Beagle needs `output_hidden_states` honoured by the "
+            "target model (a stock transformers causal LM does)."
+        )
+    if len(layer_ids) == 1:
+        return hidden_states[layer_ids[0]]
+    return torch.cat([hidden_states[i] for i in layer_ids], dim=-1)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """`{name: cache}` under the name `model` (a model, or an output class) takes a KV cache by: `cache` from
+    transformers 5.24 on (`past_key_values` is deprecated there), `past_key_values` before. Use as
+    `target(ids, **cache_kwargs(target, cache), use_cache=True)`."""
+    return {_cache_name(model if isinstance(model, type) else type(model)): cache}
+
+
+@functools.cache
+def _cache_name(model_class: type) -> str:
+    # The one place Beagle tells transformers versions apart by their cache name: the signature says, else the version.
+    parameters = inspect.signature(getattr(model_class, "forward", model_class)).parameters
+    if "cache" in parameters or "past_key_values" in parameters:
+        return "cache" if "cache" in parameters else "past_key_values"
+    return "cache" if version.parse(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def draft_logits_to_target_vocab(beagle, logits: torch.Tensor) -> torch.Tensor:
+    """Scatter draft-vocabulary logits into the target's vocabulary (-inf elsewhere); identity for a full head."""
+    if beagle.draft_to_target is None:
+        return logits
+    full = logits.new_full((*logits.shape[:-1], beagle.config.vocab_size), float("-inf"))
+    full[..., beagle.draft_to_target] = logits
+    return full
+
+
+def draft_topk(beagle, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` most probable draft tokens as (log-probabilities, target ids), computed in the draft vocabulary: the
+    same values as over `draft_logits_to_target_vocab` (the -inf rows add nothing), without the target-sized tensor."""
+    scores, ids = logits.float().log_softmax(-1).topk(k, dim=-1)
+    if beagle.draft_to_target is not None:
+        ids = beagle.draft_to_target[ids]
+    return scores, ids
+
+
+def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of `probs` `(..., vocab)` (non-negative weights, not necessarily normalised), as a `(...)`
+    long tensor: the inverse of the float64 cumulative distribution at a uniform draw from torch's generator. Exactly
+    the categorical distribution, like `torch.multinomial(probs, 1)`, which on CPU draws an exponential per vocabulary
+    entry and costs ~1 ms over a 49k vocabulary against ~0.05 ms here. A token of zero weight is never drawn."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even when the product rounds up
+    return torch.searchsorted(cdf, u, right=True)[..., 0]  # the first entry whose cumulative weight exceeds u
+
+
+def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise of `like`'s shape in float64 (-log(-log U)): added to log-probabilities, its top-k is k
+    draws without replacement (Gumbel top-k). Uniform draws cost a sixth of CPU `exponential_()`'s."""
+    return -torch.rand(like.shape, dtype=torch.float64, device=like.device).log_().neg_().log_()
+
+
+def check_generation_config(generation_config) -> None:
+    """Refuse settings the speculative loop cannot honour, saying what to change."""
+    if getattr(generation_config, "num_return_sequences", 1) not in (None, 1):
+        raise BeagleGenerationError(
+            f"`num_return_sequences` expected 1 with a Beagle assistant, found {generation_config.num_return_sequences}: "
+            "call generate once per sequence (or repeat the prompt in a batch with Beagle's own loop)."
+        )
+    if getattr(generation_config, "num_beams", 1) not in (None, 1):
+        raise BeagleGenerationError(
+            f"`num_beams` expected 1 with a Beagle assistant, found {generation_config.num_beams}: beam search is not "
+            "speculative; use greedy (do_sample=False) or sampling."
+        )
+    if getattr(generation_config, "cache_implementation", None) in ("static", "hybrid", "sliding_window", "offloaded_static"):
+        raise BeagleGenerationError(
+            f"`cache_implementation` expected a dynamic cache, found {generation_config.cache_implementation!r}: "
+            "speculative decoding rolls the cache back after rejected drafts; drop `cache_implementation`."
+        )
+
+
+# ------------------------------------------------------------------------------------------- candidate generator
+class BeagleCandidateGenerator(CandidateGenerator):
+    """Chain drafts from Beagle for transformers' assisted-decoding loop (batch size 1)."""
+
+    requires_model_outputs = True
+
+    def __init__(self, beagle, generation_config, logits_processor, num_draft_tokens: int | None = None):
+        config = beagle.config
+        self.beagle = beagle
+        self.model_kwargs_overrides = {"output_hidden_states": list(config.target_layer_ids)}
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor
+        self.max_length = generation_config.max_length
+        self.schedule = config.draft_schedule
+        self.num_draft_tokens = num_draft_tokens or config.num_draft_tokens
+        self.max_draft_tokens = max(config.max_draft_tokens, self.num_draft_tokens)
+        self.confidence_threshold = config.draft_confidence_threshold
+        self.cache = BeagleCache()
+        self.stats = BeagleGenerationStats()
+        beagle.generation_stats = self.stats
+        self._handed_off_at: float | None = None
+        self._last_drafted = 0
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens one round drafts (transformers >= 5.25 sizes the target cache's rollback record by it)."""
+        return self.max_draft_tokens
+
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict | None = None,
+        model_outputs=None,
+        is_first_iteration: bool = False,
+        n_last_matches: int = 0,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        started = time.perf_counter()
+        if self._handed_off_at is not None:
+            self.stats.verify_time_s += started - self._handed_off_at
+        if is_first_iteration:
+            # Round 0: the target prefills the prompt first; its states arrive with the next call.
+            self.cache.reset()
+            self._handed_off_at = time.perf_counter()
+            return input_ids, None
+        candidates, candidate_logits = self._draft(input_ids, model_kwargs or {}, model_outputs)
+        now = time.perf_counter()
+        self.stats.draft_time_s += now - started
+        self._handed_off_at = now
+        return candidates, candidate_logits
+
+    @torch.no_grad()
+    def _draft(self, input_ids, model_kwargs, model_outputs):
+        beagle, cache = self.beagle, self.cache
+        cur_len = input_ids.shape[1]
+        # Positions follow the attention mask (left padding), as the target's own positions do.
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.shape[-1] == cur_len:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            valid = attention_mask.bool()
+        else:
+            positions = torch.arange(cur_len, device=input_ids.device)[None]
+            valid = None
+
+        # 1. End the last round: drop its draft states, append the true states of every newly read token.
+        cache.discard_drafts()
+        num_new = cur_len - 1 - cache.num_true
+        states = target_states(model_outputs, beagle.config.target_layer_ids)
+        if states.shape[1] < num_new:
+            raise BeagleGenerationError(
+                f"the target returned states for {states.shape[1]} tokens, expected {num_new}: Beagle needs the "
+                "target's states for every prompt token (do not pass a pre-filled `past_key_values`)."
+            )
+        new = slice(cache.num_true, cur_len - 1)
+        beagle.append_context(cache, states[:, :num_new], positions[:, new], None if valid is None else valid[:, new],
+                              next_ids=input_ids[:, new.start + 1 :])
+
+        # 2. Draft a chain from the bonus token.
+        budget = self.max_length - cur_len - 1  # the verification forward adds one bonus token itself
+        num_steps = min(self.num_draft_tokens, budget)
+        self._last_drafted = 0
+        if num_steps <= 0:
+            return input_ids, None
+        sequence = input_ids
+        token = input_ids[:, -1:]
+        position = positions[:, -1:]
+        parent_state = None
+        processed_logits = []
+        for step in range(num_steps):
+            draft_kwargs = {}
+            if parent_state is not None:
+                draft_kwargs = dict(draft_states=parent_state, draft_position_ids=position + step - 1,
+                                    draft_next_ids=token)
+            out = beagle(input_ids=token, position_ids=position + step, past_key_values=cache, **draft_kwargs)
+            logits = draft_logits_to_target_vocab(beagle, out.logits[:, -1].float())
+            if len(self.logits_processor) > 0:
+                logits = self.logits_processor(sequence, logits)
+            if self.do_sample:
+                probs = logits.softmax(-1)
+                token = sample_categorical(probs)[:, None]
+                confidence = probs.gather(-1, token)
+                processed_logits.append(logits)
+            else:
+                token = logits.argmax(-1, keepdim=True)
+                confidence = logits.softmax(-1).gather(-1, token) if self.confidence_threshold else None
+            sequence = torch.cat([sequence, token], dim=-1)
+            parent_state = out.last_hidden_state if beagle.config.concat_draft_states else None
+            if self.confidence_threshold and step + 1 < num_steps and float(confidence) < self.confidence_threshold:
+                break
+        self._last_drafted = sequence.shape[1] - cur_len
+        candidate_logits = torch.stack(processed_logits, dim=1) if self.do_sample else None
+        return sequence, candidate_logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        num_matches = int(num_matches)
+        if self._last_drafted:
+            self.stats.drafted.append(self._last_drafted)
+            self.stats.accepted.append(min(num_matches, self._last_drafted))
+        if self.schedule == "adaptive" and self._last_drafted:
+            if num_matches >= self._last_drafted:
+                self.num_draft_tokens = min(self.num_draft_tokens + 1, self.max_draft_tokens)
+            else:
+                self.num_draft_tokens = max(1, self.num_draft_tokens - 1)
+
+
+# --------------------------------------------------------------------------------------------------- dispatch
+def _wrap_candidate_generator_factory(original):
+    """A `_get_candidate_generator` that lets an assistant offering `beagle_candidate_generator` build its own
+    generator (duck typing: remote code may load Beagle's class twice) and defers to `original` otherwise."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def _get_candidate_generator(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        factory = getattr(arguments.get("assistant_model"), "beagle_candidate_generator", None)
+        if not callable(factory):
+            return original(self, *args, **kwargs)
+        return factory(self, generation_config=arguments["generation_config"],
+                       logits_processor=arguments["logits_processor"])
+
+    return _get_candidate_generator
+
+
+def _wrap_validate_generation_mode(original):
+    """A `_validate_generation_mode` that first lets a Beagle assistant refuse settings it cannot honour (beam search,
+    several return sequences, a static cache, a mismatched target) instead of transformers silently dropping the
+    assistant or asking for tokenizers."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def _validate_generation_mode(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        assistant = (arguments.get("generation_mode_kwargs") or {}).get("assistant_model")
+        check = getattr(assistant, "beagle_check_generation", None)
+        if callable(check):
+            check(self, arguments["generation_mode"], arguments["generation_config"])
+        return original(self, *args, **kwargs)
+
+    return _validate_generation_mode
+
+
+# The private GenerationMixin methods Beagle wraps, with the parameters each must have.
+HOOKED_METHODS = {
+    "_get_candidate_generator": (
+        _wrap_candidate_generator_factory, ("assistant_model", "generation_config", "logits_processor")
+    ),
+    "_validate_generation_mode": (
+        _wrap_validate_generation_mode, ("generation_mode", "generation_config", "generation_mode_kwargs")
+    ),
+}
+
+
+def transformers_is_supported() -> tuple[bool, str]:
+    found = version.parse(transformers.__version__).release
+    low, high = (version.parse(v).release for v in SUPPORTED_TRANSFORMERS)
+    if not low <= found < high:
+        return False, (f"transformers {transformers.__version__} is not supported by Beagle's generation hook "
+                       f"(expected >={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]})")
+    for name, (_, needed) in HOOKED_METHODS.items():
+        method = getattr(GenerationMixin, name, None)
+        if method is None or not set(needed) <= set(inspect.signature(method).parameters):
+            return False, (f"transformers {transformers.__version__} has no `GenerationMixin.{name}` taking "
+                           f"{', '.join(needed)}, which Beagle's generation hook wraps")
+    return True, ""
+
+
+def _hooked(method) -> bool:
+    return getattr(method, HOOK_MARKER, False)
+
+
+def _wrap(name: str, original):
+    wrapped = HOOKED_METHODS[name][0](original)
+    setattr(wrapped, HOOK_MARKER, True)
+    return wrapped
+
+
+HOOK_UNAVAILABLE_REASON = ""
+
+
+def install_generate_hook() -> bool:
+    """Install (once, idempotently) the dispatch that makes `target.generate(ids, assistant_model=beagle)` use Beagle.
+
+    Skipped when the environment sets BEAGLE_DISABLE_GENERATE_HOOK=1 (use `beagle.attach(target)` instead) or when
+    the installed transformers is not a supported version; Beagle then refuses to run with a clear error.
+    """
+    global HOOK_UNAVAILABLE_REASON
+    if all(_hooked(getattr(GenerationMixin, name)) for name in HOOKED_METHODS):
+        return True
+    if os.environ.get(DISABLE_HOOK_ENV, "") not in ("", "0"):
+        HOOK_UNAVAILABLE_REASON = f"{DISABLE_HOOK_ENV} is set"
+        return False
+    supported, reason = transformers_is_supported()
+    if not supported:
+        HOOK_UNAVAILABLE_REASON = reason
+        return False
+    for name in HOOKED_METHODS:
+        if not _hooked(getattr(GenerationMixin, name)):
+            setattr(GenerationMixin, name, _wrap(name, getattr(GenerationMixin, name)))
+    return True
+
+
+def attach_to_target(target) -> None:
+    """Instance-level alternative to the global hook: only `target` dispatches to Beagle assistants."""
+    supported, reason = transformers_is_supported()
+    if not supported:
+        raise BeagleGenerationError(reason)
+    for name in HOOKED_METHODS:
+        if not _hooked(target.__dict__.get(name)):
+            setattr(target, name, types.MethodType(_wrap(name, getattr(type(target), name)), target))
+
+
+def detach_from_target(target) -> None:
+    for name in HOOKED_METHODS:
+        target.__dict__.pop(name, None)
+
+
+def unavailable_message() -> str:
+    reason = HOOK_UNAVAILABLE_REASON or "the generation hook is not installed"
+    return (
+        "Beagle is a draft model and cannot generate alone, and this call did not reach Beagle's candidate generator "
+        f"({reason}). Use `beagle.attach(target)` then `target.generate(input_ids, assistant_model=beagle)`, or unset "
+        f"{DISABLE_HOOK_ENV}, with transformers >={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}."
+    )
+
+
+__all__ = [
+    "BeagleCandidateGenerator",
+    "BeagleGenerationError",
+    "BeagleGenerationStats",
+    "attach_to_target",
+    "detach_from_target",
+    "install_generate_hook",
+]
