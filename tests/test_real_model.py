@@ -49,13 +49,13 @@ def test_shipped_checkpoint_is_a_hub_folder():
     assert (SHIPPED / "model.safetensors").stat().st_size < 16 * 2**20  # no target embedding / head inside
 
 
-CANDIDATE = Path(__file__).resolve().parents[1] / "benchmarks" / "candidates" / "beagle-smollm2-135m-instruct-part5"
+CANDIDATES = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "candidates").glob("beagle-*"))
 
 
-@pytest.mark.parametrize("folder", [SHIPPED, CANDIDATE], ids=["shipped", "candidate-part5"])
+@pytest.mark.parametrize("folder", [SHIPPED, *CANDIDATES], ids=["shipped", *(c.name for c in CANDIDATES)])
 def test_shipped_remote_code_is_the_package_code(folder):
     """Hub users run the checkpoint's copy of the modeling files, not the installed package: they must not drift
-    (the shipped checkpoint's, and the committed candidate's that may replace it)."""
+    (the shipped checkpoint's, and every committed candidate's that may replace it)."""
     from modeling_beagle.modeling_beagle import CUSTOM_GENERATE_SOURCE
 
     package = Path(__file__).resolve().parents[1] / "modeling_beagle"
