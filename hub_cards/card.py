@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import struct
@@ -34,7 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 from packaging.requirements import Requirement
 
 logger = logging.getLogger(__name__)
@@ -771,17 +773,42 @@ def render_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | s
     return text
 
 
+def card_images(card: str | os.PathLike) -> list[str]:
+    """The local images a model card shows (`![...](name.png)` with a plain file name, no folder or URL) that exist
+    next to it, in the card's order; [] when there is no card."""
+    card = Path(card)
+    if not card.is_file():
+        return []
+    linked = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", card.read_text(encoding="utf-8"))
+    return [name for name in dict.fromkeys(linked)
+            if "/" not in name and ":" not in name and (card.parent / name).is_file()]
+
+
+def _is_beagle_card(card: Path) -> bool:
+    """Whether `card` is a model card this module wrote (its Hub metadata carries the Beagle tags)."""
+    if not card.is_file():
+        return False
+    try:
+        metadata = metadata_load(card) or {}
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError):  # unreadable front matter: not a card written here
+        return False
+    tags = metadata.get("tags") or []
+    return isinstance(tags, list) and all(tag in tags for tag in ("beagle", "speculative-decoding"))
+
+
 def write_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | str | os.PathLike | list | None = None,
                      repo_id: str | None = None, training: dict | None = None, *, license: str = DEFAULT_LICENSE,
                      datasets: str | list[str] | None = None, base_model: str | None = None,
                      bench_dir: str | os.PathLike | None = None, output: str | os.PathLike | None = None) -> Path:
     """Render the card (see `render_model_card`) and write it to `output` (default: `<checkpoint_dir>/README.md`),
-    atomically (a temporary file in the same folder, then a rename). The plots it references are copied next to it.
-    Returns the path written."""
+    atomically (a temporary file in the same folder, then a rename). The plots it references are copied next to it;
+    the images the replaced card showed and the new one does not (the plots of earlier bench runs) are removed, so
+    the folder, which `beagle push` uploads whole, holds only what the card shows. Returns the path written."""
     text, plots = _card_parts(checkpoint_dir, bench_results, repo_id, training, license, datasets, base_model,
                               bench_dir)
     path = Path(output) if output is not None else Path(checkpoint_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
+    replaced_images = card_images(path) if _is_beagle_card(path) else []  # another README's images are not ours
     for plot, name in plots:
         destination = path.parent / name
         if destination.resolve() != plot.resolve():
@@ -796,6 +823,10 @@ def write_model_card(checkpoint_dir: str | os.PathLike, bench_results: dict | st
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    shown = {name for _, name in plots}
+    for name in replaced_images:
+        if name not in shown:
+            (path.parent / name).unlink()
     return path
 
 
@@ -804,6 +835,7 @@ __all__ = [
     "DEFAULT_LICENSE",
     "TAGS",
     "build_card_data",
+    "card_images",
     "eval_results_from_bench",
     "load_bench_results",
     "load_bench_runs",

@@ -3,14 +3,13 @@ bf16 in safetensors, without the target's embedding and head, the remote code an
 Trainer's files (`training_args.bin` is a pickle and never ships)."""
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .card import BeagleCardError
+from .card import BeagleCardError, card_images
 
 
 def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
@@ -41,12 +40,8 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
 
 
 def card_files(folder: Path) -> list[str]:
-    """The model card of a checkpoint folder and the local images it shows (`![...](name.png)`), where they exist:
-    what an export into that folder keeps, so the card is not left pointing at deleted plots."""
-    card = folder / "README.md"
-    if not card.is_file():
+    """The model card of a checkpoint folder and the local images it shows, where they exist: what an export into
+    that folder keeps, so the card is not left pointing at deleted plots."""
+    if not (folder / "README.md").is_file():
         return []
-    linked = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", card.read_text(encoding="utf-8"))
-    images = [name for name in dict.fromkeys(linked)
-              if "/" not in name and ":" not in name and (folder / name).is_file()]
-    return ["README.md", *images]
+    return ["README.md", *card_images(folder / "README.md")]

@@ -165,6 +165,28 @@ def _bench_folder(root: Path, name: str, bench: dict, plot_bytes: bytes) -> Path
     return folder / "bench.json"
 
 
+def test_rerendered_card_removes_only_the_plots_its_predecessor_showed(checkpoint, tmp_path):
+    """A card re-rendered from new bench runs drops the old runs' plots (the folder is what `beagle push` uploads),
+    keeps every other file, and never deletes images that a README not written by `beagle card` showed."""
+    t0 = {**BENCH, "results": [r for r in BENCH["results"] if r["temperature"] == 0.0], "plots": ["speedup.png"]}
+    t1 = {**BENCH, "results": [r for r in BENCH["results"] if r["temperature"] != 0.0], "plots": ["speedup.png"]}
+    old = [_bench_folder(tmp_path, "bench-v1", t0, b"v1"), _bench_folder(tmp_path, "bench-v1-t1", t1, b"v1 t1")]
+    new = [_bench_folder(tmp_path, "bench-v2", t0, b"v2"), old[1]]  # the T = 0 run re-made, the other kept
+    (checkpoint / "notes.png").write_bytes(b"kept")  # not shown by any card
+    write_model_card(checkpoint, old, repo_id=REPO_ID)
+    assert (checkpoint / "bench-v1-speedup.png").is_file() and (checkpoint / "bench-v1-t1-speedup.png").is_file()
+    text = write_model_card(checkpoint, new, repo_id=REPO_ID).read_text()
+    assert "bench-v1-speedup.png" not in text and not (checkpoint / "bench-v1-speedup.png").exists()
+    assert (checkpoint / "bench-v2-speedup.png").read_bytes() == b"v2"
+    assert (checkpoint / "bench-v1-t1-speedup.png").read_bytes() == b"v1 t1"  # still shown: kept
+    assert (checkpoint / "notes.png").read_bytes() == b"kept" and (checkpoint / "model.safetensors").is_file()
+    # a hand-written README (no Beagle card metadata) that shows an image: the image survives the new card
+    (checkpoint / "README.md").write_text("# my notes\n\n![logo](logo.png)\n")
+    (checkpoint / "logo.png").write_bytes(b"logo")
+    write_model_card(checkpoint, new, repo_id=REPO_ID)
+    assert (checkpoint / "logo.png").read_bytes() == b"logo"
+
+
 def test_card_from_several_bench_runs(checkpoint, tmp_path):
     """A T = 0 run and a T = 1 run (different settings, same plot file name) make one card: a subsection per run with
     its own settings and plot, every run's results in the model-index, and no group taken from two runs."""
