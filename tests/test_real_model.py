@@ -19,7 +19,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "beagle-smollm2-
 NEW_TOKENS = 48
 # Mean tau of the assisted chain on these prompts with these settings, measured when the checkpoint was committed
 # (printed by this test with `-s`), and the floor it must keep clearing: at least 15% below it.
-TAU_MEASURED = 1.508  # chain (assisted), 48 new tokens, fp32; the six-part recipe (4,000 steps k = 1, 400 stage 2)
+TAU_MEASURED = 1.570  # chain (assisted), 48 new tokens, fp32; the seven-part recipe (5,000 steps k = 1, 400 stage 2)
 TAU_FLOOR = 1.15
 
 pytestmark = pytest.mark.slow
