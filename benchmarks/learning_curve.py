@@ -81,7 +81,8 @@ def run_child(command: list[str], log_path: str) -> tuple[int, float, int]:
     return os.waitstatus_to_exitcode(status), time.time() - started, usage.ru_maxrss * 1024
 
 
-def plot(curves: dict, path: str) -> None:
+def plot(curves: dict, path: str, target_dtypes: set[str]) -> None:
+    """τ against training time for each draft; the y label names the target dtype(s) the evaluations ran in."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +93,8 @@ def plot(curves: dict, path: str) -> None:
         points = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])
         ax.plot([r["train_wall_s"] / 60 for r in points], [r["eval_tau"] for r in points], marker="o", label=name)
     ax.set_xlabel("training wall time (min, evaluations excluded)")
-    ax.set_ylabel("τ (MT-bench, greedy chain, fp32)")
+    names = {"bfloat16": "bf16", "float32": "fp32"}
+    ax.set_ylabel(f"τ (MT-bench, greedy chain, {' / '.join(sorted(names.get(d, d) for d in target_dtypes))} target)")
     ax.set_title("Learning curves at equal steps, data and batch")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -261,7 +263,8 @@ def report(args, runs: dict, curves: dict, out: str) -> int:
                           "cpu_count": os.cpu_count()}}
     with open(os.path.join(out, "learning_curve.json"), "w") as handle:
         json.dump(report, handle, indent=2)
-    plot(curves, os.path.join(out, "learning_curve.png"))
+    plot(curves, os.path.join(out, "learning_curve.png"),
+         {runs[name].get("target_dtype") or "float32" for name in curves if name in runs} or {"float32"})
     names = list(curves)
     lines = ["# Learning curves at equal budget: Beagle vs the EAGLE-2-style draft", "",
              f"**{'VALID' if valid else 'INVALID: a speculative output differed from plain greedy'}**", "",

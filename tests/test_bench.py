@@ -408,7 +408,8 @@ def test_learning_curve_holds_float32_runs_to_identity_and_reports_bf16_shares(t
     evaluation differed from plain greedy makes the comparison INVALID (exit 1); a bf16 run reports its identical
     share per evaluation instead (near-ties can flip there)."""
     curves_module = _learning_curve_module()
-    monkeypatch.setattr(curves_module, "plot", lambda curves, path: None)  # the verdict, not the figure (matplotlib)
+    plotted_dtypes = []  # the verdict and the plot's dtype label, not the figure itself (matplotlib)
+    monkeypatch.setattr(curves_module, "plot", lambda curves, path, target_dtypes: plotted_dtypes.append(target_dtypes))
     _finished_run(tmp_path / "bf16", "beagle", [1.2, 1.4], 600.0, identical=[1.0, 0.67], target_dtype="bfloat16")
     _finished_run(tmp_path / "fp32", "eagle2", [1.1, 1.3], 600.0, identical=[1.0, 0.67], target_dtype="float32")
     _finished_run(tmp_path / "old", "eagle2", [1.1, 1.3], 600.0, identical=[0.67, 1.0])
@@ -424,6 +425,9 @@ def test_learning_curve_holds_float32_runs_to_identity_and_reports_bf16_shares(t
     for other in ("fp32", "old"):
         status, table = run(f"beagle={tmp_path / 'bf16'}", f"eagle2={tmp_path / other}")
         assert status == 1 and "**INVALID" in table, other
+    status, _ = run(f"beagle={tmp_path / 'bf16'}")
+    # the y label names the evaluations' target dtypes; a ledger without one counts as float32
+    assert plotted_dtypes == [{"bfloat16", "float32"}] * 3 + [{"bfloat16"}]
 
 
 def test_round_budget_splits_rounds_and_derives_the_tau_each_speedup_needs():
