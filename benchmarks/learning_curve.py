@@ -254,7 +254,8 @@ def report(args, runs: dict, curves: dict, out: str) -> int:
     # Greedy identity is exact only in float32: a bf16 target's multi-token verification rounds differently from its
     # one-token decoding and can flip near-ties (README, Benchmarks), so bf16 curves report their identical share
     # instead. A run without a recorded dtype (older ledgers) is held to float32's rule.
-    bf16 = {name for name, run in runs.items() if run.get("target_dtype") == "bfloat16"}
+    target_dtypes = {name: (runs.get(name) or {}).get("target_dtype") or "float32" for name in curves}
+    bf16 = {name for name, dtype in target_dtypes.items() if dtype == "bfloat16"}
     valid = all(r["eval_greedy_identical"] == 1.0 for name, rows in curves.items() if name not in bf16 for r in rows)
     # Compared finished runs: their settings are in their training records, not in this command's defaults.
     settings = {"from_run": args.from_run, "include": args.include} if args.from_run else vars(args)
@@ -263,8 +264,7 @@ def report(args, runs: dict, curves: dict, out: str) -> int:
                           "cpu_count": os.cpu_count()}}
     with open(os.path.join(out, "learning_curve.json"), "w") as handle:
         json.dump(report, handle, indent=2)
-    plot(curves, os.path.join(out, "learning_curve.png"),
-         {runs[name].get("target_dtype") or "float32" for name in curves if name in runs} or {"float32"})
+    plot(curves, os.path.join(out, "learning_curve.png"), set(target_dtypes.values()) or {"float32"})
     names = list(curves)
     lines = ["# Learning curves at equal budget: Beagle vs the EAGLE-2-style draft", "",
              f"**{'VALID' if valid else 'INVALID: a speculative output differed from plain greedy'}**", "",
