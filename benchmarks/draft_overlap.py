@@ -18,7 +18,8 @@ No timing, so the machine's load does not matter.
     python benchmarks/draft_overlap.py --beagle checkpoints/beagle-smollm2-135m-instruct \
         --eagle2 benchmarks/eagle2-smollm2-135m-instruct --threads 2 --out benchmarks/results/draft_overlap
 
-writes `<out>.json` and `<out>.md`.
+writes `<out>.json` and `<out>.md`. `--variant NAME=FOLDER` (repeatable) scores further Beagle checkpoints on the
+same positions, each paired per prompt against `--beagle`: the deterministic screen for a training change.
 """
 
 import argparse
@@ -33,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.round_budget import first_turns, load_models, write_report  # noqa: E402
+from modeling_beagle import BeagleModel  # noqa: E402
 from modeling_beagle.generation_beagle import target_states  # noqa: E402
 from trainer.bench import generation_kwargs, machine_info  # noqa: E402
 from trainer.precision import DTYPES  # noqa: E402
@@ -84,12 +86,23 @@ def position_metrics(target, drafts: dict, sequence: torch.Tensor, prompt_len: i
     return metrics
 
 
+def paired(a: list[float], b: list[float], higher: str) -> dict:
+    """Mean and standard error of the per-prompt differences a - b, and on how many prompts a is higher."""
+    differences = [x - y for x, y in zip(a, b)]
+    return {"mean": statistics.mean(differences),
+            "standard_error": statistics.stdev(differences) / len(differences) ** 0.5,
+            higher: sum(d > 0 for d in differences)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--beagle", default="checkpoints/beagle-smollm2-135m-instruct")
     parser.add_argument("--eagle2", default=None, help="also score this EAGLE-2-style draft folder "
                                                        "(benchmarks/eagle2_draft.py) on the same positions")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FOLDER",
+                        help="also score this Beagle checkpoint on the same positions, paired against --beagle "
+                             "(repeatable)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--num-prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -98,6 +111,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results/draft_overlap")
     args = parser.parse_args(argv)
+    variants = {}
+    for spec in args.variant:
+        name, _, folder = spec.partition("=")
+        if not name or not folder or name in ("beagle", "eagle2") or name in variants:
+            parser.error(f"--variant expected NAME=FOLDER with a new NAME other than beagle / eagle2, found {spec!r}")
+        variants[name] = folder
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer, beagle = load_models(args.target, args.beagle, DTYPES[args.dtype], prepack=False)
@@ -108,6 +127,10 @@ def main(argv=None) -> int:
         from eagle2_draft import load_draft
 
         drafts["eagle2"] = (load_draft(args.eagle2, target), eagle2_first_step)
+    for name, folder in variants.items():
+        variant = BeagleModel.from_pretrained(folder, dtype=DTYPES[args.dtype]).eval()
+        variant.bind_target(target)
+        drafts[name] = (variant, beagle_first_step)
     prompts, inputs = first_turns(tokenizer, "mt-bench", args.num_prompts)
     temperatures = [float(t) for t in args.temperatures.split(",")]
     rows = []
@@ -128,13 +151,12 @@ def main(argv=None) -> int:
                **{key: statistics.mean(values) for key, values in pooled.items()},
                "overlap_per_prompt": per_prompt}
         if "eagle2" in drafts:
-            differences = [a - b for a, b in zip(per_prompt["beagle"], per_prompt["eagle2"])]
-            row["paired_overlap_difference"] = {"mean": statistics.mean(differences),
-                                                "standard_error": statistics.stdev(differences) / len(differences) ** 0.5,
-                                                "beagle_higher": sum(d > 0 for d in differences)}
+            row["paired_overlap_difference"] = paired(per_prompt["beagle"], per_prompt["eagle2"], "beagle_higher")
+        row["variant_overlap_difference"] = {name: paired(per_prompt[name], per_prompt["beagle"], "variant_higher")
+                                             for name in variants}
         rows.append(row)
     report = {"machine": machine_info(torch.device("cpu")),
-              "settings": {"target": args.target, "drafts": {"beagle": args.beagle, "eagle2": args.eagle2},
+              "settings": {"target": args.target, "drafts": {"beagle": args.beagle, "eagle2": args.eagle2, **variants},
                            "dtype": args.dtype, "prompts": [p["id"] for p in prompts],
                            "max_new_tokens": args.max_new_tokens, "seed": args.seed},
               "rows": rows}
@@ -161,6 +183,13 @@ def main(argv=None) -> int:
                       f"T = {row['temperature']:g}: {row['paired_overlap_difference']['mean']:+.3f} ± "
                       f"{row['paired_overlap_difference']['standard_error']:.3f} "
                       f"({row['paired_overlap_difference']['beagle_higher']}/{len(prompts)})" for row in rows) + "."]
+    for name in variants:
+        lines += ["", f"Paired per prompt, overlap {name} ({variants[name]}) − beagle ({args.beagle}) (mean ± standard "
+                  "error; prompts where it is higher): " + "; ".join(
+                      f"T = {row['temperature']:g}: {row['variant_overlap_difference'][name]['mean']:+.3f} ± "
+                      f"{row['variant_overlap_difference'][name]['standard_error']:.3f} "
+                      f"({row['variant_overlap_difference'][name]['variant_higher']}/{len(prompts)})" for row in rows)
+                  + "."]
     write_report(args.out, report, "\n".join(lines) + "\n")
     return 0
 

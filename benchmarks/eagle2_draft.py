@@ -355,19 +355,20 @@ def _shift(input_ids: torch.Tensor, by: int) -> torch.Tensor:
 
 
 def eagle2_forward_loss(draft, input_ids, features, target_states, labels: SoftLabels, loss_mask,
-                        smooth_l1_weight: float, forward=None):
+                        smooth_l1_weight: float, forward=None, tv_weight: float = 0.0):
     """EAGLE-1/2 teacher forcing, one forward: row p reads (t_{p+1}, f_p) and is supervised when position p + 1 is
-    (CE against P_{p+1} + λ SmoothL1 against f_{p+1}). Right padding only (causal rows never read later padding).
+    (CE against P_{p+1} + λ SmoothL1 against f_{p+1}, plus `tv_weight` × the total variation as Beagle's).
+    Right padding only (causal rows never read later padding).
 
     Returns the mean loss over supervised rows and step-1 sums (CE, SmoothL1, top-1 agreement, count).
     """
     out = (forward or draft)(input_ids=_shift(input_ids, 1), features=features, return_logits=False)
     loss_mask = loss_mask.bool()
     rows = loss_mask[:, 1:]  # row p is supervised iff position p + 1 is
-    ce, regression, agree = position_losses(draft, out.last_hidden_state[:, :-1][rows], target_states[:, 1:][rows],
-                                            labels.select(_label_rows(loss_mask)[:, 1:][rows]))
-    loss = (ce + smooth_l1_weight * regression).sum() / rows.sum().clamp(min=1)
-    return loss, _per_offset(torch.ones_like(ce, dtype=torch.long), 1, ce, regression, agree)
+    terms = position_losses(draft, out.last_hidden_state[:, :-1][rows], target_states[:, 1:][rows],
+                            labels.select(_label_rows(loss_mask)[:, 1:][rows]))
+    loss = terms.loss(smooth_l1_weight, tv_weight).sum() / rows.sum().clamp(min=1)
+    return loss, _per_offset(torch.ones_like(terms.ce, dtype=torch.long), 1, terms)
 
 
 @torch.no_grad()
@@ -401,14 +402,15 @@ def eagle2_unroll_stats(draft, input_ids, features, target_states, labels: SoftL
     length = input_ids.shape[1]
     loss_mask = loss_mask.bool()
     label_rows = _label_rows(loss_mask)
-    sums = {name: torch.zeros(steps, device=input_ids.device) for name in ("ce", "smooth_l1", "agree", "count")}
+    sums = {name: torch.zeros(steps, device=input_ids.device)
+            for name in ("ce", "overlap", "smooth_l1", "agree", "count")}
     for i, states in enumerate(eagle2_unroll(draft, input_ids, features, steps), start=1):
         targets = loss_mask[:, i:]  # row p predicts position p + i
         if not targets.any():
             continue
-        ce, regression, agree = position_losses(draft, states[:, : length - i][targets], target_states[:, i:][targets],
-                                                labels.select(label_rows[:, i:][targets]))
-        stats = _per_offset(torch.full_like(ce, i, dtype=torch.long), steps, ce, regression, agree)
+        terms = position_losses(draft, states[:, : length - i][targets], target_states[:, i:][targets],
+                                labels.select(label_rows[:, i:][targets]))
+        stats = _per_offset(torch.full_like(terms.ce, i, dtype=torch.long), steps, terms)
         for name in sums:
             sums[name] += stats[name]
     return sums
@@ -425,7 +427,7 @@ class Eagle2Trainer(BeagleTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         features, top, labels, supervised = self.target_features(inputs)
         loss, stats = eagle2_forward_loss(self.beagle, inputs["input_ids"], features, top, labels, supervised,
-                                          self.args.smooth_l1_weight, forward=model)
+                                          self.args.smooth_l1_weight, forward=model, tv_weight=self.args.tv_weight)
         if model.training:
             self._accumulate(1, stats)
         return (loss, stats) if return_outputs else loss
@@ -447,7 +449,7 @@ class Eagle2Trainer(BeagleTrainer):
                 sums[name] = sums.get(name, 0) + values
         metrics = {}
         counts = sums["count"].clamp(min=1)
-        for metric in ("agree", "ce", "smooth_l1"):
+        for metric in ("agree", "ce", "overlap", "smooth_l1"):
             for i, value in enumerate((sums[metric] / counts).tolist()):
                 if sums["count"][i] > 0:
                     metrics[f"{metric_key_prefix}_{'alpha' if metric == 'agree' else metric}_step_{i + 1}"] = value

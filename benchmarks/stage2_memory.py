@@ -129,9 +129,8 @@ class SelfAttentionTTTDraft(nn.Module):
             embeds = beagle.embed(tokens)
             out = self.norm(self.step(embeds, features, position_embeddings, causal, cache))
             rows = length - shift  # row p predicts t_{p+i+2} from P_{p+i+1}; the last rows have no label
-            ce, reg, _ = position_losses(beagle, out[:, :rows], states[:, shift:],
-                                         SoftLabels(probs[:, shift:]))
-            total = total + (ce + smooth_l1_weight * reg).mean()
+            terms = position_losses(beagle, out[:, :rows], states[:, shift:], SoftLabels(probs[:, shift:]))
+            total = total + terms.loss(smooth_l1_weight).mean()
             features = out
         return total
 

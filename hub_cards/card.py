@@ -502,6 +502,8 @@ def training_recipe(config: dict, record: dict) -> str:
          "none" if noise == "none" else f"{noise}, scale {_num(config.get('noise_scale'), 3)}"],
         ["stage 2 gradient through draft states", _num(bool(config.get("grad_through_draft_states", False)))],
     ]
+    if config.get("tv_weight"):
+        rows.insert(5, ["total-variation weight (`tv_weight`: + w · (1 − Σ min(P, Q)))", _num(config["tv_weight"], 3)])
     method = ("Two-Stage Block-Attention Training ([Budget EAGLE](" + PAPER_URL + ")) against the frozen target: "
               "stage 1 trains every offset of a window of k positions in one forward with the inverse block mask "
               "(loss = soft-label cross-entropy + λ_v · SmoothL1 on the predicted state); stage 2 runs S in-place "

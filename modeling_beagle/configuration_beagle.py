@@ -135,6 +135,8 @@ class BeagleConfig(PreTrainedConfig):
             training.
         noise_scale (`float`, defaults to 0.2): scale of that noise (half-width for uniform, sigma for gaussian).
         smooth_l1_weight (`float`, defaults to 10.0): lambda_v, the weight of the SmoothL1 state-regression loss.
+        tv_weight (`float`, defaults to 0.0): weight of the total variation 1 - sum(min(P, Q)) between the target's and
+            the draft's next-token distributions, added to the CE (0: CE and SmoothL1 only, the paper's loss).
         grad_through_draft_states (`bool`, defaults to `False`): stage 2 back-propagates through the draft-state
             buffer across simulation steps instead of detaching it.
         num_draft_tokens (`int`, defaults to 4): draft tokens in the first round (and every round when fixed).
@@ -189,6 +191,7 @@ class BeagleConfig(PreTrainedConfig):
     noise_type: Literal["uniform", "gaussian", "none"] = "uniform"
     noise_scale: float = 0.2
     smooth_l1_weight: float = 10.0
+    tv_weight: float = 0.0
     grad_through_draft_states: bool = False
 
     # --- drafting at inference (defaults a checkpoint can ship; overridable per call) ---
@@ -243,6 +246,8 @@ class BeagleConfig(PreTrainedConfig):
             raise _mismatch("noise_scale", "a float >= 0", self.noise_scale, where)
         if not self.smooth_l1_weight >= 0:
             raise _mismatch("smooth_l1_weight", "a float >= 0", self.smooth_l1_weight, where)
+        if not self.tv_weight >= 0:
+            raise _mismatch("tv_weight", "a float >= 0", self.tv_weight, where)
         if self.offset_range is not None and not (isinstance(self.offset_range, int) and self.offset_range > 0):
             raise _mismatch("offset_range", "None or a positive integer", self.offset_range, where)
         if self.draft_vocab_size is not None and not (

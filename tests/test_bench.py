@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import statistics
 
 import pytest
 import torch
@@ -734,6 +735,65 @@ def test_draft_overlap_reads_each_drafts_first_step_and_bounds_overlap_by_the_vo
                     <= 1 + 1e-6)
     assert metrics["full_vocab_mass"] == pytest.approx([1.0] * (12 - prompt_len), abs=1e-5)
     assert max(metrics["reduced_vocab_mass"]) < 1
+
+
+def test_draft_overlap_pairs_variants_per_prompt_and_refuses_bad_variant_names():
+    """`--variant NAME=FOLDER` drafts are paired per prompt against `--beagle` (difference, its standard error, how many
+    prompts are higher); a malformed or clashing name stops before any model loads."""
+    script = _benchmark_module("draft_overlap")
+    result = script.paired([0.5, 0.4, 0.7], [0.4, 0.5, 0.5], "variant_higher")
+    assert result["mean"] == pytest.approx(0.2 / 3) and result["variant_higher"] == 2
+    assert result["standard_error"] == pytest.approx(statistics.stdev([0.1, -0.1, 0.2]) / 3 ** 0.5)
+    for spec in ("no-folder", "=folder", "eagle2=folder", "beagle=folder"):
+        with pytest.raises(SystemExit):
+            script.main(["--variant", spec])
+    with pytest.raises(SystemExit):
+        script.main(["--variant", "a=x", "--variant", "a=y"])
+
+
+def test_greedy_tree_calibration_records_every_scored_child_and_calibrates_node_values():
+    """`benchmarks/greedy_tree_calibration.py`: the recorder follows the expansion's own frontier, so every node of the
+    returned tree is among the recorded children (by its path from the root) with the draft's q; labels compare a
+    child's path with the text after its root; the table is P(on text | parent on text) per depth, rank and q bin; the
+    calibrated values replace log q by the log of that table's (non-decreasing) interpolation, keeping the tokens."""
+    from conftest import trained_pair
+    from test_decoding import _true_context
+
+    from modeling_beagle.decoding_beagle import draft_tree
+
+    script = _benchmark_module("greedy_tree_calibration")
+    target, beagle = trained_pair()
+    ids = torch.randint(3, 96, (1, 7))
+    shape = TreeShape(depth=4, top_k=3, total_tokens=10)
+    with script.ExpansionRecorder() as recorder:
+        tokens, parents, depths = script.decoding.draft_tree(beagle, _true_context(target, beagle, ids), ids[:, 6],
+                                                             torch.tensor([6]), shape)
+    assert script.decoding.draft_topk is recorder._topk  # restored
+    recorded = {tuple(path): (depth, q) for root, depth, rank, q, path in recorder.records}
+    assert all(root == 6 for root, *_ in recorder.records)
+    assert {depth for depth, _ in recorded.values()} == set(range(1, 5))
+    for node in range(tokens.shape[1]):
+        path, walk = [], node
+        while walk >= 0:
+            path.insert(0, int(tokens[0, walk]))
+            walk = int(parents[0, walk])
+        assert tuple(path) in recorded and recorded[tuple(path)][0] == int(depths[0, node])
+    reference = draft_tree(beagle, _true_context(target, beagle, ids), ids[:, 6], torch.tensor([6]), shape)
+    assert all(torch.equal(a, b) for a, b in zip(reference, (tokens, parents, depths)))  # recording changes nothing
+
+    records = [(2, 1, 0, 0.5, [7]), (2, 2, 1, 0.2, [7, 9]), (2, 2, 0, 0.6, [8, 1]), (2, 3, 0, 0.9, [7, 8, 4])]
+    labelled = script.label_records(records, [0, 0, 0, 7, 8])  # the text after root position 2: 7 8 (then it ends)
+    assert [(r["on_text"], r["parent_on_text"]) for r in labelled] == [(True, True), (False, True), (False, False)]
+    rows = [{"depth": 1, "rank": 0, "q": q, "on_text": on, "parent_on_text": True}
+            for q, on in [(0.15, True)] * 15 + [(0.15, False)] * 5 + [(0.95, False)] * 19 + [(0.95, True)] * 1]
+    table = script.calibration_table(rows, min_count=20)
+    assert [(r["q_low"], r["count"], r["on_text"]) for r in table] == [(0.1, 20, 0.75), (0.9, 20, 0.05)]
+    topk, state = script.calibrated_topk(table, lambda beagle_, logits, k: (logits.log_softmax(-1).topk(k)))
+    logits = torch.log(torch.tensor([[[0.15, 0.05, 0.8]]]))
+    values, kept = topk(None, logits, 2)
+    assert torch.equal(kept, torch.tensor([[[2, 0]]])) and state["level"] == 1
+    # non-decreasing in q: the 0.95 bin's 0.05 is lifted to 0.75; q 0.15 reads 0.75 exactly
+    torch.testing.assert_close(values.exp(), torch.tensor([[[0.75, 0.75]]]))
 
 
 def test_lookup_rules_replay_and_branches(monkeypatch):

@@ -480,6 +480,9 @@ def test_card_says_which_stages_and_input_options_the_draft_was_trained_with(che
     assert "trained with stage 1 only" in only_stage1
     for runs in ([{"stage1_ratio": 0.5}], [{"stage1_ratio": 1.0}, {"stage1_ratio": 0.5}], [{}]):
         assert "stage 1 only" not in training_recipe(config, {"runs": runs}), runs
+    assert "tv_weight" not in only_stage1  # the paper's loss: no row for an unused term
+    assert "| total-variation weight (`tv_weight`: + w · (1 − Σ min(P, Q))) | 0.500 |" in training_recipe(
+        {**config, "tv_weight": 0.5}, {})
     details = _model_details(config, checkpoint, TARGET_ID)
     assert "| learned recency bias in the cross-attention (`recency_bias`) | yes |" in details
     assert "(`query_newest_state`; EAGLE-style, beyond the paper) | yes |" in details

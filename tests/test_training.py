@@ -136,6 +136,53 @@ def test_stage1_decay_weights_weight_each_query_by_its_offset():
         BeagleTrainingArguments(output_dir="unused", stage1_offset_weights="linear", report_to=[])
 
 
+def test_overlap_is_one_minus_total_variation_and_tv_weight_adds_it_to_the_loss():
+    """`SoftLabels.cross_entropy_and_overlap`: Σ min(P, Q) = 1 - ½ Σ |P - Q| with full labels and a lower bound of it
+    with sparse top-k labels; `tv_weight` w adds w × mean(1 - overlap) to the stage-1 and stage-2 losses, and its
+    gradient raises the overlap (one SGD step on the TV term alone)."""
+    from trainer.objectives import SoftLabels
+
+    torch.manual_seed(0)
+    p, logits = torch.softmax(2 * torch.randn(5, 40), -1), 2 * torch.randn(5, 40)
+    ce, overlap = SoftLabels(p).cross_entropy_and_overlap(logits)
+    q = logits.softmax(-1)
+    torch.testing.assert_close(overlap, 1 - 0.5 * (p - q).abs().sum(-1))
+    torch.testing.assert_close(ce, SoftLabels(p).cross_entropy(logits))
+    top = p.topk(4, -1)
+    sparse = SoftLabels(top.values / top.values.sum(-1, keepdim=True), top.indices)
+    assert (sparse.cross_entropy_and_overlap(logits)[1] <= torch.minimum(p / top.values.sum(-1, keepdim=True), q)
+            .sum(-1) + 1e-6).all()
+
+    target = make_target("llama", initializer_range=0.2)
+    beagle = BeagleModel.from_target(target, attn_implementation="eager", noise_type="none").eval()
+    ids = torch.randint(3, 96, (2, 13))
+    h = target_states(target, ids)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    labels = soft_labels_from_states(beagle, h[mask])
+    offsets = torch.tensor([1, 3])
+    plain, stats = stage1_forward(beagle, ids, h, h, labels, mask, torch.ones_like(ids), 4, offsets, 10.0)
+    with_tv, _ = stage1_forward(beagle, ids, h, h, labels, mask, torch.ones_like(ids), 4, offsets, 10.0,
+                                tv_weight=2.0)
+    torch.testing.assert_close(with_tv, plain + 2.0 * (1 - stats["overlap"].sum() / 26))
+    draft = torch.zeros_like(h)
+    sums = [stage2_step(beagle, ids, h, draft, h, labels, mask, torch.ones_like(ids), 4, offsets, 2, 10.0,
+                        tv_weight=w)[:3] for w in (0.0, 2.0)]
+    torch.testing.assert_close(sums[1][0], sums[0][0] + 2.0 * (sums[0][1] - sums[0][2]["overlap"].sum()))
+
+    before = stats["overlap"].sum()
+    tv_only, _ = stage1_forward(beagle, ids, h, h, labels, mask, torch.ones_like(ids), 4, offsets, 0.0, tv_weight=1.0)
+    ce_only, _ = stage1_forward(beagle, ids, h, h, labels, mask, torch.ones_like(ids), 4, offsets, 0.0)
+    (tv_only - ce_only).backward()  # the TV term alone
+    with torch.no_grad():
+        for param in beagle.parameters():
+            if param.grad is not None:
+                param -= 0.5 * param.grad
+    _, after = stage1_forward(beagle, ids, h, h, labels, mask, torch.ones_like(ids), 4, offsets, 10.0)
+    assert after["overlap"].sum() > before
+    with pytest.raises(ValueError, match="tv_weight"):
+        BeagleTrainingArguments(output_dir="unused", tv_weight=-1.0, report_to=[])
+
+
 # --------------------------------------------------------------------------------------------------- trainer
 def tiny_dataset(target, rows=64, prompt=4, answer=28, seed=0):
     torch.manual_seed(seed)
@@ -258,12 +305,12 @@ def test_resume_gives_the_same_weights(tmp_path):
 def test_saved_checkpoint_records_training_settings(tmp_path):
     target = make_target("llama", initializer_range=0.2)
     trainer = make_trainer(tmp_path, target, tiny_dataset(target), max_steps=4, stage2_steps=2, stage1_window=4,
-                           stage1_offset_weights="decay")
+                           stage1_offset_weights="decay", tv_weight=0.5)
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     loaded = BeagleModel.from_pretrained(tmp_path / "final")
     assert loaded.config.stage2_steps == 2 and loaded.config.stage1_window == 4
-    assert loaded.config.stage1_offset_weights == "decay"
+    assert loaded.config.stage1_offset_weights == "decay" and loaded.config.tv_weight == 0.5
     assert not any(k.startswith(("embed", "lm_head")) for k in load_file(tmp_path / "final" / "model.safetensors"))
     assert (tmp_path / "final" / "custom_generate" / "generate.py").is_file()
 
@@ -293,7 +340,7 @@ def test_head_rows_are_bucketed_and_losses_unchanged():
     hidden = torch.randn(rows, beagle.config.hidden_size, requires_grad=True)
     states = torch.randn(rows, beagle.config.hidden_size)
     labels = SoftLabels(torch.softmax(torch.randn(rows, beagle.config.vocab_size), -1))
-    ce, regression, agree = position_losses(beagle, hidden, states, labels)
+    ce, _, regression, agree = position_losses(beagle, hidden, states, labels)
     assert seen == [2 * HEAD_ROW_BUCKET] and ce.shape == (rows,)
     (ce.sum() + regression.sum()).backward()
     grad = hidden.grad.clone()

@@ -46,6 +46,9 @@ class BeagleTrainingArguments(TrainingArguments):
     noise_type: str = field(default="uniform", metadata={"help": "noise on true states: uniform, gaussian or none"})
     noise_scale: float = field(default=0.2, metadata={"help": "noise half-width (uniform) or sigma (gaussian)"})
     smooth_l1_weight: float = field(default=10.0, metadata={"help": "λ_v, weight of SmoothL1(ĥ, h)"})
+    tv_weight: float = field(default=0.0, metadata={
+        "help": "weight of the total variation 1 - Σ min(P, Q) added to the CE (the chance that sampling rejects "
+                "the draft's token); 0 (the default) trains CE + λ_v SmoothL1 only"})
     grad_through_draft_states: bool = field(default=False, metadata={"help": "stage 2 back-propagates through D"})
     # The method's optimizer settings (paper: AdamW betas (0.9, 0.95), clip 0.5); the loss mask column must survive.
     adam_beta2: float = 0.95
@@ -86,6 +89,8 @@ class BeagleTrainingArguments(TrainingArguments):
                              f"found {self.stage1_offset_weights!r}.")
         if self.noise_type not in ("uniform", "gaussian", "none"):
             raise ValueError(f"`noise_type` expected one of uniform, gaussian, none, found {self.noise_type!r}.")
+        if not self.tv_weight >= 0:
+            raise ValueError(f"`tv_weight` expected a float >= 0, found {self.tv_weight}.")
         if self.remove_unused_columns:
             raise ValueError("`remove_unused_columns` expected False for BeagleTrainer (it needs `loss_mask`).")
 
@@ -93,7 +98,8 @@ class BeagleTrainingArguments(TrainingArguments):
         """The options recorded into the Beagle config (and so into the saved checkpoint and model card)."""
         return {name: getattr(self, name) for name in ("stage1_window", "stage1_offset_weights", "stage2_steps",
                                                           "offset_range", "noise_type", "noise_scale",
-                                                          "smooth_l1_weight", "grad_through_draft_states")}
+                                                          "smooth_l1_weight", "tv_weight",
+                                                          "grad_through_draft_states")}
 
 
 class BeagleDataCollator:
@@ -190,7 +196,7 @@ class BeagleTrainer(Trainer):
         loss, stats = stage1_forward(
             self.beagle, inputs["input_ids"], context, top, labels, supervised, inputs["attention_mask"], window,
             self._offsets(inputs["input_ids"].shape[0], window), self.args.smooth_l1_weight, forward=model,
-            weights=offset_weights(window, self.args.stage1_offset_weights),
+            weights=offset_weights(window, self.args.stage1_offset_weights), tv_weight=self.args.tv_weight,
         )
         if model.training:
             self._accumulate(1, stats)
@@ -219,7 +225,7 @@ class BeagleTrainer(Trainer):
             with self.compute_loss_context_manager():
                 loss_sum, _, stats, states, at_step = stage2_step(
                     self.beagle, input_ids, context, draft, top, labels, supervised, attention_mask, steps, offsets,
-                    t, self.args.smooth_l1_weight, forward=model,
+                    t, self.args.smooth_l1_weight, forward=model, tv_weight=self.args.tv_weight,
                 )
             # β_t-weighted sum over positions, normalised so that equal weights give the mean per-position loss.
             loss = weights[t - 1] * loss_sum / num_supervised / (sum(weights) / steps)
@@ -240,7 +246,7 @@ class BeagleTrainer(Trainer):
             if key.endswith("_count"):
                 prefix = key[: -len("_count")]
                 counts = self._train_stats[key].clamp(min=1)
-                for metric in ("ce", "smooth_l1", "agree"):
+                for metric in ("ce", "overlap", "smooth_l1", "agree"):
                     values = self._train_stats.get(f"{prefix}_{metric}")
                     if values is not None:
                         for i, v in enumerate((values / counts).tolist()):
@@ -292,7 +298,7 @@ class BeagleTrainer(Trainer):
         metrics = {}
         for kind in ("offset", "step"):
             counts = sums[f"{kind}_count"].clamp(min=1)
-            for metric in ("agree", "ce", "smooth_l1"):
+            for metric in ("agree", "ce", "overlap", "smooth_l1"):
                 for i, v in enumerate((sums[f"{kind}_{metric}"] / counts).tolist()):
                     if sums[f"{kind}_count"][i] > 0:
                         name = "alpha" if metric == "agree" else metric

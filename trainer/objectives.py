@@ -9,6 +9,7 @@ order (`loss_mask` True), so the full-vocabulary distribution is never materiali
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -27,12 +28,24 @@ class SoftLabels:
     probs: torch.Tensor
     indices: torch.Tensor | None = None
 
+    def _log_q(self, draft_logits: torch.Tensor) -> torch.Tensor:
+        """log softmax(draft_logits) at the labels' tokens."""
+        log_q = draft_logits.float().log_softmax(-1)
+        return log_q if self.indices is None else log_q.gather(-1, self.indices)
+
     def cross_entropy(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Per-position CE(P, softmax(draft_logits))."""
-        log_q = draft_logits.float().log_softmax(-1)
-        if self.indices is not None:
-            log_q = log_q.gather(-1, self.indices)
-        return -(self.probs.float() * log_q).sum(-1)
+        return -(self.probs.float() * self._log_q(draft_logits)).sum(-1)
+
+    def cross_entropy_and_overlap(self, draft_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position CE(P, Q) and the overlap Σ min(P, Q) over the labels' tokens, Q = softmax(draft_logits).
+
+        The overlap is the chance that speculative sampling accepts one token drawn from Q (one minus the total
+        variation distance); over sparse top-k labels it is a lower bound of it.
+        """
+        log_q = self._log_q(draft_logits)
+        probs = self.probs.float()
+        return -(probs * log_q).sum(-1), torch.minimum(probs, log_q.exp()).sum(-1)
 
     def argmax(self) -> torch.Tensor:
         top = self.probs.argmax(-1)
@@ -79,13 +92,28 @@ def bucketed_logits(beagle, hidden: torch.Tensor) -> torch.Tensor:
     return beagle.compute_logits(hidden)[:rows]
 
 
-def position_losses(beagle, hidden: torch.Tensor, target_states: torch.Tensor, labels: SoftLabels):
-    """CE and SmoothL1 per supervised position (`hidden`, `target_states` already gathered to those positions)."""
+class PositionTerms(NamedTuple):
+    """Per supervised position: CE(P, Q), the overlap Σ min(P, Q), SmoothL1(ĥ, h) and top-1 agreement."""
+
+    ce: torch.Tensor
+    overlap: torch.Tensor
+    regression: torch.Tensor
+    agree: torch.Tensor
+
+    def loss(self, smooth_l1_weight: float, tv_weight: float = 0.0) -> torch.Tensor:
+        """The per-position training loss: CE + λ_v SmoothL1, plus `tv_weight` × the total variation 1 - Σ min(P, Q)
+        (the chance that sampling rejects the draft's token) when it is non-zero."""
+        loss = self.ce + smooth_l1_weight * self.regression
+        return loss + tv_weight * (1.0 - self.overlap) if tv_weight else loss
+
+
+def position_losses(beagle, hidden: torch.Tensor, target_states: torch.Tensor, labels: SoftLabels) -> PositionTerms:
+    """The loss terms per supervised position (`hidden`, `target_states` already gathered to those positions)."""
     logits = bucketed_logits(beagle, hidden)
-    ce = labels.cross_entropy(logits)
+    ce, overlap = labels.cross_entropy_and_overlap(logits)
     regression = F.smooth_l1_loss(hidden.float(), target_states.float(), reduction="none").mean(-1)
     agree = logits.argmax(-1) == labels.argmax()
-    return ce, regression, agree
+    return PositionTerms(ce, overlap, regression, agree)
 
 
 def next_token_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -113,7 +141,7 @@ def offset_weights(window: int, kind: str) -> torch.Tensor | None:
 
 def stage1_forward(beagle, input_ids, context_states, target_states, labels: SoftLabels, loss_mask, attention_mask,
                    window: int, offsets: torch.Tensor, smooth_l1_weight: float, forward=None,
-                   weights: torch.Tensor | None = None):
+                   weights: torch.Tensor | None = None, tv_weight: float = 0.0):
     """Stage 1: one forward with the inverse block mask (query p reads true keys j < s(p) only); every supervised
     query gets a loss, uniform weights unless `weights` (per offset 1..`window`, see `offset_weights`) are given.
     `forward` is the (possibly DDP-wrapped) module to call, default `beagle`.
@@ -126,14 +154,13 @@ def stage1_forward(beagle, input_ids, context_states, target_states, labels: Sof
                               context_valid=attention_mask.bool(), context_next_ids=next_token_ids(input_ids),
                               attention_mask=inverse_block_mask(positions, positions, starts), return_logits=False)
     supervised = loss_mask.bool()
-    ce, regression, agree = position_losses(beagle, out.last_hidden_state[supervised], target_states[supervised],
-                                            labels)
+    terms = position_losses(beagle, out.last_hidden_state[supervised], target_states[supervised], labels)
     query_offsets = window_offsets(positions, starts)[supervised]
-    per_position = ce + smooth_l1_weight * regression
+    per_position = terms.loss(smooth_l1_weight, tv_weight)
     if weights is not None:
         per_position = per_position * weights.to(per_position.device)[query_offsets - 1]
     loss = per_position.sum() / supervised.sum().clamp(min=1)
-    return loss, _per_offset(query_offsets, window, ce, regression, agree)
+    return loss, _per_offset(query_offsets, window, terms)
 
 
 def positions_at_offset(length: int, window: int, offsets: torch.Tensor, step: int):
@@ -151,7 +178,7 @@ def positions_at_offset(length: int, window: int, offsets: torch.Tensor, step: i
 
 def stage2_step(beagle, input_ids, context_states, draft_buffer, target_states, labels: SoftLabels, loss_mask,
                 attention_mask, window: int, offsets: torch.Tensor, step: int, smooth_l1_weight: float,
-                forward=None):
+                forward=None, tv_weight: float = 0.0):
     """Stage 2, simulation step `step` (1..S): keys are [true states; draft buffer D], the queries never change.
 
     Query p reads true keys j < s(p) and the draft states of the earlier offsets of its own window. Only the queries
@@ -179,20 +206,21 @@ def stage2_step(beagle, input_ids, context_states, draft_buffer, target_states, 
     # Soft labels are stored in the row-major order of all supervised positions; query positions ascend per row.
     label_rows = (loss_mask.long().flatten().cumsum(0) - 1).view_as(loss_mask).gather(1, query_positions)[supervised]
     sup_rows, sup_positions = rows[supervised], query_positions[supervised]
-    ce, regression, agree = position_losses(beagle, out.last_hidden_state[supervised],
-                                            target_states[sup_rows, sup_positions], labels.select(label_rows))
-    loss_sum = (ce + smooth_l1_weight * regression).sum()
-    stats = _per_offset(torch.full_like(ce, step, dtype=torch.long), window, ce, regression, agree)
+    terms = position_losses(beagle, out.last_hidden_state[supervised], target_states[sup_rows, sup_positions],
+                            labels.select(label_rows))
+    loss_sum = terms.loss(smooth_l1_weight, tv_weight).sum()
+    stats = _per_offset(torch.full_like(terms.ce, step, dtype=torch.long), window, terms)
     new_states = out.last_hidden_state
     states = new_states.new_zeros(*input_ids.shape, new_states.shape[-1]).index_put(
         (rows[exists], query_positions[exists]), new_states[exists])
     return loss_sum, supervised.sum(), stats, states, at_step
 
 
-def _per_offset(offsets, window, ce, regression, agree) -> dict:
+def _per_offset(offsets, window, terms: PositionTerms) -> dict:
+    """Sums of each loss term per window offset (or draft step) 1..`window`, and the counts."""
     index = (offsets - 1).clamp(0, window - 1)
 
     def by_offset(values):
         return torch.zeros(window, device=values.device).index_add_(0, index, values.float().detach())
-    return {"ce": by_offset(ce), "smooth_l1": by_offset(regression), "agree": by_offset(agree),
-            "count": by_offset(torch.ones_like(ce))}
+    return {"ce": by_offset(terms.ce), "overlap": by_offset(terms.overlap), "smooth_l1": by_offset(terms.regression),
+            "agree": by_offset(terms.agree), "count": by_offset(torch.ones_like(terms.ce))}
