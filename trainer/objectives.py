@@ -40,8 +40,8 @@ class SoftLabels:
     def cross_entropy_and_overlap(self, draft_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position CE(P, Q) and the overlap Σ min(P, Q) over the labels' tokens, Q = softmax(draft_logits).
 
-        The overlap is the chance that speculative sampling accepts one token drawn from Q (one minus the total
-        variation distance); over sparse top-k labels it is a lower bound of it.
+        With full labels the overlap is the chance that speculative sampling accepts one token drawn from Q (one minus
+        the total variation distance); with sparse top-k labels (renormalised) it is summed over those tokens only.
         """
         log_q = self._log_q(draft_logits)
         probs = self.probs.float()
