@@ -72,7 +72,7 @@ from modeling_beagle.generation_beagle import (  # noqa: E402
 from modeling_beagle.masking_beagle import to_attention_mask  # noqa: E402
 from modeling_beagle.modeling_beagle import BeagleCheckpointError  # noqa: E402
 from trainer.beagle_trainer import BeagleTrainer  # noqa: E402
-from trainer.objectives import SoftLabels, _per_offset, position_losses  # noqa: E402
+from trainer.objectives import STAT_NAMES, SoftLabels, _per_offset, position_losses  # noqa: E402
 
 METHOD_NAME = "eagle2-chain"
 # transformers 5.24 renamed the decoder layer's cache argument (`past_key_values` -> `cache`).
@@ -402,8 +402,7 @@ def eagle2_unroll_stats(draft, input_ids, features, target_states, labels: SoftL
     length = input_ids.shape[1]
     loss_mask = loss_mask.bool()
     label_rows = _label_rows(loss_mask)
-    sums = {name: torch.zeros(steps, device=input_ids.device)
-            for name in ("ce", "overlap", "smooth_l1", "agree", "count")}
+    sums = {name: torch.zeros(steps, device=input_ids.device) for name in (*STAT_NAMES, "count")}
     for i, states in enumerate(eagle2_unroll(draft, input_ids, features, steps), start=1):
         targets = loss_mask[:, i:]  # row p predicts position p + i
         if not targets.any():
@@ -449,7 +448,7 @@ class Eagle2Trainer(BeagleTrainer):
                 sums[name] = sums.get(name, 0) + values
         metrics = {}
         counts = sums["count"].clamp(min=1)
-        for metric in ("agree", "ce", "overlap", "smooth_l1"):
+        for metric in STAT_NAMES:
             for i, value in enumerate((sums[metric] / counts).tolist()):
                 if sums["count"][i] > 0:
                     metrics[f"{metric_key_prefix}_{'alpha' if metric == 'agree' else metric}_step_{i + 1}"] = value

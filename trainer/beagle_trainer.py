@@ -17,6 +17,7 @@ from .offline_cache import OfflineCache, OfflineCollator
 from .precision import bf16_is_native, warn_if_slow_bf16
 
 from .objectives import (
+    STAT_NAMES,
     SoftLabels,
     draw_window_offsets,
     offset_weights,
@@ -246,7 +247,7 @@ class BeagleTrainer(Trainer):
             if key.endswith("_count"):
                 prefix = key[: -len("_count")]
                 counts = self._train_stats[key].clamp(min=1)
-                for metric in ("ce", "overlap", "smooth_l1", "agree"):
+                for metric in STAT_NAMES:
                     values = self._train_stats.get(f"{prefix}_{metric}")
                     if values is not None:
                         for i, v in enumerate((values / counts).tolist()):
@@ -298,7 +299,7 @@ class BeagleTrainer(Trainer):
         metrics = {}
         for kind in ("offset", "step"):
             counts = sums[f"{kind}_count"].clamp(min=1)
-            for metric in ("agree", "ce", "overlap", "smooth_l1"):
+            for metric in STAT_NAMES:
                 for i, v in enumerate((sums[f"{kind}_{metric}"] / counts).tolist()):
                     if sums[f"{kind}_count"][i] > 0:
                         name = "alpha" if metric == "agree" else metric

@@ -216,8 +216,12 @@ def stage2_step(beagle, input_ids, context_states, draft_buffer, target_states, 
     return loss_sum, supervised.sum(), stats, states, at_step
 
 
+# The per-offset statistics `_per_offset` sums (besides "count"): what the trainers log and evaluate.
+STAT_NAMES = ("ce", "overlap", "smooth_l1", "agree")
+
+
 def _per_offset(offsets, window, terms: PositionTerms) -> dict:
-    """Sums of each loss term per window offset (or draft step) 1..`window`, and the counts."""
+    """Sums of each loss term per window offset (or draft step) 1..`window` (`STAT_NAMES`), and the counts."""
     index = (offsets - 1).clamp(0, window - 1)
 
     def by_offset(values):
