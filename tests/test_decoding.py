@@ -120,6 +120,22 @@ def test_greedy_identity_batches_of_mixed_lengths(shape):
     assert per_round_differs
 
 
+def test_prefill_computes_the_head_only_at_each_rows_last_position():
+    """The prompt's logits before the last position are never read: the prefill asks the target for the last one only
+    (`logits_to_keep=1`, as plain `generate` does), and the padded batch's output is still plain greedy's."""
+    target, beagle = trained_pair()
+    ids, mask = padded_batch(torch.Generator().manual_seed(9), 3)
+    rows_seen = []
+    hook = target.get_output_embeddings().register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[:2]))
+    try:
+        out = spec(target, beagle, ids, TreeShape(depth=3, top_k=2, total_tokens=6), attention_mask=mask,
+                   do_sample=False, max_new_tokens=12)
+    finally:
+        hook.remove()
+    assert ids.shape[1] > 1 and rows_seen[0] == (ids.shape[0], 1)  # the first head call is the prefill's
+    assert torch.equal(out, target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12))
+
+
 def test_greedy_identity_batches_with_eos_inside_drafts():
     target, beagle = trained_pair()
     g = torch.Generator().manual_seed(8)

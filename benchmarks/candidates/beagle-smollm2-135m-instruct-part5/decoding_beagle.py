@@ -630,8 +630,11 @@ def beagle_generate(
 
     # Prefill: the target reads the prompts; Beagle only projects their states (no draft forward).
     started = time.perf_counter()
+    # Only the last position's logits are read (as plain `generate` does): a prompt's full logits would cost a head
+    # matmul and a (prompt x vocabulary) tensor for nothing.
+    last_only = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                **cache_kwargs(model, cache), use_cache=True, output_hidden_states=layer_ids)
+                **cache_kwargs(model, cache), use_cache=True, output_hidden_states=layer_ids, **last_only)
     if not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
         raise BeagleGenerationError("the target's cache expected full-attention DynamicCache layers, found "
                                     f"{sorted({type(l).__name__ for l in cache.layers})} (sliding-window caches cannot "
