@@ -31,6 +31,8 @@ adds `tree-lookup-ngram` (`prompt_lookup_rule="ngram"`: transformers' rule, the 
 the tree as three branches: swapped in for the run) and `tree-lookup-nocopy` (copy mode off: the tree and a branch of
 the bench's lookup length in every round, the default before session 27); `CKPT@ngram,nocopy` selects some of them.
 `copyMxN` adds copy mode with other settings (`lookup_copy_match=M`, `lookup_copy_tokens=N`): `CKPT@nocopy,copy6x32`.
+`permatchK` shortens the branch of rounds that do not copy to K tokens per matched token
+(`lookup_tokens_per_match=K`): `CKPT@permatch2,permatch3`.
 """
 
 import argparse
@@ -137,7 +139,14 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                 f"the tree + one suffix-rule branch of {prompt_lookup_num_tokens} in every round, copy "
                                 "mode off (lookup_copy_match=0: the loop's default before session 27)")}
     names = selected.split(",") if selected else list(methods)
-    for name in names:  # copy mode's settings: copyMxN (lookup_copy_match=M, lookup_copy_tokens=N)
+    for name in names:  # copy mode's settings: copyMxN (lookup_copy_match=M, lookup_copy_tokens=N); permatchK
+        per_match = re.fullmatch(r"permatch(\d+)", name)
+        if per_match:
+            k = int(per_match[1])
+            methods[name] = Method(f"tree-lookup-{name}", partial(run, num_tokens=prompt_lookup_num_tokens, rule="suffix",
+                                                                  lookup_tokens_per_match=k),
+                                   f"the tree + one suffix-rule branch of at most {k} tokens per matched token, up to "
+                                   f"{prompt_lookup_num_tokens} (lookup_tokens_per_match={k})")
         match = re.fullmatch(r"copy(\d+)x(\d+)", name)
         if match:
             copy_match, copy_tokens = int(match[1]), int(match[2])
@@ -148,7 +157,7 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                    f"token match, copy mode: a branch of {copy_tokens}, no draft")
     unknown = [name for name in names if name not in methods]
     if unknown:
-        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)} or copyMxN after '@', found {unknown}.")
+        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN or permatchK after '@', found {unknown}.")
     return [methods[name] for name in names]
 
 

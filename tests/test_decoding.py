@@ -498,8 +498,54 @@ def test_greedy_identity_with_the_lookup_branch(shape, rule, copy_match, monkeyp
         assert copy_rounds == 0
 
 
+@pytest.mark.parametrize("rule", ["suffix", "ngram"])
+def test_lookup_tokens_per_match_shortens_the_branch_by_its_match(rule, monkeypatch):
+    """`lookup_tokens_per_match=K`: a round that does not copy asks the rule for at most K tokens per matched token
+    (and `prompt_lookup_num_tokens` at most); copy rounds keep `lookup_copy_tokens`; the output stays plain greedy."""
+    import modeling_beagle.decoding_beagle as decoding
+
+    real = decoding.LOOKUP_RULES[rule]
+    asked = []  # (match length, tokens asked for) per continuation
+
+    def match(sequence, max_ngram):
+        found = real.match(sequence, max_ngram)
+        asked.append([found[1], None])
+        return found
+
+    def continuation(sequence, end, num_tokens):
+        asked[-1][1] = num_tokens
+        return real.continuation(sequence, end, num_tokens)
+
+    monkeypatch.setitem(decoding.LOOKUP_RULES, rule, decoding.LookupRule(match, continuation, real.max_ngram))
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(12)
+    shortened = copied = 0
+    for i in range(12):
+        ids = torch.randint(3, 96, (1, int(torch.randint(2, 16, (1,), generator=g))), generator=g)
+        new, k, copy_match = 40, 1 + i % 2, (2 if i >= 8 else 0)
+        asked.clear()
+        out = spec(target, beagle, ids, TreeShape(depth=3, top_k=2, total_tokens=6), do_sample=False,
+                   max_new_tokens=new, prompt_lookup_num_tokens=6, prompt_lookup_rule=rule, lookup_tokens_per_match=k,
+                   lookup_copy_match=copy_match, lookup_copy_tokens=9)
+        assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=new))
+        for length, num in asked:
+            if num is None:  # no earlier occurrence: no branch
+                continue
+            if copy_match and length >= copy_match:
+                assert num <= 9
+                copied += num > 6  # longer than any lookup branch: a copy round's
+            else:
+                assert num <= min(6, k * length)
+                shortened += num == k * length < 6
+    assert shortened > 20 and copied > 2, "the test would not exercise the shortened branch or copy mode"
+
+
 def test_bad_prompt_lookup_settings_are_refused():
-    from modeling_beagle.decoding_beagle import resolve_copy_mode, resolve_prompt_lookup
+    from modeling_beagle.decoding_beagle import (
+        resolve_copy_mode,
+        resolve_lookup_tokens_per_match,
+        resolve_prompt_lookup,
+    )
 
     assert resolve_prompt_lookup(GenerationConfig()) == (0, 32)  # the suffix rule reads matches up to 32 tokens
     assert resolve_prompt_lookup(GenerationConfig(), "ngram") == (0, 2)  # transformers' default
@@ -529,9 +575,16 @@ def test_bad_prompt_lookup_settings_are_refused():
     for copy_match, copy_tokens in ((4, None), (None, 16)):  # copy mode asked for without the lookup branch
         with pytest.raises(BeagleGenerationError, match="without `prompt_lookup_num_tokens`"):
             resolve_copy_mode(copy_match, copy_tokens, lookup=False)
+    assert resolve_lookup_tokens_per_match(None, lookup=False) is None and resolve_lookup_tokens_per_match(3) == 3
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(BeagleGenerationError, match="lookup_tokens_per_match"):
+            resolve_lookup_tokens_per_match(bad)
     target, beagle = trained_pair()
     with pytest.raises(BeagleGenerationError, match="without `prompt_lookup_num_tokens`"):
         spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", do_sample=False, max_new_tokens=4, lookup_copy_match=4)
+    with pytest.raises(BeagleGenerationError, match="lookup_tokens_per_match.*without `prompt_lookup_num_tokens`"):
+        spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", do_sample=False, max_new_tokens=4,
+             lookup_tokens_per_match=2)
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -474,6 +474,19 @@ def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: 
     return copy_match, copy_tokens
 
 
+def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int | None:
+    """`lookup_tokens_per_match`: None (off: every lookup branch has `prompt_lookup_num_tokens`) or a positive int;
+    refused without the lookup branch it shortens, rather than ignored."""
+    if per_match is None:
+        return None
+    if not lookup:
+        raise BeagleGenerationError("`lookup_tokens_per_match` expected only with the lookup branch it shortens, found "
+                                    "it without `prompt_lookup_num_tokens`.")
+    if isinstance(per_match, bool) or not isinstance(per_match, int) or per_match < 1:
+        raise BeagleGenerationError(f"`lookup_tokens_per_match` expected a positive integer or None, found {per_match!r}.")
+    return per_match
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def recursive_rejection_sample(p: torch.Tensor, q: torch.Tensor, candidates: list[int]) -> tuple[int, bool]:
     """One token distributed exactly as `p` (a probability vector), using draft `candidates` drawn in this order
@@ -515,6 +528,7 @@ def beagle_generate(
     prompt_lookup_rule: str = "suffix",
     lookup_copy_match: int | None = None,
     lookup_copy_tokens: int | None = None,
+    lookup_tokens_per_match: int | None = None,
     **model_kwargs,
 ):
     """Speculative decoding with Beagle draft trees, for batches of (left-)padded prompts.
@@ -531,7 +545,10 @@ def beagle_generate(
     `lookup_copy_match` tokens long (default: 4 in greedy decoding, 0 (off) when sampling), the text is copying an
     earlier passage, which the draft rarely continues better than the passage does: Beagle does not draft, and the
     round verifies only the lookup branch, extended to `lookup_copy_tokens` tokens (default 32); the rounds are
-    counted in `beagle.generation_stats.copy_rounds`. Statistics of the run are left in `beagle.generation_stats`.
+    counted in `beagle.generation_stats.copy_rounds`. `lookup_tokens_per_match=K` (default None: off) shortens the
+    branch of a round that is not copying to at most K tokens per matched token (a 1-token match proposes K tokens, a
+    2-token match 2K, up to `prompt_lookup_num_tokens`): a short match's continuation is rarely right for long, and
+    every proposed token is verified. Statistics of the run are left in `beagle.generation_stats`.
     transformers does not hand `streamer` to a `custom_generate` callable: pass it as `beagle_streamer=` (the
     checkpoint folder's `custom_generate/generate.py` does so for you).
     `sampled_drafts` (sampling only; default: on when `do_sample`): draw each node's children from the draft's
@@ -577,6 +594,7 @@ def beagle_generate(
     pad = int(pad) if pad is not None else (int(eos.flatten()[0]) if eos is not None else 0)
     max_new = generation_config.max_length - prompt_len
     copy_match, copy_tokens = resolve_copy_mode(lookup_copy_match, lookup_copy_tokens, do_sample, bool(lookup_tokens))
+    per_match = resolve_lookup_tokens_per_match(lookup_tokens_per_match, bool(lookup_tokens))
     lookup_rule = LOOKUP_RULES[prompt_lookup_rule]
     stats = BeagleGenerationStats()
     beagle.generation_stats = stats
@@ -659,10 +677,12 @@ def beagle_generate(
                      for b in range(batch)]
             copying = bool(copy_match) and all(done[b] or (found[b][1] >= copy_match and max_new - num_new[b] > 1)
                                                for b in range(batch))
-            num = copy_tokens if copying else lookup_tokens
+            # a row's branch length: the copy length, or the lookup length (at most `per_match` per matched token)
+            num = [copy_tokens if copying else min(lookup_tokens, (per_match or lookup_tokens) * found[b][1])
+                   for b in range(batch)]
             proposals = [[] if done[b] or found[b][0] < 0 else
                          lookup_rule.continuation(rows_seq[b][first_valid[b]:], found[b][0],
-                                                  min(num, max_new - num_new[b] - 1))
+                                                  min(num[b], max_new - num_new[b] - 1))
                          for b in range(batch)]
         if copying:
             stats.copy_rounds += 1
