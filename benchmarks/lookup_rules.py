@@ -199,6 +199,28 @@ def replay(rule, prompt: list[int], reply: list[int], num_tokens: int) -> dict:
     return {"rounds": rounds, "proposed": proposed, "taken": taken, "tokens": len(reply)}
 
 
+def taken_by_match_length(prompt: list[int], reply: list[int], num_tokens: int, longest: int = 4,
+                          max_ngram: int = 32) -> dict[int, list[int]]:
+    """At every position of `reply`, the loop's suffix rule (`LOOKUP_RULES["suffix"]`) proposes `num_tokens` tokens;
+    counts `{match length (capped at longest): [positions whose proposal the reply takes exactly j tokens of, j = 0..N]}`
+    (positions without an earlier occurrence of the last token are left out). This is what `lookup_tokens_per_match`
+    reads: how far a continuation stays right, by how long the match it continues is."""
+    rule = LOOKUP_RULES["suffix"]
+    sequence = torch.tensor(prompt + reply)
+    counts = {}
+    for position in range(len(reply) - 1):
+        end, length = rule.match(sequence[: len(prompt) + position], max_ngram)
+        if end < 0:
+            continue
+        proposal = rule.continuation(sequence[: len(prompt) + position], end, num_tokens)
+        truth = reply[position : position + num_tokens]
+        taken = 0
+        while taken < len(truth) and proposal[taken] == truth[taken]:
+            taken += 1
+        counts.setdefault(min(length, longest), [0] * (num_tokens + 1))[taken] += 1
+    return counts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -207,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--lengths", default="10,16", help="comma-separated proposal lengths N")
+    parser.add_argument("--by-match-length", type=int, default=10, metavar="N",
+                        help="also tabulate how many of the suffix rule's N proposed tokens the reply takes, by match length")
     parser.add_argument("--replies", required=True, help="JSON cache of the target's replies (written if absent)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", required=True)
@@ -230,8 +254,26 @@ def main(argv=None) -> int:
     lines = ["| prompt set | N | rule | τ (lookup only) | proposed per round | taken per proposed |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['prompt_set']} | {r['num_tokens']} | {r['rule']} | {r['tau']:.3f} | {r['proposed_per_round']:.2f} | "
               f"{r['taken_per_proposed']:.3f} |" for r in results]
+    by_length = []
+    for name in prompt_sets:
+        counts = {}
+        for r in (r for r in replies if r["prompt_set"] == name):
+            for length, row in taken_by_match_length(r["prompt"], r["reply"], args.by_match_length).items():
+                counts[length] = [a + b for a, b in zip(counts.get(length, [0] * len(row)), row)]
+        for length, row in sorted(counts.items()):
+            at_least = [sum(row[j:]) / sum(row) for j in range(1, len(row))]
+            by_length.append({"prompt_set": name, "match_length": length, "positions": sum(row), "counts": row,
+                              "p_taken_at_least": at_least})
+    lines += ["", f"Every position of the replies: the suffix rule's proposal of {args.by_match_length} tokens, by the "
+              "length of the match it continues (4: 4 or more, where copy mode takes over), and the share of positions "
+              "whose reply takes at least j of its tokens.", "",
+              "| prompt set | match length | positions | " + " | ".join(f"j ≥ {j}" for j in range(1, args.by_match_length + 1))
+              + " |", "|---|---|---|" + "---|" * args.by_match_length]
+    lines += [f"| {r['prompt_set']} | {r['match_length']}{'+' if r['match_length'] == 4 else ''} | {r['positions']} | "
+              + " | ".join(f"{p:.3f}" for p in r["p_taken_at_least"]) + " |" for r in by_length]
     table = "\n".join(lines) + "\n"
-    report = {"benchmark": "lookup_rules", "settings": vars(args), "machine": machine_info(torch.device("cpu")), "results": results}
+    report = {"benchmark": "lookup_rules", "settings": vars(args), "machine": machine_info(torch.device("cpu")),
+              "results": results, "taken_by_match_length": by_length}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2))

@@ -812,6 +812,12 @@ def test_lookup_rules_replay_and_branches(monkeypatch):
     assert walk == {"rounds": 3, "proposed": 3, "taken": 3, "tokens": 6}
     walk = rules.replay(rules.RULES["ngram2-earliest"], [1, 2], [3, 4, 5], num_tokens=4)  # nothing repeats
     assert walk == {"rounds": 3, "proposed": 0, "taken": 0, "tokens": 3}
+    # by match length: after "1" (a 1-token match) the reply takes 2 of "2 3 4", after "1 2" 1 of "3 4 1", after
+    # "1 2 3" none of "4 1 2"; "4" and "5" occurred nowhere earlier
+    assert rules.taken_by_match_length([1, 2, 3, 4], [1, 2, 3, 5, 1, 2], num_tokens=3) == {
+        1: [0, 0, 1, 0], 2: [0, 1, 0, 0], 3: [1, 0, 0, 0]}
+    assert rules.taken_by_match_length([1, 2, 3, 4], [1, 2, 3, 5, 1, 2], num_tokens=3, longest=2) == {
+        1: [0, 0, 1, 0], 2: [1, 1, 0, 0]}
     g = torch.Generator().manual_seed(3)
     for _ in range(100):
         sequence = torch.randint(0, 4, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g)
