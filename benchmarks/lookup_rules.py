@@ -18,7 +18,9 @@ Rules (`lookup(sequence, num_tokens) -> list[int]`):
     python benchmarks/lookup_rules.py --prompt-sets mt-bench,humaneval --num-prompts 20 \
         --replies runs/lookup_rules/replies.json --out benchmarks/results/lookup_rules
 
-writes `<out>.json` and `<out>.md`.
+writes `<out>.json` and `<out>.md`; with `--by-match-length N` (10 by default) also a table of how many of the
+suffix rule's N proposed tokens the replies take, by the length of the match each continues (what
+`lookup_tokens_per_match` reads: `benchmarks/results/lookup_match_lengths.md`).
 
 It is also a `beagle bench` plugin (ARG: the Beagle checkpoint folder) whose methods run Beagle's own loop with the
 bench's tree and lookup length but another lookup rule than the loop's default ("suffix", which `beagle-tree-lookup`
@@ -143,8 +145,9 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
         per_match = re.fullmatch(r"permatch(\d+)", name)
         if per_match:
             k = int(per_match[1])
-            methods[name] = Method(f"tree-lookup-{name}", partial(run, num_tokens=prompt_lookup_num_tokens, rule="suffix",
-                                                                  lookup_tokens_per_match=k),
+            methods[name] = Method(f"tree-lookup-{name}",
+                                   partial(run, num_tokens=prompt_lookup_num_tokens, rule="suffix",
+                                           lookup_tokens_per_match=k),
                                    f"the tree + one suffix-rule branch of at most {k} tokens per matched token, up to "
                                    f"{prompt_lookup_num_tokens} (lookup_tokens_per_match={k})")
         match = re.fullmatch(r"copy(\d+)x(\d+)", name)
@@ -157,7 +160,8 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                    f"token match, copy mode: a branch of {copy_tokens}, no draft")
     unknown = [name for name in names if name not in methods]
     if unknown:
-        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN or permatchK after '@', found {unknown}.")
+        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN or permatchK after '@', "
+                         f"found {unknown}.")
     return [methods[name] for name in names]
 
 
@@ -202,7 +206,8 @@ def replay(rule, prompt: list[int], reply: list[int], num_tokens: int) -> dict:
 def taken_by_match_length(prompt: list[int], reply: list[int], num_tokens: int, longest: int = 4,
                           max_ngram: int = 32) -> dict[int, list[int]]:
     """At every position of `reply`, the loop's suffix rule (`LOOKUP_RULES["suffix"]`) proposes `num_tokens` tokens;
-    counts `{match length (capped at longest): [positions whose proposal the reply takes exactly j tokens of, j = 0..N]}`
+    counts `{match length (capped at longest): [positions whose proposal the reply takes exactly j tokens of,
+    j = 0..N]}`
     (positions without an earlier occurrence of the last token are left out). This is what `lookup_tokens_per_match`
     reads: how far a continuation stays right, by how long the match it continues is."""
     rule = LOOKUP_RULES["suffix"]
@@ -230,7 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--lengths", default="10,16", help="comma-separated proposal lengths N")
     parser.add_argument("--by-match-length", type=int, default=10, metavar="N",
-                        help="also tabulate how many of the suffix rule's N proposed tokens the reply takes, by match length")
+                        help="also tabulate how many of the suffix rule's N proposed tokens the reply takes, by "
+                             "match length")
     parser.add_argument("--replies", required=True, help="JSON cache of the target's replies (written if absent)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", required=True)
@@ -267,8 +273,8 @@ def main(argv=None) -> int:
     lines += ["", f"Every position of the replies: the suffix rule's proposal of {args.by_match_length} tokens, by the "
               "length of the match it continues (4: 4 or more, where copy mode takes over), and the share of positions "
               "whose reply takes at least j of its tokens.", "",
-              "| prompt set | match length | positions | " + " | ".join(f"j ≥ {j}" for j in range(1, args.by_match_length + 1))
-              + " |", "|---|---|---|" + "---|" * args.by_match_length]
+              "| prompt set | match length | positions | "
+              + " | ".join(f"j ≥ {j}" for j in range(1, args.by_match_length + 1)) + " |", "|---|---|---|" + "---|" * args.by_match_length]
     lines += [f"| {r['prompt_set']} | {r['match_length']}{'+' if r['match_length'] == 4 else ''} | {r['positions']} | "
               + " | ".join(f"{p:.3f}" for p in r["p_taken_at_least"]) + " |" for r in by_length]
     table = "\n".join(lines) + "\n"

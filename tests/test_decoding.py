@@ -126,7 +126,8 @@ def test_prefill_computes_the_head_only_at_each_rows_last_position():
     target, beagle = trained_pair()
     ids, mask = padded_batch(torch.Generator().manual_seed(9), 3)
     rows_seen = []
-    hook = target.get_output_embeddings().register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[:2]))
+    head = target.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[:2]))
     try:
         out = spec(target, beagle, ids, TreeShape(depth=3, top_k=2, total_tokens=6), attention_mask=mask,
                    do_sample=False, max_new_tokens=12)

@@ -483,7 +483,8 @@ def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int | Non
         raise BeagleGenerationError("`lookup_tokens_per_match` expected only with the lookup branch it shortens, found "
                                     "it without `prompt_lookup_num_tokens`.")
     if isinstance(per_match, bool) or not isinstance(per_match, int) or per_match < 1:
-        raise BeagleGenerationError(f"`lookup_tokens_per_match` expected a positive integer or None, found {per_match!r}.")
+        raise BeagleGenerationError(f"`lookup_tokens_per_match` expected a positive integer or None, found "
+                                    f"{per_match!r}.")
     return per_match
 
 
