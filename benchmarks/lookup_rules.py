@@ -189,22 +189,28 @@ def target_replies(target_name: str, dtype: str, prompt_sets: list[str], num_pro
     return replies
 
 
+def taken_prefix(proposal: list[int], truth: list[int]) -> int:
+    """How many of `proposal`'s tokens a greedy walk over `truth` takes: the length of their common prefix."""
+    taken = 0
+    while taken < min(len(proposal), len(truth)) and proposal[taken] == truth[taken]:
+        taken += 1
+    return taken
+
+
 def replay(rule, prompt: list[int], reply: list[int], num_tokens: int) -> dict:
     """A lookup-only speculative walk over `reply`: rounds, proposed tokens, taken proposed tokens."""
     sequence = torch.tensor(prompt + reply)
     start, position, rounds, proposed, taken = len(prompt), 0, 0, 0, 0
     while position < len(reply):
         proposal = rule(sequence[: start + position], min(num_tokens, len(reply) - position - 1))
-        matched = 0
-        while matched < len(proposal) and proposal[matched] == reply[position + matched]:
-            matched += 1
+        matched = taken_prefix(proposal, reply[position:])
         rounds, proposed, taken = rounds + 1, proposed + len(proposal), taken + matched
         position += matched + 1
     return {"rounds": rounds, "proposed": proposed, "taken": taken, "tokens": len(reply)}
 
 
-def taken_by_match_length(prompt: list[int], reply: list[int], num_tokens: int, longest: int = 4,
-                          max_ngram: int = 32) -> dict[int, list[int]]:
+def taken_by_match_length(prompt: list[int], reply: list[int], num_tokens: int,
+                          longest: int = decoding.LOOKUP_COPY_MATCH, max_ngram: int = 32) -> dict[int, list[int]]:
     """At every position of `reply`, the loop's suffix rule (`LOOKUP_RULES["suffix"]`) proposes `num_tokens` tokens;
     counts `{match length (capped at longest): [positions whose proposal the reply takes exactly j tokens of,
     j = 0..N]}`
@@ -214,14 +220,11 @@ def taken_by_match_length(prompt: list[int], reply: list[int], num_tokens: int, 
     sequence = torch.tensor(prompt + reply)
     counts = {}
     for position in range(len(reply) - 1):
-        end, length = rule.match(sequence[: len(prompt) + position], max_ngram)
+        text = sequence[: len(prompt) + position]
+        end, length = rule.match(text, max_ngram)
         if end < 0:
             continue
-        proposal = rule.continuation(sequence[: len(prompt) + position], end, num_tokens)
-        truth = reply[position : position + num_tokens]
-        taken = 0
-        while taken < len(truth) and proposal[taken] == truth[taken]:
-            taken += 1
+        taken = taken_prefix(rule.continuation(text, end, num_tokens), reply[position:])
         counts.setdefault(min(length, longest), [0] * (num_tokens + 1))[taken] += 1
     return counts
 
@@ -270,12 +273,13 @@ def main(argv=None) -> int:
             at_least = [sum(row[j:]) / sum(row) for j in range(1, len(row))]
             by_length.append({"prompt_set": name, "match_length": length, "positions": sum(row), "counts": row,
                               "p_taken_at_least": at_least})
+    longest = decoding.LOOKUP_COPY_MATCH  # taken_by_match_length's cap: copy mode's match length
     lines += ["", f"Every position of the replies: the suffix rule's proposal of {args.by_match_length} tokens, by the "
-              "length of the match it continues (4: 4 or more, where copy mode takes over), and the share of positions "
-              "whose reply takes at least j of its tokens.", "",
+              f"length of the match it continues ({longest}: {longest} or more, where copy mode takes over), and the "
+              "share of positions whose reply takes at least j of its tokens.", "",
               "| prompt set | match length | positions | "
               + " | ".join(f"j ≥ {j}" for j in range(1, args.by_match_length + 1)) + " |", "|---|---|---|" + "---|" * args.by_match_length]
-    lines += [f"| {r['prompt_set']} | {r['match_length']}{'+' if r['match_length'] == 4 else ''} | {r['positions']} | "
+    lines += [f"| {r['prompt_set']} | {r['match_length']}{'+' if r['match_length'] == longest else ''} | {r['positions']} | "
               + " | ".join(f"{p:.3f}" for p in r["p_taken_at_least"]) + " |" for r in by_length]
     table = "\n".join(lines) + "\n"
     report = {"benchmark": "lookup_rules", "settings": vars(args), "machine": machine_info(torch.device("cpu")),

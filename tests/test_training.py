@@ -138,8 +138,9 @@ def test_stage1_decay_weights_weight_each_query_by_its_offset():
 
 def test_overlap_is_one_minus_total_variation_and_tv_weight_adds_it_to_the_loss():
     """`SoftLabels.cross_entropy_and_overlap`: Σ min(P, Q) = 1 - ½ Σ |P - Q| with full labels, and with sparse top-k
-    labels the same sum over those tokens only (at most the full sum for the renormalised P); `tv_weight` w adds w × mean(1 - overlap) to the stage-1 and stage-2 losses, and its
-    gradient raises the overlap (one SGD step on the TV term alone)."""
+    labels the same sum over those tokens only (at most the full sum for the renormalised P); `tv_weight` w adds
+    w × mean(1 - overlap) to the stage-1 and stage-2 losses, and its gradient raises the overlap (one SGD step on the
+    TV term alone)."""
     from trainer.objectives import SoftLabels
 
     torch.manual_seed(0)

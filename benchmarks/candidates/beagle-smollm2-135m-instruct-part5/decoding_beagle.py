@@ -436,6 +436,12 @@ LOOKUP_RULES = {"suffix": LookupRule(suffix_match, periodic_continuation, 32),
                 "ngram": LookupRule(ngram_match, following_tokens, 2)}
 
 
+def _require_int(name: str, value, least: int, kind: str) -> None:
+    """Refuse a loop setting that is not an int (a bool is not one) of at least `least`, naming it and `kind`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise BeagleGenerationError(f"`{name}` expected {kind}, found {value!r}.")
+
+
 def resolve_prompt_lookup(generation_config, rule: str = "suffix") -> tuple[int, int]:
     """`prompt_lookup_num_tokens` / `max_matching_ngram_size` (transformers' prompt-lookup settings) for the loop's
     lookup branch under `rule`: (0, _) when off; the match length defaults to 32 tokens for "suffix" and to 2 for
@@ -446,8 +452,8 @@ def resolve_prompt_lookup(generation_config, rule: str = "suffix") -> tuple[int,
     max_ngram = getattr(generation_config, "max_matching_ngram_size", None)
     max_ngram = LOOKUP_RULES[rule].max_ngram if max_ngram is None else max_ngram
     for name, value in (("prompt_lookup_num_tokens", num_tokens), ("max_matching_ngram_size", max_ngram)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise BeagleGenerationError(f"`{name}` expected a positive integer, found {value!r}.")
+        if value is not None:
+            _require_int(name, value, 1, "a positive integer")
     return num_tokens or 0, max_ngram
 
 
@@ -468,9 +474,7 @@ def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: 
         copy_match = 0 if do_sample else LOOKUP_COPY_MATCH
     copy_tokens = LOOKUP_COPY_TOKENS if copy_tokens is None else copy_tokens
     for name, value, least in (("lookup_copy_match", copy_match, 0), ("lookup_copy_tokens", copy_tokens, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            kind = "a non-negative integer (0: off)" if least == 0 else "a positive integer"
-            raise BeagleGenerationError(f"`{name}` expected {kind}, found {value!r}.")
+        _require_int(name, value, least, "a non-negative integer (0: off)" if least == 0 else "a positive integer")
     return copy_match, copy_tokens
 
 
@@ -482,9 +486,7 @@ def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int | Non
     if not lookup:
         raise BeagleGenerationError("`lookup_tokens_per_match` expected only with the lookup branch it shortens, found "
                                     "it without `prompt_lookup_num_tokens`.")
-    if isinstance(per_match, bool) or not isinstance(per_match, int) or per_match < 1:
-        raise BeagleGenerationError(f"`lookup_tokens_per_match` expected a positive integer or None, found "
-                                    f"{per_match!r}.")
+    _require_int("lookup_tokens_per_match", per_match, 1, "a positive integer or None")
     return per_match
 
 
