@@ -22,7 +22,8 @@ from transformers import (
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from modeling_beagle import BeagleModel
-from modeling_beagle.generation_beagle import BeagleCandidateGenerator
+from modeling_beagle.decoding_beagle import CHAIN_LOOKUP_MATCH, LOOKUP_RULES
+from modeling_beagle.generation_beagle import BeagleCandidateGenerator, ChainLookup
 
 
 def fixed_chain(beagle, k=4):
@@ -249,6 +250,133 @@ def test_speculative_sampling_matches_target_distribution(monkeypatch):
     assert _chi_square_p_value(biased, exact) < 1e-6
 
 
+# ------------------------------------------------------------------------------------ prompt lookup: copy rounds
+def suffix_chain_lookup(num_tokens, copy_match=CHAIN_LOOKUP_MATCH):
+    rule = LOOKUP_RULES["suffix"]
+    return ChainLookup(rule.match, rule.continuation, num_tokens, max_ngram=32, copy_match=copy_match)
+
+
+def test_chain_lookup_copies_only_from_a_long_enough_match():
+    sequence = torch.tensor([5, 6, 7, 8, 9, 5, 6])  # ends with a repeat of its first 2 tokens
+    assert suffix_chain_lookup(3).proposal(sequence, budget=10) == [7, 8, 9]
+    assert suffix_chain_lookup(3).proposal(sequence, budget=2) == [7, 8]  # the round's room for tokens
+    assert suffix_chain_lookup(3).proposal(sequence, budget=0) is None
+    assert suffix_chain_lookup(3, copy_match=3).proposal(sequence, budget=10) is None  # a 2-token match is too short
+    assert suffix_chain_lookup(3).proposal(torch.tensor([5, 6, 7, 8, 9, 6]), budget=10) is None  # a 1-token match
+    assert suffix_chain_lookup(3).proposal(torch.tensor([1, 2, 3]), budget=10) is None  # no repeat at all
+    # the continuation runs into the sequence's end: it repeats with the match's period
+    assert suffix_chain_lookup(5).proposal(torch.tensor([4, 1, 2, 1, 2]), budget=10) == [1, 2, 1, 2, 1]
+
+
+def markov_target():
+    """A tiny target whose attention output is zeroed: its next token depends on the current token only, so its greedy
+    text soon loops, and a copy round's continuation is exactly what it goes on to say."""
+    target = make_target("llama", initializer_range=0.2, eos_token_id=None)
+    with torch.no_grad():
+        for name, param in target.named_parameters():
+            if name.endswith("o_proj.weight"):
+                param.zero_()
+    target.generation_config.pad_token_id = 0
+    return target
+
+
+def test_greedy_identity_with_prompt_lookup_copy_rounds():
+    """`prompt_lookup_num_tokens` on the chain path: rounds that copy an earlier passage verify its continuation
+    instead of a draft, up to N tokens (more than the draft's longest chain), and the output stays plain greedy; with
+    a target that only partly repeats itself (the trained pair) and with one that loops (every copy taken)."""
+    looping = markov_target()
+    torch.manual_seed(3)
+    pairs = [trained_pair(), (looping, BeagleModel.from_target(looping, attn_implementation="eager"))]
+    g = torch.Generator().manual_seed(12)
+    for p, (target, beagle) in enumerate(pairs):
+        copy_rounds = from_lookup = 0
+        for i in range(30):
+            fixed_chain(beagle, k=int(torch.randint(1, 5, (1,), generator=g)))
+            # the prompt: the target's own greedy text, which repeats pieces of itself
+            opening = torch.randint(1, 96, (1, int(torch.randint(2, 6, (1,), generator=g))), generator=g)
+            ids = target.generate(opening, do_sample=False, max_new_tokens=int(torch.randint(4, 40, (1,), generator=g)))
+            new = int(torch.randint(1, 40, (1,), generator=g))
+            n = int(torch.randint(1, 13, (1,), generator=g))
+            ref = target.generate(ids, do_sample=False, max_new_tokens=new)
+            out = target.generate(ids, do_sample=False, max_new_tokens=new, assistant_model=beagle,
+                                  prompt_lookup_num_tokens=n)
+            assert torch.equal(out, ref), f"pair {p}, prompt {i}: output with copy rounds differs from plain greedy"
+            stats = beagle.generation_stats
+            assert len(stats.accepted_from_lookup) == stats.rounds
+            assert all(f in (0, a) for f, a in zip(stats.accepted_from_lookup, stats.accepted))
+            assert max(stats.drafted, default=0) <= max(n, beagle.config.max_draft_tokens)
+            assert out.shape[1] - ids.shape[1] - 1 - sum(a + 1 for a in stats.accepted) in (0, 1)
+            copy_rounds += stats.copy_rounds
+            from_lookup += sum(stats.accepted_from_lookup)
+        assert copy_rounds > 20 and from_lookup > copy_rounds * (0.5 if p == 0 else 3), (p, copy_rounds, from_lookup)
+
+
+def test_copy_rounds_verify_n_tokens_without_drafting(monkeypatch):
+    target = markov_target()
+    beagle = fixed_chain(BeagleModel.from_target(target, attn_implementation="eager"), k=2)
+    # 100 greedy tokens over 96 token ids: the text has entered its loop, so every round's last tokens repeat
+    ids = target.generate(torch.tensor([[5, 6]]), do_sample=False, max_new_tokens=100)
+    draft_steps = []
+    forward = beagle.forward
+    monkeypatch.setattr(beagle, "forward", lambda *args, **kwargs: draft_steps.append(1) or forward(*args, **kwargs))
+    out = target.generate(ids, do_sample=False, max_new_tokens=25, assistant_model=beagle, prompt_lookup_num_tokens=7)
+    assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=25))
+    stats = beagle.generation_stats
+    # the prefill gives 1 token; each round then proposes N = 7 (room: 23, 15, 7 tokens), all taken, plus a bonus
+    assert stats.drafted == [7, 7, 7] and stats.accepted == [7, 7, 7] and stats.accepted_from_lookup == [7, 7, 7]
+    assert stats.copy_rounds == 3 and not draft_steps, "a copy round ran the draft"
+    out = target.generate(ids, do_sample=False, max_new_tokens=5, assistant_model=beagle, prompt_lookup_num_tokens=7)
+    assert stats is not beagle.generation_stats and beagle.generation_stats.drafted == [3]  # the room left: 5 - 1 - 1
+
+
+def _sample_tokens_2_and_3_with_lookup(target, beagle, prompt, n, num_tokens=3):
+    counts = torch.zeros(target.config.vocab_size**2)
+    copied = 0
+    torch.manual_seed(2025)
+    for _ in range(n):
+        out = target.generate(prompt, do_sample=True, temperature=0.8, top_k=6, max_new_tokens=4,
+                              assistant_model=beagle, prompt_lookup_num_tokens=num_tokens)
+        t2, t3 = out[0, prompt.shape[1] + 1 : prompt.shape[1] + 3].tolist()
+        counts[t2 * target.config.vocab_size + t3] += 1
+        copied += beagle.generation_stats.copy_rounds > 0
+    return counts, copied
+
+
+def test_sampling_with_copy_rounds_matches_target_distribution(monkeypatch):
+    """Copy rounds propose fixed tokens with no draft distribution: transformers accepts each only where its own
+    sample equals it, which keeps the target's distribution (and verifying them as if sampled from a distribution
+    they were not drawn from does not)."""
+    target = make_target("llama", vocab_size=8, initializer_range=0.2, eos_token_id=None, bos_token_id=None,
+                         pad_token_id=0)
+    torch.manual_seed(0)
+    beagle = fixed_chain(BeagleModel.from_target(target, attn_implementation="eager", noise_type="none"), k=3)
+    # every pair (1, x), x = 1..7, occurs earlier: unless the first sampled token is 0, [1, x] repeats and the first
+    # speculative round copies what followed it
+    body = [tok for x in range(1, 8) for tok in (1, x, x % 7 + 1)]
+    prompt = torch.tensor([body + [1]])
+    processors = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(6)])
+    exact = _exact_joint_of_tokens_2_and_3(target, prompt, processors)
+    n = 1500
+    counts, copied = _sample_tokens_2_and_3_with_lookup(target, beagle, prompt, n)
+    assert copied > n / 2, f"only {copied} of {n} generations had a copy round"
+    p_value = _chi_square_p_value(counts, exact)
+    assert p_value > 1e-3, f"sampling with copy rounds deviates from the target's distribution (p={p_value:.2e})"
+
+    # A biased rule: hand transformers a made-up draft distribution for the copied tokens (uniform), so that it
+    # verifies them by speculative sampling as if they had been drawn from it.
+    original = BeagleCandidateGenerator._draft
+
+    def misreported(self, *args, **kwargs):
+        sequence, logits = original(self, *args, **kwargs)
+        if self._last_copied:
+            logits = torch.zeros(1, self._last_drafted, target.config.vocab_size)
+        return sequence, logits
+
+    monkeypatch.setattr(BeagleCandidateGenerator, "_draft", misreported)
+    biased, _ = _sample_tokens_2_and_3_with_lookup(target, beagle, prompt, n)
+    assert _chi_square_p_value(biased, exact) < 1e-6
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_generation_settings_are_refused():
     target, beagle = trained_pair()
@@ -259,6 +387,12 @@ def test_bad_generation_settings_are_refused():
         target.generate(ids, num_beams=2, max_new_tokens=5, assistant_model=beagle)
     with pytest.raises(ValueError, match="[Ss]tatic"):
         target.generate(ids, max_new_tokens=5, cache_implementation="static", assistant_model=beagle)
+    for bad in (0, -2, True, 2.5):
+        with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+            target.generate(ids, max_new_tokens=5, assistant_model=beagle, prompt_lookup_num_tokens=bad)
+    with pytest.raises(ValueError, match="max_matching_ngram_size"):
+        target.generate(ids, max_new_tokens=5, assistant_model=beagle, prompt_lookup_num_tokens=4,
+                        max_matching_ngram_size=0)
 
 
 def test_mismatched_beagle_is_refused_in_generate():

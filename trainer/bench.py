@@ -23,8 +23,9 @@ of the same invocation. Reported per method and setting:
   divergence sits on a tie within bf16 rounding, `suspect` otherwise. Sampled runs (temperature > 0) use a fixed seed
   per prompt; identity is not expected there (`unchecked`).
 
-Methods are `Method(name, run)` objects; the built-in ones are `plain`, `prompt-lookup`, `beagle-chain` and
-`beagle-tree`. Others come from plugin files (`--plugin path/to/file.py[:ARG]`), see `load_plugin`.
+Methods are `Method(name, run)` objects; the built-in ones are `plain`, `prompt-lookup`, `beagle-chain`,
+`beagle-chain-lookup`, `beagle-tree` and `beagle-tree-lookup`. Others come from plugin files
+(`--plugin path/to/file.py[:ARG]`), see `load_plugin`.
 Outputs (`write_outputs`): bench.json, bench.md, acceptance.png and speedup.png.
 """
 
@@ -57,7 +58,8 @@ from .precision import DTYPES, bf16_is_native, warn_if_slow_bf16
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_METHODS = ("plain", "prompt-lookup", "beagle-chain", "beagle-tree", "beagle-tree-lookup")
+BUILTIN_METHODS = ("plain", "prompt-lookup", "beagle-chain", "beagle-chain-lookup", "beagle-tree",
+                   "beagle-tree-lookup")
 REFERENCE_METHODS = ("plain-unpacked",)  # with --prepack: the same target through unpacked kernels
 BASELINE = "plain"
 # Relative spacing of bfloat16 numbers: 8 significant bits, so neighbours of magnitude m lie 2^-8·m to 2^-7·m apart.
@@ -192,8 +194,9 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return MethodRun(out)
 
-    def beagle_chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
-        out = target.generate(input_ids, attention_mask=attention_mask, assistant_model=beagle,
+    def beagle_chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, **lookup):
+        """transformers' assisted loop with Beagle; `lookup` (prompt_lookup_num_tokens) adds copy rounds."""
+        out = target.generate(input_ids, attention_mask=attention_mask, assistant_model=beagle, **lookup,
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
@@ -205,6 +208,8 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                               tree_shape=shape, **lookup,
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
+
+    from modeling_beagle.decoding_beagle import CHAIN_LOOKUP_MATCH
 
     chain = "chain"
     if beagle is not None:
@@ -218,6 +223,11 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
         "prompt-lookup": [Method("prompt-lookup", prompt_lookup,
                                  f"target.generate(prompt_lookup_num_tokens={prompt_lookup_num_tokens})")],
         "beagle-chain": [Method("beagle-chain", beagle_chain, f"target.generate(assistant_model=beagle): {chain}")],
+        "beagle-chain-lookup": [Method(
+            "beagle-chain-lookup", functools.partial(beagle_chain, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
+            f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens={prompt_lookup_num_tokens}): {chain}; a "
+            f"round whose last {CHAIN_LOOKUP_MATCH} or more tokens repeat an earlier passage verifies the "
+            f"{prompt_lookup_num_tokens} tokens that followed it instead (copy round, no draft)")],
         "beagle-tree": [],
         "beagle-tree-lookup": [],
     }
@@ -1079,8 +1089,8 @@ def run_from_args(args) -> int:
     if BASELINE not in names:
         names = [BASELINE] + names  # the baseline and greedy reference is always measured
     if any(n.startswith("beagle") for n in names) and not args.beagle:
-        raise BeagleBenchError("methods beagle-chain / beagle-tree need `--beagle PATH` (a Beagle checkpoint folder); "
-                               "pass it or choose `--methods plain,prompt-lookup`.")
+        raise BeagleBenchError("methods beagle-chain / beagle-tree (and their -lookup forms) need `--beagle PATH` (a "
+                               "Beagle checkpoint folder); pass it or choose `--methods plain,prompt-lookup`.")
     tree_shapes = [parse_tree_shape(spec) for spec in (args.tree_shape or ["auto"])]
     plugins = [load_plugin(spec) for spec in (args.plugin or [])]
     prompt_sets = {name: load_prompts(name, turns="both" if args.turns == "both" and name == "mt-bench" else "first")
@@ -1142,7 +1152,8 @@ def add_arguments(parser) -> None:
                         "draft_confidence_threshold). Repeat it for a tree-size sweep in one run: the tree methods are "
                         "then measured once per shape, named beagle-tree[SHAPE] and beagle-tree-lookup[SHAPE]")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10,
-                        help="tokens proposed per round by prompt-lookup and by beagle-tree-lookup's lookup branch")
+                        help="tokens proposed per round by prompt-lookup, by beagle-chain-lookup's copy rounds and by "
+                             "beagle-tree-lookup's lookup branch")
     parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and method (median taken)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
