@@ -34,7 +34,9 @@ the tree as three branches: swapped in for the run) and `tree-lookup-nocopy` (co
 the bench's lookup length in every round, the default before session 27); `CKPT@ngram,nocopy` selects some of them.
 `copyMxN` adds copy mode with other settings (`lookup_copy_match=M`, `lookup_copy_tokens=N`): `CKPT@nocopy,copy6x32`.
 `permatchK` shortens the branch of rounds that do not copy to K tokens per matched token
-(`lookup_tokens_per_match=K`): `CKPT@permatch2,permatch3`.
+(`lookup_tokens_per_match=K`): `CKPT@permatch2,permatch3`. `chainmatchM` runs the assisted chain path with copy rounds
+(`target.generate(assistant_model=beagle, prompt_lookup_num_tokens=N)`, `beagle-chain-lookup`) from an M-token match
+instead of the package's `CHAIN_LOOKUP_MATCH`: `CKPT@chainmatch2,chainmatch3,chainmatch4`.
 """
 
 import argparse
@@ -111,6 +113,24 @@ def lookup_branches(branches: int | None):
         decoding.LOOKUP_RULES, decoding.add_lookup_branch = LOOKUP_RULES, ADD_LOOKUP_BRANCH
 
 
+@contextmanager
+def chain_copy_match(beagle, copy_match: int):
+    """Within the block, the assisted path's copy rounds (`ChainLookup`) start at a `copy_match`-token match."""
+    build = beagle.beagle_candidate_generator
+
+    def generator(*args, **kwargs):
+        candidate_generator = build(*args, **kwargs)
+        if candidate_generator.lookup is not None:
+            candidate_generator.lookup = replace(candidate_generator.lookup, copy_match=copy_match)
+        return candidate_generator
+
+    beagle.beagle_candidate_generator = generator
+    try:
+        yield
+    finally:
+        del beagle.beagle_candidate_generator
+
+
 def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_tokens=10):
     from modeling_beagle import beagle_generate
     from modeling_beagle.decoding_beagle import resolve_tree_shape
@@ -132,6 +152,13 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                   **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
+    def run_chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, copy_match):
+        with chain_copy_match(beagle, copy_match):
+            out = target.generate(input_ids, attention_mask=attention_mask, assistant_model=beagle,
+                                  prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+                                  **generation_kwargs(target, max_new_tokens, do_sample, temperature))
+        return _beagle_run(out, beagle)
+
     methods = {"ngram": Method("tree-lookup-ngram", partial(run, num_tokens=prompt_lookup_num_tokens, rule="ngram"),
                                f"the tree + one ngram-rule (transformers') branch of {prompt_lookup_num_tokens}"),
                "suffix-3x6": Method("tree-lookup-suffix-3x6", partial(run, num_tokens=6, rule="suffix", branches=3),
@@ -142,6 +169,12 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                 "mode off (lookup_copy_match=0: the loop's default before session 27)")}
     names = selected.split(",") if selected else list(methods)
     for name in names:  # copy mode's settings: copyMxN (lookup_copy_match=M, lookup_copy_tokens=N); permatchK
+        chain = re.fullmatch(r"chainmatch(\d+)", name)
+        if chain:
+            m = int(chain[1])
+            methods[name] = Method(f"chain-lookup-match{m}", partial(run_chain, copy_match=m),
+                                   f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens="
+                                   f"{prompt_lookup_num_tokens}) with copy rounds from a {m}-token match")
         per_match = re.fullmatch(r"permatch(\d+)", name)
         if per_match:
             k = int(per_match[1])

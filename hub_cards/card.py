@@ -439,8 +439,11 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 ids = inputs["input_ids"].to(device)
 
 # transformers' assisted generation with Beagle as the draft (batch size 1, adaptive chain drafts):
-# greedy output is token for token what `target.generate(ids, do_sample=False)` gives.
-out = target.generate(ids, assistant_model=beagle, max_new_tokens={max_new_tokens}, do_sample=False)
+# greedy output is token for token what `target.generate(ids, do_sample=False)` gives. prompt_lookup_num_tokens
+# adds copy rounds: where the text's last 2 or more tokens repeat an earlier passage, a round verifies the 10
+# tokens that followed it instead of a draft (leave it out for drafts only).
+out = target.generate(ids, assistant_model=beagle, prompt_lookup_num_tokens=10, max_new_tokens={max_new_tokens},
+                      do_sample=False)
 print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 print("tokens per target forward:", beagle.generation_stats.to_dict()["tau"])
 

@@ -856,6 +856,29 @@ def test_lookup_rules_replay_and_branches(monkeypatch):
     assert rules.decoding.add_lookup_branch is rules.ADD_LOOKUP_BRANCH  # swapped back
 
 
+def test_lookup_rules_chain_copy_match():
+    """`chainmatchM` (`lookup_rules.chain_copy_match`): the assisted path's copy rounds start at M tokens inside the
+    block (none where no match is that long), at the package's CHAIN_LOOKUP_MATCH again after it, output plain greedy."""
+    from conftest import trained_pair
+
+    rules = _benchmark_module("lookup_rules")
+    target, beagle = trained_pair()
+    ids = torch.tensor([[11, 12, 13, 14, 15, 11, 12, 13, 14, 15, 11, 12]])
+    ref = target.generate(ids, do_sample=False, max_new_tokens=12)
+
+    def copy_rounds():
+        out = target.generate(ids, do_sample=False, max_new_tokens=12, assistant_model=beagle,
+                              prompt_lookup_num_tokens=4)
+        assert torch.equal(out, ref)
+        return beagle.generation_stats.copy_rounds
+
+    default = copy_rounds()
+    with rules.chain_copy_match(beagle, 1000):
+        assert copy_rounds() == 0
+    assert default > 0 and copy_rounds() == default
+    assert "beagle_candidate_generator" not in vars(beagle)  # the instance's override is gone
+
+
 def test_paired_comparison_of_bench_methods():
     """`benchmarks/paired.py`: per prompt, tokens/s ratios and τ differences against the base method; plain rows and
     prompts the base did not run are left out; a base no prompt ran is refused."""

@@ -77,6 +77,9 @@ def test_greedy_identity_and_tau_floor_on_mt_bench(real):
         chain = target.generate(ids, assistant_model=beagle, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(chain, plain), tokenizer.decode(plain[0, ids.shape[1]:])
         taus.append(beagle.generation_stats.tau)
+        copying = target.generate(ids, assistant_model=beagle, prompt_lookup_num_tokens=10, max_new_tokens=NEW_TOKENS,
+                                  do_sample=False)  # with copy rounds
+        assert torch.equal(copying, plain), tokenizer.decode(plain[0, ids.shape[1]:])
         tree = target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
                                beagle=beagle, tree_shape="chain", max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(tree, plain)

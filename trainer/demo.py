@@ -19,10 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="target dtype; float32 gives exact token identity (bf16 can flip near-ties)")
-    parser.add_argument("--mode", choices=["tree-lookup", "tree", "chain"], default="tree-lookup",
+    parser.add_argument("--mode", choices=["tree-lookup", "tree", "chain-lookup", "chain"], default="tree-lookup",
                         help="tree-lookup: Beagle's own loop with draft trees plus a prompt-lookup branch "
                              "(prompt_lookup_num_tokens=10; the fastest on a 2-core CPU, README Results); tree: the "
-                             "same without the branch; chain: target.generate(assistant_model=...)")
+                             "same without the branch; chain-lookup: target.generate(assistant_model=beagle, "
+                             "prompt_lookup_num_tokens=10), chain drafts and copy rounds; chain: the same without "
+                             "copy rounds")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (interleaved); medians reported")
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                         help="pack the target's and the draft's linear weights for oneDNN (beagle.prepack_for_cpu) "
@@ -83,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
             return target.generate(ids, **settings)
 
     def speculative():
-        if args.mode == "chain":
-            return target.generate(ids, assistant_model=beagle, **settings)
-        lookup = {"prompt_lookup_num_tokens": 10} if args.mode == "tree-lookup" else {}
+        lookup = {"prompt_lookup_num_tokens": 10} if args.mode.endswith("-lookup") else {}
+        if args.mode.startswith("chain"):
+            return target.generate(ids, assistant_model=beagle, **lookup, **settings)
         return target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
                                beagle=beagle, tree_shape="auto", **lookup, **settings)
 

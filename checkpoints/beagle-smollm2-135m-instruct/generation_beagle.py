@@ -7,6 +7,8 @@ states Beagle reads next round, so the target never runs a second forward.
 
 One round (method.md §2): drop last round's draft states, append the true states the target produced for the
 accepted tokens, then draft a chain from the bonus token, appending each draft state lazily for the next step.
+With `prompt_lookup_num_tokens`, a round whose text is copying an earlier passage proposes that passage's
+continuation instead of a draft (`ChainLookup`).
 """
 
 import functools
@@ -14,6 +16,7 @@ import inspect
 import os
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,10 +49,9 @@ class BeagleGenerationStats:
 
     drafted: list[int] = field(default_factory=list)  # draft tokens proposed per round
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted per round (bonus excluded)
-    # of those, per round, the tokens only the prompt-lookup branch proposed (Beagle's own loop with
-    # `prompt_lookup_num_tokens`; empty otherwise)
+    # of those, per round, the tokens only prompt lookup proposed (with `prompt_lookup_num_tokens`; empty otherwise)
     accepted_from_lookup: list[int] = field(default_factory=list)
-    copy_rounds: int = 0  # rounds in copy mode (only the lookup branch verified, no draft; Beagle's own loop)
+    copy_rounds: int = 0  # rounds in copy mode (only the lookup proposal verified, no draft)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
 
@@ -171,12 +173,35 @@ def check_generation_config(generation_config) -> None:
 
 
 # ------------------------------------------------------------------------------------------- candidate generator
+@dataclass(frozen=True)
+class ChainLookup:
+    """Copy rounds for the chain path (`prompt_lookup_num_tokens` with `assistant_model=beagle`): in a round where the
+    text's last `copy_match` or more tokens repeat an earlier passage of the prompt and output (`match(sequence,
+    max_ngram)` -> (end position, match length)), the round proposes up to `num_tokens` tokens that followed it
+    (`continuation(sequence, end, num_tokens)`) instead of drafting: Beagle's own loop's copy mode, for a chain."""
+
+    match: Callable[[torch.Tensor, int], tuple[int, int]]
+    continuation: Callable[[torch.Tensor, int, int], list[int]]
+    num_tokens: int
+    max_ngram: int
+    copy_match: int
+
+    def proposal(self, sequence: torch.Tensor, budget: int) -> list[int] | None:
+        """The copy round's proposal for `sequence` (one row), at most `budget` tokens; None when not copying."""
+        end, matched = self.match(sequence, self.max_ngram)
+        if end < 0 or matched < self.copy_match or budget < 1:
+            return None
+        return self.continuation(sequence, end, min(self.num_tokens, budget))
+
+
 class BeagleCandidateGenerator(CandidateGenerator):
-    """Chain drafts from Beagle for transformers' assisted-decoding loop (batch size 1)."""
+    """Chain drafts from Beagle for transformers' assisted-decoding loop (batch size 1); with `lookup`, copy rounds
+    (`ChainLookup`) in place of a draft where the text repeats an earlier passage."""
 
     requires_model_outputs = True
 
-    def __init__(self, beagle, generation_config, logits_processor, num_draft_tokens: int | None = None):
+    def __init__(self, beagle, generation_config, logits_processor, num_draft_tokens: int | None = None,
+                 lookup: ChainLookup | None = None):
         config = beagle.config
         self.beagle = beagle
         self.model_kwargs_overrides = {"output_hidden_states": list(config.target_layer_ids)}
@@ -187,16 +212,18 @@ class BeagleCandidateGenerator(CandidateGenerator):
         self.num_draft_tokens = num_draft_tokens or config.num_draft_tokens
         self.max_draft_tokens = max(config.max_draft_tokens, self.num_draft_tokens)
         self.confidence_threshold = config.draft_confidence_threshold
+        self.lookup = lookup
         self.cache = BeagleCache()
         self.stats = BeagleGenerationStats()
         beagle.generation_stats = self.stats
         self._handed_off_at: float | None = None
         self._last_drafted = 0
+        self._last_copied = False
 
     @property
     def num_drafting_tokens(self) -> int:
-        """The most tokens one round drafts (transformers >= 5.25 sizes the target cache's rollback record by it)."""
-        return self.max_draft_tokens
+        """The most tokens one round proposes (transformers >= 5.25 sizes the target cache's rollback record by it)."""
+        return max(self.max_draft_tokens, self.lookup.num_tokens if self.lookup is not None else 0)
 
     def get_candidates(
         self,
@@ -247,10 +274,18 @@ class BeagleCandidateGenerator(CandidateGenerator):
         beagle.append_context(cache, states[:, :num_new], positions[:, new], None if valid is None else valid[:, new],
                               next_ids=input_ids[:, new.start + 1 :])
 
-        # 2. Draft a chain from the bonus token.
         budget = self.max_length - cur_len - 1  # the verification forward adds one bonus token itself
+        self._last_drafted, self._last_copied = 0, False
+        # 2a. A copy round: the text repeats an earlier passage; propose what followed it, no draft.
+        if self.lookup is not None:
+            first = int(valid[0].long().argmax()) if valid is not None else 0  # batch size 1; left padding skipped
+            proposal = self.lookup.proposal(input_ids[0, first:], budget)
+            if proposal:
+                self._last_drafted, self._last_copied = len(proposal), True
+                return torch.cat([input_ids, input_ids.new_tensor([proposal])], dim=1), None
+
+        # 2b. Draft a chain from the bonus token.
         num_steps = min(self.num_draft_tokens, budget)
-        self._last_drafted = 0
         if num_steps <= 0:
             return input_ids, None
         sequence = input_ids
@@ -286,9 +321,13 @@ class BeagleCandidateGenerator(CandidateGenerator):
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         num_matches = int(num_matches)
         if self._last_drafted:
+            accepted = min(num_matches, self._last_drafted)
             self.stats.drafted.append(self._last_drafted)
-            self.stats.accepted.append(min(num_matches, self._last_drafted))
-        if self.schedule == "adaptive" and self._last_drafted:
+            self.stats.accepted.append(accepted)
+            if self.lookup is not None:
+                self.stats.accepted_from_lookup.append(accepted if self._last_copied else 0)
+                self.stats.copy_rounds += self._last_copied
+        if self.schedule == "adaptive" and self._last_drafted and not self._last_copied:
             if num_matches >= self._last_drafted:
                 self.num_draft_tokens = min(self.num_draft_tokens + 1, self.max_draft_tokens)
             else:

@@ -25,9 +25,10 @@ from transformers.utils import ModelOutput
 
 from .cache_beagle import BeagleCache
 from .configuration_beagle import BeagleConfig, BeagleConfigError
-from .decoding_beagle import beagle_generate
+from .decoding_beagle import CHAIN_LOOKUP_MATCH, LOOKUP_RULES, beagle_generate, resolve_prompt_lookup
 from .generation_beagle import (
     BeagleCandidateGenerator,
+    ChainLookup,
     BeagleGenerationError,
     BeagleHookUnavailableError,
     attach_to_target,
@@ -769,10 +770,20 @@ class BeagleModel(BeaglePreTrainedModel):
         self.ensure_bound_to(target_model)
 
     def beagle_candidate_generator(self, target_model, generation_config, logits_processor) -> BeagleCandidateGenerator:
-        """Called by the generation hook when this Beagle is passed as `assistant_model` to `target.generate`."""
+        """Called by the generation hook when this Beagle is passed as `assistant_model` to `target.generate`.
+
+        `prompt_lookup_num_tokens=N` (transformers' prompt-lookup setting) adds copy rounds: where the text's last
+        `CHAIN_LOOKUP_MATCH` (2) or more tokens repeat an earlier passage (the longest repeated suffix, up to
+        `max_matching_ngram_size` tokens, default 32), the round proposes the N tokens that followed it instead of
+        a draft chain (`ChainLookup`)."""
         check_generation_config(generation_config)
         self.ensure_bound_to(target_model)
-        return BeagleCandidateGenerator(self, generation_config, logits_processor)
+        lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config)
+        lookup = None
+        if lookup_tokens:
+            rule = LOOKUP_RULES["suffix"]
+            lookup = ChainLookup(rule.match, rule.continuation, lookup_tokens, max_ngram, CHAIN_LOOKUP_MATCH)
+        return BeagleCandidateGenerator(self, generation_config, logits_processor, lookup=lookup)
 
     def ensure_bound_to(self, target_model: PreTrainedModel) -> None:
         """Bind `target_model` unless it is already the bound target (a target that does not match is refused)."""

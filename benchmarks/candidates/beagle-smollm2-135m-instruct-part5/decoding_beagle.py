@@ -461,6 +461,12 @@ def resolve_prompt_lookup(generation_config, rule: str = "suffix") -> tuple[int,
 # first turns, identical texts: τ +0.31, 3% less time; matches of 4-6 and branches of 16-32 tokens alike; results log,
 # Session 27). Off when sampling, where it did not pay (10 MT-bench first turns at T = 1).
 LOOKUP_COPY_MATCH, LOOKUP_COPY_TOKENS = 4, 32
+# The chain path's copy rounds (`target.generate(assistant_model=beagle, prompt_lookup_num_tokens=N)`, `ChainLookup`)
+# start at a 2-token match: a chain round proposes the lookup continuation or the draft, not both, and on the target's
+# replies the 10 tokens after a 2-token match are taken 1.7 (MT-bench) / 2.0 (HumanEval) at a time on average, after a
+# 1-token match 0.5, against the draft chain's ~0.7 per round (`benchmarks/results/lookup_match_lengths.md`). On identical
+# fp32 texts (10 MT-bench first turns) matches of 2 / 3 / 4 gave τ 2.41 / 2.30 / 2.27 (results log, Session 33).
+CHAIN_LOOKUP_MATCH = 2
 
 
 def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: bool = True) -> tuple[int, int]:
