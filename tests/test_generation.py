@@ -22,7 +22,7 @@ from transformers import (
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from modeling_beagle import BeagleModel
-from modeling_beagle.decoding_beagle import CHAIN_LOOKUP_MATCH, LOOKUP_RULES
+from modeling_beagle.decoding_beagle import CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING, LOOKUP_RULES
 from modeling_beagle.generation_beagle import BeagleCandidateGenerator, ChainLookup
 
 
@@ -280,6 +280,18 @@ def markov_target():
     return target
 
 
+def test_copy_rounds_start_at_the_match_length_of_the_decoding_mode():
+    from transformers import GenerationConfig
+
+    target, beagle = trained_pair()
+    for do_sample, copy_match in ((False, CHAIN_LOOKUP_MATCH), (True, CHAIN_LOOKUP_MATCH_SAMPLING)):
+        config = GenerationConfig(do_sample=do_sample, prompt_lookup_num_tokens=3, max_length=20)
+        generator = beagle.beagle_candidate_generator(target, config, LogitsProcessorList())
+        assert (generator.lookup.copy_match, generator.lookup.num_tokens) == (copy_match, 3)
+        assert generator.num_drafting_tokens == beagle.config.max_draft_tokens  # N = 3 fits the drafts' record
+    assert beagle.beagle_candidate_generator(target, GenerationConfig(max_length=20), LogitsProcessorList()).lookup is None
+
+
 def test_greedy_identity_with_prompt_lookup_copy_rounds():
     """`prompt_lookup_num_tokens` on the chain path: rounds that copy an earlier passage verify its continuation
     instead of a draft, up to N tokens (more than the draft's longest chain), and the output stays plain greedy; with
@@ -350,10 +362,11 @@ def test_sampling_with_copy_rounds_matches_target_distribution(monkeypatch):
                          pad_token_id=0)
     torch.manual_seed(0)
     beagle = fixed_chain(BeagleModel.from_target(target, attn_implementation="eager", noise_type="none"), k=3)
-    # every pair (1, x), x = 1..7, occurs earlier: unless the first sampled token is 0, [1, x] repeats and the first
-    # speculative round copies what followed it
-    body = [tok for x in range(1, 8) for tok in (1, x, x % 7 + 1)]
-    prompt = torch.tensor([body + [1]])
+    # every run (lead, x), x = 1..7, occurs earlier: unless the first sampled token is 0, the text's last
+    # CHAIN_LOOKUP_MATCH_SAMPLING tokens repeat and the first speculative round copies what followed them
+    lead = list(range(1, CHAIN_LOOKUP_MATCH_SAMPLING))
+    body = [tok for x in range(1, 8) for tok in (*lead, x, x % 7 + 1)]
+    prompt = torch.tensor([body + lead])
     processors = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(6)])
     exact = _exact_joint_of_tokens_2_and_3(target, prompt, processors)
     n = 1500

@@ -209,7 +209,7 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
-    from modeling_beagle.decoding_beagle import CHAIN_LOOKUP_MATCH
+    from modeling_beagle.decoding_beagle import CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING
 
     chain = "chain"
     if beagle is not None:
@@ -226,7 +226,8 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
         "beagle-chain-lookup": [Method(
             "beagle-chain-lookup", functools.partial(beagle_chain, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
             f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens={prompt_lookup_num_tokens}): {chain}; a "
-            f"round whose last {CHAIN_LOOKUP_MATCH} or more tokens repeat an earlier passage verifies the "
+            f"round whose last {CHAIN_LOOKUP_MATCH} or more tokens ({CHAIN_LOOKUP_MATCH_SAMPLING} when sampling) "
+            f"repeat an earlier passage verifies the "
             f"{prompt_lookup_num_tokens} tokens that followed it instead (copy round, no draft)")],
         "beagle-tree": [],
         "beagle-tree-lookup": [],

@@ -465,8 +465,10 @@ LOOKUP_COPY_MATCH, LOOKUP_COPY_TOKENS = 4, 32
 # start at a 2-token match: a chain round proposes the lookup continuation or the draft, not both, and on the target's
 # replies the 10 tokens after a 2-token match are taken 1.7 (MT-bench) / 2.0 (HumanEval) at a time on average, after a
 # 1-token match 0.5, against the draft chain's ~0.7 per round (`benchmarks/results/lookup_match_lengths.md`). On identical
-# fp32 texts (10 MT-bench first turns) matches of 2 / 3 / 4 gave τ 2.41 / 2.30 / 2.27 (results log, Session 33).
-CHAIN_LOOKUP_MATCH = 2
+# fp32 texts (10 MT-bench first turns) matches of 2 / 3 / 4 gave τ 2.41 / 2.30 / 2.27 (results log, Session 33). When
+# sampling, a sampled text repeats a passage token for token less often: from a 4-token match (10 MT-bench first turns
+# at T = 1: 1.066x the chain's tokens/s per prompt by median, against 1.017x from 2 tokens and 1.046x from 8).
+CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING = 2, 4
 
 
 def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: bool = True) -> tuple[int, int]:

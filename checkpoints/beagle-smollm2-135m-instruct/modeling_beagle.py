@@ -25,7 +25,13 @@ from transformers.utils import ModelOutput
 
 from .cache_beagle import BeagleCache
 from .configuration_beagle import BeagleConfig, BeagleConfigError
-from .decoding_beagle import CHAIN_LOOKUP_MATCH, LOOKUP_RULES, beagle_generate, resolve_prompt_lookup
+from .decoding_beagle import (
+    CHAIN_LOOKUP_MATCH,
+    CHAIN_LOOKUP_MATCH_SAMPLING,
+    LOOKUP_RULES,
+    beagle_generate,
+    resolve_prompt_lookup,
+)
 from .generation_beagle import (
     BeagleCandidateGenerator,
     ChainLookup,
@@ -773,16 +779,17 @@ class BeagleModel(BeaglePreTrainedModel):
         """Called by the generation hook when this Beagle is passed as `assistant_model` to `target.generate`.
 
         `prompt_lookup_num_tokens=N` (transformers' prompt-lookup setting) adds copy rounds: where the text's last
-        `CHAIN_LOOKUP_MATCH` (2) or more tokens repeat an earlier passage (the longest repeated suffix, up to
-        `max_matching_ngram_size` tokens, default 32), the round proposes the N tokens that followed it instead of
-        a draft chain (`ChainLookup`)."""
+        `CHAIN_LOOKUP_MATCH` (2; when sampling `CHAIN_LOOKUP_MATCH_SAMPLING`, 4) or more tokens repeat an earlier
+        passage (the longest repeated suffix, up to `max_matching_ngram_size` tokens, default 32), the round proposes
+        the N tokens that followed it instead of a draft chain (`ChainLookup`)."""
         check_generation_config(generation_config)
         self.ensure_bound_to(target_model)
         lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config)
         lookup = None
         if lookup_tokens:
             rule = LOOKUP_RULES["suffix"]
-            lookup = ChainLookup(rule.match, rule.continuation, lookup_tokens, max_ngram, CHAIN_LOOKUP_MATCH)
+            copy_match = CHAIN_LOOKUP_MATCH_SAMPLING if generation_config.do_sample else CHAIN_LOOKUP_MATCH
+            lookup = ChainLookup(rule.match, rule.continuation, lookup_tokens, max_ngram, copy_match)
         return BeagleCandidateGenerator(self, generation_config, logits_processor, lookup=lookup)
 
     def ensure_bound_to(self, target_model: PreTrainedModel) -> None:
