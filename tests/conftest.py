@@ -41,6 +41,18 @@ def make_target(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.M
     return model_cls(config).eval()
 
 
+def markov_target():
+    """A tiny target whose attention output is zeroed: its next token depends on the current token only, so its greedy
+    text soon loops, and a copy round's continuation is exactly what it goes on to say."""
+    target = make_target("llama", initializer_range=0.2, eos_token_id=None)
+    with torch.no_grad():
+        for name, param in target.named_parameters():
+            if name.endswith("o_proj.weight"):
+                param.zero_()
+    target.generation_config.pad_token_id = 0
+    return target
+
+
 def target_states(target: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The target's top-layer, post-final-norm states (what its lm_head reads)."""
     with torch.no_grad():

@@ -859,11 +859,14 @@ def test_lookup_rules_replay_and_branches(monkeypatch):
 def test_lookup_rules_chain_copy_match():
     """`chainmatchM` (`lookup_rules.chain_copy_match`): the assisted path's copy rounds start at M tokens inside the
     block (none where no match is that long), at the package's CHAIN_LOOKUP_MATCH again after it, output plain greedy."""
-    from conftest import trained_pair
+    from conftest import markov_target
+
+    from modeling_beagle import BeagleModel
 
     rules = _benchmark_module("lookup_rules")
-    target, beagle = trained_pair()
-    ids = torch.tensor([[11, 12, 13, 14, 15, 11, 12, 13, 14, 15, 11, 12]])
+    target = markov_target()  # its greedy text loops: every round's last tokens repeat an earlier passage
+    beagle = BeagleModel.from_target(target, attn_implementation="eager")
+    ids = target.generate(torch.tensor([[5, 6]]), do_sample=False, max_new_tokens=100)
     ref = target.generate(ids, do_sample=False, max_new_tokens=12)
 
     def copy_rounds():

@@ -10,7 +10,7 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from conftest import briefly_train, make_target, trained_pair
+from conftest import briefly_train, make_target, markov_target, trained_pair
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     LogitsProcessorList,
@@ -266,18 +266,6 @@ def test_chain_lookup_copies_only_from_a_long_enough_match():
     assert suffix_chain_lookup(3).proposal(torch.tensor([1, 2, 3]), budget=10) is None  # no repeat at all
     # the continuation runs into the sequence's end: it repeats with the match's period
     assert suffix_chain_lookup(5).proposal(torch.tensor([4, 1, 2, 1, 2]), budget=10) == [1, 2, 1, 2, 1]
-
-
-def markov_target():
-    """A tiny target whose attention output is zeroed: its next token depends on the current token only, so its greedy
-    text soon loops, and a copy round's continuation is exactly what it goes on to say."""
-    target = make_target("llama", initializer_range=0.2, eos_token_id=None)
-    with torch.no_grad():
-        for name, param in target.named_parameters():
-            if name.endswith("o_proj.weight"):
-                param.zero_()
-    target.generation_config.pad_token_id = 0
-    return target
 
 
 def test_copy_rounds_start_at_the_match_length_of_the_decoding_mode():
