@@ -34,9 +34,9 @@ from .decoding_beagle import (
 )
 from .generation_beagle import (
     BeagleCandidateGenerator,
-    ChainLookup,
     BeagleGenerationError,
     BeagleHookUnavailableError,
+    ChainLookup,
     attach_to_target,
     check_generation_config,
     detach_from_target,
