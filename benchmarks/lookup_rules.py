@@ -168,7 +168,7 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                 f"the tree + one suffix-rule branch of {prompt_lookup_num_tokens} in every round, copy "
                                 "mode off (lookup_copy_match=0: the loop's default before session 27)")}
     names = selected.split(",") if selected else list(methods)
-    for name in names:  # copy mode's settings: copyMxN (lookup_copy_match=M, lookup_copy_tokens=N); permatchK
+    for name in names:  # parametrised methods: chainmatchM, permatchK, copyMxN (copy mode's settings)
         chain = re.fullmatch(r"chainmatch(\d+)", name)
         if chain:
             m = int(chain[1])
@@ -193,8 +193,8 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                    f"token match, copy mode: a branch of {copy_tokens}, no draft")
     unknown = [name for name in names if name not in methods]
     if unknown:
-        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN or permatchK after '@', "
-                         f"found {unknown}.")
+        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN, permatchK or chainmatchM "
+                         f"after '@', found {unknown}.")
     return [methods[name] for name in names]
 
 
@@ -245,10 +245,9 @@ def replay(rule, prompt: list[int], reply: list[int], num_tokens: int) -> dict:
 def taken_by_match_length(prompt: list[int], reply: list[int], num_tokens: int,
                           longest: int = decoding.LOOKUP_COPY_MATCH, max_ngram: int = 32) -> dict[int, list[int]]:
     """At every position of `reply`, the loop's suffix rule (`LOOKUP_RULES["suffix"]`) proposes `num_tokens` tokens;
-    counts `{match length (capped at longest): [positions whose proposal the reply takes exactly j tokens of,
-    j = 0..N]}`
-    (positions without an earlier occurrence of the last token are left out). This is what `lookup_tokens_per_match`
-    reads: how far a continuation stays right, by how long the match it continues is."""
+    counts `{match length (capped at longest): [positions whose proposal the reply takes exactly j tokens of, j =
+    0..N]}` (positions without an earlier occurrence of the last token are left out). This is what
+    `lookup_tokens_per_match` reads: how far a continuation stays right, by how long the match it continues is."""
     rule = LOOKUP_RULES["suffix"]
     sequence = torch.tensor(prompt + reply)
     counts = {}

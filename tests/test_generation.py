@@ -207,18 +207,19 @@ def _exact_joint_of_tokens_2_and_3(target, prompt, processors):
     return joint.flatten()
 
 
-def _sample_tokens_2_and_3(target, beagle, prompt, n):
-    """Counts of (t2, t3) over n speculative generations; both are drafted in the first speculative round."""
+def _sample_tokens_2_and_3(target, beagle, prompt, n, seed=2024, **generate_kwargs):
+    """Counts of (t2, t3) over n speculative generations (both are proposed in the first speculative round), and each
+    generation's `beagle.generation_stats`."""
     counts = torch.zeros(target.config.vocab_size**2)
-    accepted = torch.zeros(3)
-    torch.manual_seed(2024)
+    stats = []
+    torch.manual_seed(seed)
     for _ in range(n):
         out = target.generate(prompt, do_sample=True, temperature=0.8, top_k=6, max_new_tokens=4,
-                              assistant_model=beagle)
+                              assistant_model=beagle, **generate_kwargs)
         t2, t3 = out[0, prompt.shape[1] + 1 : prompt.shape[1] + 3].tolist()
         counts[t2 * target.config.vocab_size + t3] += 1
-        accepted[min(beagle.generation_stats.accepted[0], 2)] += 1
-    return counts, accepted
+        stats.append(beagle.generation_stats)
+    return counts, stats
 
 
 def test_speculative_sampling_matches_target_distribution(monkeypatch):
@@ -231,7 +232,8 @@ def test_speculative_sampling_matches_target_distribution(monkeypatch):
     processors = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(6)])
     exact = _exact_joint_of_tokens_2_and_3(target, prompt, processors)
     n = 1500
-    counts, accepted = _sample_tokens_2_and_3(target, beagle, prompt, n)
+    counts, stats = _sample_tokens_2_and_3(target, beagle, prompt, n)
+    accepted = torch.bincount(torch.tensor([min(s.accepted[0], 2) for s in stats]), minlength=3)
     assert accepted.min() > n / 20, f"rounds accepting 0/1/2 drafts: {accepted.tolist()} (all paths must be exercised)"
     p_value = _chi_square_p_value(counts, exact)
     assert p_value > 1e-3, f"speculative sampling deviates from the target's distribution (p={p_value:.2e})"
@@ -329,19 +331,6 @@ def test_copy_rounds_verify_n_tokens_without_drafting(monkeypatch):
     assert stats is not beagle.generation_stats and beagle.generation_stats.drafted == [3]  # the room left: 5 - 1 - 1
 
 
-def _sample_tokens_2_and_3_with_lookup(target, beagle, prompt, n, num_tokens=3):
-    counts = torch.zeros(target.config.vocab_size**2)
-    copied = 0
-    torch.manual_seed(2025)
-    for _ in range(n):
-        out = target.generate(prompt, do_sample=True, temperature=0.8, top_k=6, max_new_tokens=4,
-                              assistant_model=beagle, prompt_lookup_num_tokens=num_tokens)
-        t2, t3 = out[0, prompt.shape[1] + 1 : prompt.shape[1] + 3].tolist()
-        counts[t2 * target.config.vocab_size + t3] += 1
-        copied += beagle.generation_stats.copy_rounds > 0
-    return counts, copied
-
-
 def test_sampling_with_copy_rounds_matches_target_distribution(monkeypatch):
     """Copy rounds propose fixed tokens with no draft distribution: transformers accepts each only where its own
     sample equals it, which keeps the target's distribution (and verifying them as if sampled from a distribution
@@ -358,7 +347,8 @@ def test_sampling_with_copy_rounds_matches_target_distribution(monkeypatch):
     processors = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(6)])
     exact = _exact_joint_of_tokens_2_and_3(target, prompt, processors)
     n = 1500
-    counts, copied = _sample_tokens_2_and_3_with_lookup(target, beagle, prompt, n)
+    counts, stats = _sample_tokens_2_and_3(target, beagle, prompt, n, seed=2025, prompt_lookup_num_tokens=3)
+    copied = sum(s.copy_rounds > 0 for s in stats)
     assert copied > n / 2, f"only {copied} of {n} generations had a copy round"
     p_value = _chi_square_p_value(counts, exact)
     assert p_value > 1e-3, f"sampling with copy rounds deviates from the target's distribution (p={p_value:.2e})"
@@ -374,7 +364,7 @@ def test_sampling_with_copy_rounds_matches_target_distribution(monkeypatch):
         return sequence, logits
 
     monkeypatch.setattr(BeagleCandidateGenerator, "_draft", misreported)
-    biased, _ = _sample_tokens_2_and_3_with_lookup(target, beagle, prompt, n)
+    biased, _ = _sample_tokens_2_and_3(target, beagle, prompt, n, seed=2025, prompt_lookup_num_tokens=3)
     assert _chi_square_p_value(biased, exact) < 1e-6
 
 

@@ -172,6 +172,14 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
     `tree_shape` is one spec (auto, chain, a TreeShape or a dict) or a list of them: with several, `beagle-tree` and
     `beagle-tree-lookup` are measured once per shape, named `beagle-tree[LABEL]` (a tree-size sweep in one run).
     """
+    from modeling_beagle.decoding_beagle import (
+        CHAIN_LOOKUP_MATCH,
+        CHAIN_LOOKUP_MATCH_SAMPLING,
+        LOOKUP_COPY_MATCH,
+        LOOKUP_COPY_TOKENS,
+        resolve_tree_shape,
+    )
+
     check_method_names(names)  # before "auto" tree shapes time this machine
     specs = list(tree_shape) if isinstance(tree_shape, (list, tuple)) else [tree_shape]
     labels = [tree_shape_label(spec) for spec in specs]
@@ -209,8 +217,6 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
-    from modeling_beagle.decoding_beagle import CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING
-
     chain = "chain"
     if beagle is not None:
         c = beagle.config
@@ -227,14 +233,12 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
             "beagle-chain-lookup", functools.partial(beagle_chain, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
             f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens={prompt_lookup_num_tokens}): {chain}; a "
             f"round whose last {CHAIN_LOOKUP_MATCH} or more tokens ({CHAIN_LOOKUP_MATCH_SAMPLING} when sampling) "
-            f"repeat an earlier passage verifies the "
-            f"{prompt_lookup_num_tokens} tokens that followed it instead (copy round, no draft)")],
+            f"repeat an earlier passage verifies the {prompt_lookup_num_tokens} tokens that followed it instead (copy "
+            "round, no draft)")],
         "beagle-tree": [],
         "beagle-tree-lookup": [],
     }
     if beagle is not None and {"beagle-tree", "beagle-tree-lookup"} & set(names):
-        from modeling_beagle.decoding_beagle import LOOKUP_COPY_MATCH, LOOKUP_COPY_TOKENS, resolve_tree_shape
-
         for spec, label in zip(specs, labels):
             shape = resolve_tree_shape(target, beagle, spec)  # "auto" measures this machine now, not in a timed run
             suffix = f"[{label}]" if len(specs) > 1 else ""
