@@ -657,7 +657,7 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
 
     def chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
         output = target.generate(input_ids, attention_mask=attention_mask, assistant_model=draft,
-                                 **generation_kwargs(target, max_new_tokens, do_sample, temperature))
+                                 prompt_lookup_num_tokens=0, **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(output, draft)
 
     methods = {"chain": Method(METHOD_NAME, chain, "target.generate(assistant_model=eagle2_draft): EAGLE-2-style "
@@ -668,9 +668,9 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
 
         shape = resolve_tree_shape(target, draft, tree_shape)  # "auto" times this machine once per target
 
-        def tree(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, **lookup):
+        def tree(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, lookup_tokens=0):
             output = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate,
-                                     beagle=draft, tree_shape=shape, **lookup,
+                                     beagle=draft, tree_shape=shape, prompt_lookup_num_tokens=lookup_tokens,
                                      **generation_kwargs(target, max_new_tokens, do_sample, temperature))
             return _beagle_run(output, draft)
 
@@ -679,7 +679,7 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                      f"total_tokens={shape.total_tokens}, min_prob={shape.min_prob}")
         methods["tree"] = Method("eagle2-tree", tree, described)
         methods["tree-lookup"] = Method(
-            "eagle2-tree-lookup", functools.partial(tree, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
+            "eagle2-tree-lookup", functools.partial(tree, lookup_tokens=prompt_lookup_num_tokens),
             described + f", plus the prompt-lookup branch (prompt_lookup_num_tokens={prompt_lookup_num_tokens})")
     return [methods[n] for n in names]
 

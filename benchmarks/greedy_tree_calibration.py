@@ -180,9 +180,7 @@ def main(argv=None) -> int:
     sets = args.prompt_sets.split(",")
     shape = parse_tree_shape(args.tree_shape)
     kwargs = {**generation_kwargs(target, args.max_new_tokens, False, 0.0), "custom_generate": beagle_generate,
-              "beagle": beagle, "tree_shape": shape}
-    if args.lookup:
-        kwargs["prompt_lookup_num_tokens"] = args.lookup
+              "beagle": beagle, "tree_shape": shape, "prompt_lookup_num_tokens": args.lookup}
     settings = {**vars(args), "dtype": dtype}
 
     if args.mode == "measure":

@@ -75,7 +75,8 @@ def measure_tau(target, tokenizer, beagle_path: str, prompts: int, new_tokens: i
         ids = torch.tensor([render_chat(tokenizer, [{"role": "user", "content": row["turns"][0]}],
                                         add_generation_prompt=True)], device=target.device)
         plain = target.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-        spec = target.generate(ids, assistant_model=beagle, max_new_tokens=new_tokens, do_sample=False)
+        spec = target.generate(ids, assistant_model=beagle, prompt_lookup_num_tokens=0, max_new_tokens=new_tokens,
+                               do_sample=False)
         identical += int(torch.equal(plain, spec))
         taus.append(beagle.generation_stats.tau)
         pooled.drafted += beagle.generation_stats.drafted

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     target, tokenizer, beagle = load_models(args.target, args.beagle, DTYPES[args.dtype], args.prepack)
     shape = parse_tree_shape(args.tree_shape)
     methods = [{"name": "plain"},
-               {"name": "beagle-tree", "shape": shape, "lookup": {}},
+               {"name": "beagle-tree", "shape": shape, "lookup": {"prompt_lookup_num_tokens": 0}},
                {"name": "beagle-tree-lookup", "shape": shape,
                 "lookup": {"prompt_lookup_num_tokens": args.prompt_lookup_tokens}}]
     prompts, inputs = first_turns(tokenizer, args.prompt_set, args.num_prompts)

@@ -79,17 +79,18 @@ def main() -> None:
         return args.new_tokens
 
     def assisted():
-        target.generate(prompt, do_sample=False, max_new_tokens=args.new_tokens, assistant_model=beagle)
+        target.generate(prompt, do_sample=False, max_new_tokens=args.new_tokens, assistant_model=beagle,
+                        prompt_lookup_num_tokens=0)
         return beagle.generation_stats.rounds + 1
 
     def own_chain():
         target.generate(prompt, do_sample=False, max_new_tokens=args.new_tokens, custom_generate=beagle_generate,
-                        beagle=beagle, tree_shape="chain")
+                        beagle=beagle, tree_shape="chain", prompt_lookup_num_tokens=0)
         return beagle.generation_stats.rounds + 1
 
     def own_tree():
         target.generate(prompt, do_sample=False, max_new_tokens=args.new_tokens, custom_generate=beagle_generate,
-                        beagle=beagle, tree_shape=tree)
+                        beagle=beagle, tree_shape=tree, prompt_lookup_num_tokens=0)
         return beagle.generation_stats.rounds + 1
 
     methods = {"plain greedy (per token)": plain, "assisted + Beagle chain k=4": assisted,

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             ids = torch.tensor([first_turn_ids(tokenizer, questions[index]["turns"][0])])
             target.generate(ids, custom_generate=beagle_generate,
                             beagle=beagle, tree_shape=shape, do_sample=True, temperature=args.temperature, top_k=0,
-                            top_p=1.0, max_new_tokens=args.max_new_tokens)
+                            top_p=1.0, max_new_tokens=args.max_new_tokens, prompt_lookup_num_tokens=0)
             taus.append(beagle.generation_stats.tau)
             print(f"mt-bench[{index}]: tau {taus[-1]:.3f}, {len(tried)} children tried so far", flush=True)
     finally:

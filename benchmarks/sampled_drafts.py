@@ -59,7 +59,8 @@ def main(argv=None) -> int:
                     torch.manual_seed(1000 * seed + i)
                     target.generate(ids, custom_generate=beagle_generate, beagle=beagle, tree_shape=shape,
                                     do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                                    max_new_tokens=args.max_new_tokens, sampled_drafts=sampled)
+                                    max_new_tokens=args.max_new_tokens, sampled_drafts=sampled,
+                                    prompt_lookup_num_tokens=0)
                     taus.append(beagle.generation_stats.tau)
             rows.append({"tree_shape": tree_shape_label(shape), "sampled_drafts": sampled,
                          "tau_mean": statistics.mean(taus), "tau_per_run": taus})

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
 
                     decoding.draft_sampled_tree = counted  # the loop looks it up by name every round
                     out = target.generate(ids, custom_generate=beagle_generate, beagle=beagle, tree_shape=shape,
-                                          **kwargs)
+                                          prompt_lookup_num_tokens=0, **kwargs)
                     steps = len(beagle.generation_stats.accepted) + 1
                     decoding.draft_sampled_tree, decoding.sampled_child_scores = draw_tree, score_children
                 row = rows[m]

@@ -416,8 +416,25 @@ def transformers_requirement() -> str:
     raise BeagleCardError(f"{PACKAGE}'s metadata names no `transformers` requirement, found {requirements!r}")
 
 
-def usage_snippet(target_id: str, beagle_id: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
-    """Python that loads the target and this draft (remote code) and runs both speculative decoding paths."""
+def usage_snippet(target_id: str, beagle_id: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                  lookup_tokens: int = 10) -> str:
+    """Python that loads the target and this draft (remote code) and runs both speculative decoding paths;
+    `lookup_tokens` is the checkpoint's `default_prompt_lookup_num_tokens` (what a call without
+    `prompt_lookup_num_tokens` gets)."""
+    if lookup_tokens:
+        chain_lookup = (f"""By default
+# (beagle.config.default_prompt_lookup_num_tokens = {lookup_tokens}) it also makes copy rounds: where the text's last 2 or more
+# tokens repeat an earlier passage, a round verifies the {lookup_tokens} tokens that followed it instead of a draft
+# (prompt_lookup_num_tokens=N sets that length; prompt_lookup_num_tokens=0: draft chains only).""")
+        tree_lookup = (f"""By default each tree gets one more branch: the {lookup_tokens} tokens that followed the latest earlier
+# occurrence of the text's longest repeated suffix (prompt_lookup_rule="ngram": transformers' prompt-lookup rule;
+# prompt_lookup_num_tokens=0: no branch).""")
+    else:
+        chain_lookup = """prompt_lookup_num_tokens=10 adds
+# copy rounds: where the text's last 2 or more tokens repeat an earlier passage, a round verifies the 10 tokens
+# that followed it instead of a draft (this checkpoint's default_prompt_lookup_num_tokens is 0: off)."""
+        tree_lookup = """prompt_lookup_num_tokens=10 adds one more branch to each tree: the 10 tokens that
+# followed the latest earlier occurrence of the text's longest repeated suffix (off by default for this checkpoint)."""
     return f'''import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -439,21 +456,17 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 ids = inputs["input_ids"].to(device)
 
 # transformers' assisted generation with Beagle as the draft (batch size 1, adaptive chain drafts):
-# greedy output is token for token what `target.generate(ids, do_sample=False)` gives. prompt_lookup_num_tokens
-# adds copy rounds: where the text's last 2 or more tokens repeat an earlier passage, a round verifies the 10
-# tokens that followed it instead of a draft (leave it out for drafts only).
-out = target.generate(ids, assistant_model=beagle, prompt_lookup_num_tokens=10, max_new_tokens={max_new_tokens},
-                      do_sample=False)
+# greedy output is token for token what `target.generate(ids, do_sample=False)` gives. {chain_lookup}
+out = target.generate(ids, assistant_model=beagle, max_new_tokens={max_new_tokens}, do_sample=False)
 print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 print("tokens per target forward:", beagle.generation_stats.to_dict()["tau"])
 
-# Beagle's own loop with dynamic draft trees (also batches of padded prompts), from this repo's custom_generate/;
-# prompt_lookup_num_tokens adds to each tree, as one more branch, the tokens that followed the latest earlier
-# occurrence of the text's longest repeated suffix (prompt_lookup_rule="ngram": transformers' prompt-lookup rule).
-# Where the text repeats an earlier passage for 4 tokens or more, a greedy round skips the draft and verifies 32
-# tokens of the passage instead (copy mode: lookup_copy_match=4, lookup_copy_tokens=32; 0 turns it off).
+# Beagle's own loop with dynamic draft trees (also batches of padded prompts), from this repo's custom_generate/.
+# {tree_lookup} Where the text repeats an earlier passage for 4 tokens or more, a greedy
+# round skips the draft and verifies 32 tokens of the passage instead (copy mode: lookup_copy_match=4,
+# lookup_copy_tokens=32; 0 turns it off).
 out = target.generate(ids, custom_generate=beagle_id, assistant_model=beagle, trust_remote_code=True,
-                      prompt_lookup_num_tokens=10, max_new_tokens={max_new_tokens}, do_sample=False)
+                      max_new_tokens={max_new_tokens}, do_sample=False)
 print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 '''
 
@@ -720,7 +733,7 @@ Needs `torch` and `{transformers_requirement()}` (the versions its code is teste
 repository (`trust_remote_code=True`){where}.
 
 ```python
-{usage_snippet(target, beagle_id, max_new_tokens).rstrip()}
+{usage_snippet(target, beagle_id, max_new_tokens, config.get("default_prompt_lookup_num_tokens", 10)).rstrip()}
 ```
 
 With the `beagle-spec` package installed, `import modeling_beagle` registers the same classes without remote code.

@@ -784,7 +784,8 @@ class BeagleModel(BeaglePreTrainedModel):
         the N tokens that followed it instead of a draft chain (`ChainLookup`)."""
         check_generation_config(generation_config)
         self.ensure_bound_to(target_model)
-        lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config)
+        lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config,
+                                                         default_tokens=self.config.default_prompt_lookup_num_tokens)
         lookup = None
         if lookup_tokens:
             rule = LOOKUP_RULES["suffix"]

@@ -180,6 +180,8 @@ def test_override_of_an_unknown_field_is_refused_not_ignored(llama_target):
         ("target_layer_ids", []),
         ("offset_range", 0),
         ("attention_dropout", 1.5),
+        ("default_prompt_lookup_num_tokens", -1),
+        ("default_prompt_lookup_num_tokens", True),
     ],
 )
 def test_config_field_out_of_range(field, value):

@@ -551,9 +551,13 @@ def test_bad_prompt_lookup_settings_are_refused():
     assert resolve_prompt_lookup(GenerationConfig()) == (0, 32)  # the suffix rule reads matches up to 32 tokens
     assert resolve_prompt_lookup(GenerationConfig(), "ngram") == (0, 2)  # transformers' default
     assert resolve_prompt_lookup(GenerationConfig(prompt_lookup_num_tokens=5, max_matching_ngram_size=3)) == (5, 3)
+    # a call without the setting gets the draft's default; a call's own value, 0 (off) included, wins over it
+    assert resolve_prompt_lookup(GenerationConfig(), default_tokens=10) == (10, 32)
+    assert resolve_prompt_lookup(GenerationConfig(prompt_lookup_num_tokens=0), default_tokens=10) == (0, 32)
+    assert resolve_prompt_lookup(GenerationConfig(prompt_lookup_num_tokens=3), default_tokens=10) == (3, 32)
     with pytest.raises(BeagleGenerationError, match="prompt_lookup_rule"):
         resolve_prompt_lookup(GenerationConfig(prompt_lookup_num_tokens=5), "longest")
-    for bad in (0, -2, 1.5, True):
+    for bad in (-2, 1.5, True):
         config = GenerationConfig()
         config.prompt_lookup_num_tokens = bad
         with pytest.raises(BeagleGenerationError, match="prompt_lookup_num_tokens"):
@@ -574,18 +578,18 @@ def test_bad_prompt_lookup_settings_are_refused():
         resolve_copy_mode(4, 0)
     assert resolve_copy_mode(None, None) == (4, 32) and resolve_copy_mode(0, None, lookup=False) == (0, 32)
     for copy_match, copy_tokens in ((4, None), (None, 16)):  # copy mode asked for without the lookup branch
-        with pytest.raises(BeagleGenerationError, match="without `prompt_lookup_num_tokens`"):
+        with pytest.raises(BeagleGenerationError, match="lookup off"):
             resolve_copy_mode(copy_match, copy_tokens, lookup=False)
     assert resolve_lookup_tokens_per_match(None, lookup=False) is None and resolve_lookup_tokens_per_match(3) == 3
     for bad in (0, -1, 2.0, True, "3"):
         with pytest.raises(BeagleGenerationError, match="lookup_tokens_per_match"):
             resolve_lookup_tokens_per_match(bad)
     target, beagle = trained_pair()
-    with pytest.raises(BeagleGenerationError, match="without `prompt_lookup_num_tokens`"):
-        spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", do_sample=False, max_new_tokens=4, lookup_copy_match=4)
-    with pytest.raises(BeagleGenerationError, match="lookup_tokens_per_match.*without `prompt_lookup_num_tokens`"):
-        spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", do_sample=False, max_new_tokens=4,
-             lookup_tokens_per_match=2)
+    off = dict(do_sample=False, max_new_tokens=4, prompt_lookup_num_tokens=0)
+    with pytest.raises(BeagleGenerationError, match=r"lookup off \(`prompt_lookup_num_tokens` 0\)"):
+        spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", lookup_copy_match=4, **off)
+    with pytest.raises(BeagleGenerationError, match="lookup_tokens_per_match.*lookup off"):
+        spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", lookup_tokens_per_match=2, **off)
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -279,7 +279,41 @@ def test_copy_rounds_start_at_the_match_length_of_the_decoding_mode():
         generator = beagle.beagle_candidate_generator(target, config, LogitsProcessorList())
         assert (generator.lookup.copy_match, generator.lookup.num_tokens) == (copy_match, 3)
         assert generator.num_drafting_tokens == beagle.config.max_draft_tokens  # N = 3 fits the drafts' record
-    assert beagle.beagle_candidate_generator(target, GenerationConfig(max_length=20), LogitsProcessorList()).lookup is None
+    # a call that does not set it gets the draft's default (config.default_prompt_lookup_num_tokens); 0 turns it off
+    default = beagle.beagle_candidate_generator(target, GenerationConfig(max_length=20), LogitsProcessorList())
+    assert default.lookup.num_tokens == beagle.config.default_prompt_lookup_num_tokens == 10
+    off = GenerationConfig(max_length=20, prompt_lookup_num_tokens=0)
+    assert beagle.beagle_candidate_generator(target, off, LogitsProcessorList()).lookup is None
+
+
+def test_prompt_lookup_is_on_by_default_and_off_with_zero():
+    """Without `prompt_lookup_num_tokens`, both paths use the draft's `default_prompt_lookup_num_tokens` (copy rounds
+    on the assisted path, the lookup branch in the own loop); 0, from the call or the config, turns it off; the
+    output is plain greedy's either way."""
+    from modeling_beagle import beagle_generate
+
+    target = markov_target()
+    beagle = fixed_chain(BeagleModel.from_target(target, attn_implementation="eager"), k=2)
+    ids = target.generate(torch.tensor([[5, 6]]), do_sample=False, max_new_tokens=100)  # looping: every round copies
+    ref = target.generate(ids, do_sample=False, max_new_tokens=30)
+
+    def run(path, **kwargs):
+        extra = dict(assistant_model=beagle) if path == "chain" else dict(custom_generate=beagle_generate,
+                                                                          beagle=beagle, tree_shape="chain")
+        out = target.generate(ids, do_sample=False, max_new_tokens=30, **extra, **kwargs)
+        assert torch.equal(out, ref), (path, kwargs)
+        return beagle.generation_stats
+
+    for path in ("chain", "own"):
+        assert sum(run(path).accepted_from_lookup) > 0, path  # on by default
+        assert max(run(path).drafted) > beagle.config.max_draft_tokens  # 10 lookup tokens: more than any draft
+        assert sum(run(path, prompt_lookup_num_tokens=0).accepted_from_lookup) == 0, path
+        beagle.config.default_prompt_lookup_num_tokens = 0
+        try:
+            assert sum(run(path).accepted_from_lookup) == 0, path
+            assert sum(run(path, prompt_lookup_num_tokens=4).accepted_from_lookup) > 0, path
+        finally:
+            beagle.config.default_prompt_lookup_num_tokens = 10
 
 
 def test_greedy_identity_with_prompt_lookup_copy_rounds():
@@ -378,7 +412,7 @@ def test_bad_generation_settings_are_refused():
         target.generate(ids, num_beams=2, max_new_tokens=5, assistant_model=beagle)
     with pytest.raises(ValueError, match="[Ss]tatic"):
         target.generate(ids, max_new_tokens=5, cache_implementation="static", assistant_model=beagle)
-    for bad in (0, -2, True, 2.5):
+    for bad in (-2, True, 2.5):  # 0 is valid: off
         with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
             target.generate(ids, max_new_tokens=5, assistant_model=beagle, prompt_lookup_num_tokens=bad)
     with pytest.raises(ValueError, match="max_matching_ngram_size"):

@@ -285,6 +285,16 @@ def test_usage_snippet_runs_and_matches_plain_greedy(checkpoint, saved, tmp_path
     assert tau_line.startswith("tokens per target forward:") and float(tau_line.split(":")[1]) >= 1.0
 
 
+def test_usage_snippet_states_the_checkpoints_lookup_default():
+    from hub_cards import usage_snippet
+
+    on, off = usage_snippet(TARGET_ID, REPO_ID, lookup_tokens=7), usage_snippet(TARGET_ID, REPO_ID, lookup_tokens=0)
+    assert "default_prompt_lookup_num_tokens = 7" in on and "verifies the 7 tokens" in on
+    assert "default_prompt_lookup_num_tokens is 0: off" in off and "= 7" not in off
+    for code in (on, off):
+        compile(code, "usage", "exec")
+
+
 def test_card_errors_name_file_and_field(checkpoint, tmp_path):
     with pytest.raises(BeagleCardError, match="config.json.*no such file"):
         render_model_card(tmp_path)

@@ -71,18 +71,21 @@ def test_greedy_identity_and_tau_floor_on_mt_bench(real):
     from modeling_beagle import beagle_generate
 
     target, tokenizer, beagle, prompts = real
-    taus = []
+    taus, copy_rounds = [], 0
     for ids in prompts:
         plain = target.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-        chain = target.generate(ids, assistant_model=beagle, max_new_tokens=NEW_TOKENS, do_sample=False)
+        chain = target.generate(ids, assistant_model=beagle, prompt_lookup_num_tokens=0, max_new_tokens=NEW_TOKENS,
+                                do_sample=False)  # the draft alone: its tau is what the floor guards
         assert torch.equal(chain, plain), tokenizer.decode(plain[0, ids.shape[1]:])
         taus.append(beagle.generation_stats.tau)
-        copying = target.generate(ids, assistant_model=beagle, prompt_lookup_num_tokens=10, max_new_tokens=NEW_TOKENS,
-                                  do_sample=False)  # with copy rounds
+        assert beagle.generation_stats.copy_rounds == 0
+        copying = target.generate(ids, assistant_model=beagle, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(copying, plain), tokenizer.decode(plain[0, ids.shape[1]:])
+        copy_rounds += beagle.generation_stats.copy_rounds  # the checkpoint's default: copy rounds on
         tree = target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
                                beagle=beagle, tree_shape="chain", max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(tree, plain)
+    assert beagle.config.default_prompt_lookup_num_tokens > 0 and copy_rounds > 0
     mean_tau = sum(taus) / len(taus)
     print(f"\nshipped Beagle: mean tau {mean_tau:.3f} over {len(taus)} MT-bench prompts ({[round(t, 3) for t in taus]})")
     assert mean_tau >= TAU_FLOOR, f"mean tau {mean_tau:.2f} on {len(taus)} MT-bench prompts, floor {TAU_FLOOR}"
@@ -125,7 +128,7 @@ def test_prepacked_real_target_is_lossless_and_packs_the_remote_code_drafts_head
         plain = target.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
         chain = target.generate(ids, assistant_model=beagle, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(chain, plain), tokenizer.decode(plain[0, ids.shape[1]:])
-        for lookup in ({}, {"prompt_lookup_num_tokens": 10}):  # the tree, then with the prompt-lookup branch
+        for lookup in ({"prompt_lookup_num_tokens": 0}, {}):  # the tree, then with the (default) lookup branch
             tree = target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,
                                    beagle=beagle, tree_shape="auto", max_new_tokens=NEW_TOKENS, do_sample=False,
                                    **lookup)

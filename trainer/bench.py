@@ -202,18 +202,21 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return MethodRun(out)
 
-    def beagle_chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, **lookup):
-        """transformers' assisted loop with Beagle; `lookup` (prompt_lookup_num_tokens) adds copy rounds."""
-        out = target.generate(input_ids, attention_mask=attention_mask, assistant_model=beagle, **lookup,
+    def beagle_chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, lookup_tokens=0):
+        """transformers' assisted loop with Beagle; `lookup_tokens` (prompt_lookup_num_tokens; 0: off, whatever the
+        checkpoint's default) adds copy rounds."""
+        out = target.generate(input_ids, attention_mask=attention_mask, assistant_model=beagle,
+                              prompt_lookup_num_tokens=lookup_tokens,
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
-    def beagle_tree(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, shape, **lookup):
-        """Beagle's own loop with the resolved `shape`; `lookup` (prompt_lookup_num_tokens) adds the lookup branch."""
+    def beagle_tree(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, shape, lookup_tokens=0):
+        """Beagle's own loop with the resolved `shape`; `lookup_tokens` (prompt_lookup_num_tokens; 0: off, whatever
+        the checkpoint's default) adds the lookup branch."""
         from modeling_beagle import beagle_generate
 
         out = target.generate(input_ids, attention_mask=attention_mask, custom_generate=beagle_generate, beagle=beagle,
-                              tree_shape=shape, **lookup,
+                              tree_shape=shape, prompt_lookup_num_tokens=lookup_tokens,
                               **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
@@ -228,9 +231,10 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                                   "unpacked (F.linear): what --prepack alone gains", reference=True)],
         "prompt-lookup": [Method("prompt-lookup", prompt_lookup,
                                  f"target.generate(prompt_lookup_num_tokens={prompt_lookup_num_tokens})")],
-        "beagle-chain": [Method("beagle-chain", beagle_chain, f"target.generate(assistant_model=beagle): {chain}")],
+        "beagle-chain": [Method("beagle-chain", beagle_chain,
+                                f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens=0): {chain}")],
         "beagle-chain-lookup": [Method(
-            "beagle-chain-lookup", functools.partial(beagle_chain, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
+            "beagle-chain-lookup", functools.partial(beagle_chain, lookup_tokens=prompt_lookup_num_tokens),
             f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens={prompt_lookup_num_tokens}): {chain}; a "
             f"round whose last {CHAIN_LOOKUP_MATCH} or more tokens ({CHAIN_LOOKUP_MATCH_SAMPLING} when sampling) "
             f"repeat an earlier passage verifies the {prompt_lookup_num_tokens} tokens that followed it instead (copy "
@@ -245,10 +249,11 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
             tree = (f"tree_shape={label}: depth={shape.depth}, top_k={shape.top_k}, total_tokens={shape.total_tokens}, "
                     f"min_prob={shape.min_prob}")
             table["beagle-tree"].append(Method(f"beagle-tree{suffix}", functools.partial(beagle_tree, shape=shape),
-                                               f"target.generate(custom_generate=beagle_generate): {tree}"))
+                                               f"target.generate(custom_generate=beagle_generate, "
+                                               f"prompt_lookup_num_tokens=0): {tree}"))
             table["beagle-tree-lookup"].append(Method(
                 f"beagle-tree-lookup{suffix}",
-                functools.partial(beagle_tree, shape=shape, prompt_lookup_num_tokens=prompt_lookup_num_tokens),
+                functools.partial(beagle_tree, shape=shape, lookup_tokens=prompt_lookup_num_tokens),
                 f"target.generate(custom_generate=beagle_generate, prompt_lookup_num_tokens={prompt_lookup_num_tokens}): "
                 f"{tree}, plus the prompt-lookup branch (its default rule: the longest repeated suffix; in greedy decoding, copy "
                 f"mode from a {LOOKUP_COPY_MATCH}-token match: {LOOKUP_COPY_TOKENS} lookup tokens, no draft)"))

@@ -52,7 +52,8 @@ class SpeculativeEvalCallback(TrainerCallback):
             ids = prompt.view(1, -1).to(target.device)
             settings = dict(do_sample=False, max_new_tokens=self.max_new_tokens,
                             attention_mask=torch.ones_like(ids))
-            out = target.generate(ids, assistant_model=beagle, **settings)
+            # the draft's own τ: no prompt-lookup copy rounds (on by default at inference)
+            out = target.generate(ids, assistant_model=beagle, prompt_lookup_num_tokens=0, **settings)
             stats = beagle.generation_stats
             accepted += sum(stats.accepted)
             rounds += stats.rounds

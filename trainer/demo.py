@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["tree-lookup", "tree", "chain-lookup", "chain"], default="tree-lookup",
                         help="tree-lookup: Beagle's own loop with draft trees plus a prompt-lookup branch "
                              "(prompt_lookup_num_tokens=10; the fastest on a 2-core CPU, README Results); tree: the "
-                             "same without the branch; chain-lookup: target.generate(assistant_model=beagle, "
-                             "prompt_lookup_num_tokens=10), chain drafts and copy rounds; chain: the same without "
-                             "copy rounds")
+                             "same without the branch (prompt_lookup_num_tokens=0); chain-lookup: "
+                             "target.generate(assistant_model=beagle, prompt_lookup_num_tokens=10), chain drafts and "
+                             "copy rounds; chain: the same without copy rounds (prompt_lookup_num_tokens=0)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (interleaved); medians reported")
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                         help="pack the target's and the draft's linear weights for oneDNN (beagle.prepack_for_cpu) "
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             return target.generate(ids, **settings)
 
     def speculative():
-        lookup = {"prompt_lookup_num_tokens": 10} if args.mode.endswith("-lookup") else {}
+        lookup = {"prompt_lookup_num_tokens": 10 if args.mode.endswith("-lookup") else 0}
         if args.mode.startswith("chain"):
             return target.generate(ids, assistant_model=beagle, **lookup, **settings)
         return target.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=beagle_generate,

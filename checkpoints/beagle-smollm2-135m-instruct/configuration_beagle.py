@@ -146,6 +146,11 @@ class BeagleConfig(PreTrainedConfig):
         draft_confidence_threshold (`float`, defaults to 0.1): a round stops drafting early once the draft's
             probability of its own token falls below this. Beagle's own loop uses it as the trees' `min_prob` (for
             `tree_shape="auto"` and `"chain"`): paths the draft gives less probability are not verified.
+        default_prompt_lookup_num_tokens (`int`, defaults to 10): the `prompt_lookup_num_tokens` a generate call
+            that passes none gets: prompt-lookup tokens in every draft round, verified in the same target forward
+            (copy rounds on `target.generate(..., assistant_model=beagle)`, a lookup branch in the own loop's trees).
+            Lossless like every draft token. 0 turns it off by default; a call's `prompt_lookup_num_tokens` (0: off)
+            overrides it.
     """
 
     model_type = "beagle"
@@ -199,6 +204,7 @@ class BeagleConfig(PreTrainedConfig):
     max_draft_tokens: int = 8
     draft_schedule: Literal["adaptive", "fixed"] = "adaptive"
     draft_confidence_threshold: float = 0.1
+    default_prompt_lookup_num_tokens: int = 10
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -222,6 +228,9 @@ class BeagleConfig(PreTrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise _mismatch(field, "a positive integer", value, where)
+        value = self.default_prompt_lookup_num_tokens
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _mismatch("default_prompt_lookup_num_tokens", "an integer >= 0 (0: off)", value, where)
         if self.max_draft_tokens < self.num_draft_tokens:
             raise _mismatch("max_draft_tokens", f">= num_draft_tokens={self.num_draft_tokens}", self.max_draft_tokens,
                             where)

@@ -442,19 +442,20 @@ def _require_int(name: str, value, least: int, kind: str) -> None:
         raise BeagleGenerationError(f"`{name}` expected {kind}, found {value!r}.")
 
 
-def resolve_prompt_lookup(generation_config, rule: str = "suffix") -> tuple[int, int]:
+def resolve_prompt_lookup(generation_config, rule: str = "suffix", default_tokens: int = 0) -> tuple[int, int]:
     """`prompt_lookup_num_tokens` / `max_matching_ngram_size` (transformers' prompt-lookup settings) for the loop's
-    lookup branch under `rule`: (0, _) when off; the match length defaults to 32 tokens for "suffix" and to 2 for
-    "ngram", as in transformers."""
+    lookup tokens under `rule`: (0, _) when off. A call that sets no `prompt_lookup_num_tokens` gets
+    `default_tokens` (the draft's `config.default_prompt_lookup_num_tokens`); 0 turns the lookup off. The match
+    length defaults to 32 tokens for "suffix" and to 2 for "ngram", as in transformers."""
     if rule not in LOOKUP_RULES:
         raise BeagleGenerationError(f"`prompt_lookup_rule` expected one of {sorted(LOOKUP_RULES)}, found {rule!r}.")
     num_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None)
+    num_tokens = default_tokens if num_tokens is None else num_tokens
+    _require_int("prompt_lookup_num_tokens", num_tokens, 0, "an integer >= 0 (0: off)")
     max_ngram = getattr(generation_config, "max_matching_ngram_size", None)
     max_ngram = LOOKUP_RULES[rule].max_ngram if max_ngram is None else max_ngram
-    for name, value in (("prompt_lookup_num_tokens", num_tokens), ("max_matching_ngram_size", max_ngram)):
-        if value is not None:
-            _require_int(name, value, 1, "a positive integer")
-    return num_tokens or 0, max_ngram
+    _require_int("max_matching_ngram_size", max_ngram, 1, "a positive integer")
+    return num_tokens, max_ngram
 
 
 # Copy mode's defaults in greedy decoding: from a 4-token match, verify 32 lookup tokens and no draft (fp32, 20 MT-bench
@@ -466,8 +467,9 @@ LOOKUP_COPY_MATCH, LOOKUP_COPY_TOKENS = 4, 32
 # replies the 10 tokens after a 2-token match are taken 1.7 (MT-bench) / 2.0 (HumanEval) at a time on average, after a
 # 1-token match 0.5, against the draft chain's ~0.7 per round (`benchmarks/results/lookup_match_lengths.md`). On identical
 # fp32 texts (10 MT-bench first turns) matches of 2 / 3 / 4 gave τ 2.41 / 2.30 / 2.27 (results log, Session 33). When
-# sampling, a sampled text repeats a passage token for token less often: from a 4-token match (10 MT-bench first turns
-# at T = 1: 1.066x the chain's tokens/s per prompt by median, against 1.017x from 2 tokens and 1.046x from 8).
+# sampling, a sampled text repeats a passage token for token less often: from a 4-token match (T = 1, 20 + 20 MT-bench
+# and HumanEval first turns: 1.040x / 1.091x the chain's total tokens/s, against 1.003x / 1.067x from 2 tokens and
+# 1.042x / 1.059x from 8; per prompt 8 against 4 1.007x / 0.967x by median; results log, Session 34).
 CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING = 2, 4
 
 
@@ -477,7 +479,7 @@ def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: 
     Copy mode extends the lookup branch: without one (`lookup` False) setting it is refused rather than ignored."""
     if not lookup and (copy_match or copy_tokens is not None):
         raise BeagleGenerationError("`lookup_copy_match` / `lookup_copy_tokens` expected only with the lookup branch "
-                                    "(copy mode extends it), found them without `prompt_lookup_num_tokens`.")
+                                    "(copy mode extends it), found them with the lookup off (`prompt_lookup_num_tokens` 0).")
     if copy_match is None:
         copy_match = 0 if do_sample else LOOKUP_COPY_MATCH
     copy_tokens = LOOKUP_COPY_TOKENS if copy_tokens is None else copy_tokens
@@ -493,7 +495,7 @@ def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int | Non
         return None
     if not lookup:
         raise BeagleGenerationError("`lookup_tokens_per_match` expected only with the lookup branch it shortens, found "
-                                    "it without `prompt_lookup_num_tokens`.")
+                                    "it with the lookup off (`prompt_lookup_num_tokens` 0).")
     _require_int("lookup_tokens_per_match", per_match, 1, "a positive integer or None")
     return per_match
 
@@ -583,7 +585,8 @@ def beagle_generate(
         raise BeagleGenerationError("`synced_gpus` expected False: Beagle's loop does not run under ZeRO-3/FSDP sync.")
     beagle.ensure_bound_to(model)
     shape = resolve_tree_shape(model, beagle, tree_shape)
-    lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config, prompt_lookup_rule)
+    lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config, prompt_lookup_rule,
+                                                     beagle.config.default_prompt_lookup_num_tokens)
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
         raise BeagleGenerationError("the target's cache expected an empty DynamicCache, found "
