@@ -60,6 +60,7 @@ from modeling_beagle import (  # noqa: E402  (also installs the generate hook)
     prepack_linear_weights,
 )
 from modeling_beagle.configuration_beagle import BeagleConfigError  # noqa: E402
+from modeling_beagle.decoding_beagle import resolve_prompt_lookup  # noqa: E402
 from modeling_beagle.generation_beagle import (  # noqa: E402
     BeagleCandidateGenerator,
     BeagleGenerationError,
@@ -309,8 +310,13 @@ class Eagle2Draft(PreTrainedModel):
         self.ensure_bound_to(target_model)
 
     def beagle_candidate_generator(self, target_model, generation_config, logits_processor):
-        """Called by Beagle's generate hook when this draft is `target.generate(..., assistant_model=draft)`."""
+        """Called by Beagle's generate hook when this draft is `target.generate(..., assistant_model=draft)`: chain
+        drafts only (no copy rounds; the own loop's lookup branch serves both drafts alike)."""
         check_generation_config(generation_config)
+        if resolve_prompt_lookup(generation_config)[0]:
+            raise BeagleGenerationError("`prompt_lookup_num_tokens` expected 0 or unset with an Eagle2Draft assistant "
+                                        f"(its chain path makes no copy rounds), found "
+                                        f"{generation_config.prompt_lookup_num_tokens}.")
         self.ensure_bound_to(target_model)
         return Eagle2CandidateGenerator(self, generation_config, logits_processor)
 

@@ -17,6 +17,7 @@ from conftest import make_target, target_states
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
+from modeling_beagle.generation_beagle import BeagleGenerationError
 from modeling_beagle.modeling_beagle import BeagleCheckpointError
 from trainer import BeagleTrainingArguments
 
@@ -253,6 +254,8 @@ def test_training_lowers_the_loss_and_generation_stays_lossless(tmp_path):
     stats = draft.generation_stats
     assert out.shape[1] == prompt.shape[1] + 16 and stats.rounds > 0
     assert out.shape[1] - prompt.shape[1] == stats.target_forwards + sum(stats.accepted)  # one token per forward
+    with pytest.raises(BeagleGenerationError, match="prompt_lookup_num_tokens.*no copy rounds"):  # not ignored
+        target.generate(prompt, assistant_model=draft, prompt_lookup_num_tokens=4, max_new_tokens=4)
 
     # The bench plugin (loaded by path as `beagle bench --plugin FILE:ARG` does) loads the saved draft and runs.
     trainer.save_model(str(tmp_path / "eagle2"))

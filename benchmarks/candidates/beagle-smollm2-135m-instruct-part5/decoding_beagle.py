@@ -479,7 +479,8 @@ def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: 
     Copy mode extends the lookup branch: without one (`lookup` False) setting it is refused rather than ignored."""
     if not lookup and (copy_match or copy_tokens is not None):
         raise BeagleGenerationError("`lookup_copy_match` / `lookup_copy_tokens` expected only with the lookup branch "
-                                    "(copy mode extends it), found them with the lookup off (`prompt_lookup_num_tokens` 0).")
+                                    "(copy mode extends it), found them with the lookup off "
+                                    "(`prompt_lookup_num_tokens` 0).")
     if copy_match is None:
         copy_match = 0 if do_sample else LOOKUP_COPY_MATCH
     copy_tokens = LOOKUP_COPY_TOKENS if copy_tokens is None else copy_tokens
