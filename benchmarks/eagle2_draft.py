@@ -663,7 +663,8 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
 
     def chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed):
         output = target.generate(input_ids, attention_mask=attention_mask, assistant_model=draft,
-                                 prompt_lookup_num_tokens=0, **generation_kwargs(target, max_new_tokens, do_sample, temperature))
+                                 prompt_lookup_num_tokens=0,
+                                 **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(output, draft)
 
     methods = {"chain": Method(METHOD_NAME, chain, "target.generate(assistant_model=eagle2_draft): EAGLE-2-style "

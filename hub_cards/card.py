@@ -417,10 +417,14 @@ def transformers_requirement() -> str:
 
 
 def usage_snippet(target_id: str, beagle_id: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                  lookup_tokens: int = 10) -> str:
+                  lookup_tokens: int | None = None) -> str:
     """Python that loads the target and this draft (remote code) and runs both speculative decoding paths;
     `lookup_tokens` is the checkpoint's `default_prompt_lookup_num_tokens` (what a call without
-    `prompt_lookup_num_tokens` gets)."""
+    `prompt_lookup_num_tokens` gets; None: `BeagleConfig`'s default, as for a config.json without the field)."""
+    if lookup_tokens is None:
+        from modeling_beagle.configuration_beagle import BeagleConfig
+
+        lookup_tokens = BeagleConfig.default_prompt_lookup_num_tokens
     if lookup_tokens:
         chain_lookup = (f"""By default
 # (beagle.config.default_prompt_lookup_num_tokens = {lookup_tokens}) it also makes copy rounds: where the text's last 2 or more
@@ -733,7 +737,7 @@ Needs `torch` and `{transformers_requirement()}` (the versions its code is teste
 repository (`trust_remote_code=True`){where}.
 
 ```python
-{usage_snippet(target, beagle_id, max_new_tokens, config.get("default_prompt_lookup_num_tokens", 10)).rstrip()}
+{usage_snippet(target, beagle_id, max_new_tokens, config.get("default_prompt_lookup_num_tokens")).rstrip()}
 ```
 
 With the `beagle-spec` package installed, `import modeling_beagle` registers the same classes without remote code.
