@@ -16,6 +16,7 @@ from .decoding_beagle import (
     draft_tree,
     measure_verification_cost,
     recursive_rejection_sample,
+    tree_shape_for_costs,
 )
 from .generation_beagle import BeagleCandidateGenerator, BeagleGenerationError, BeagleGenerationStats
 from .masking_beagle import (
@@ -51,6 +52,7 @@ __all__ = [
     "draft_tree",
     "recursive_rejection_sample",
     "measure_verification_cost",
+    "tree_shape_for_costs",
     "PrepackedLinear",
     "is_prepacked",
     "packed_path",

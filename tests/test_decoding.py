@@ -27,7 +27,13 @@ from modeling_beagle import (
     draft_tree,
     recursive_rejection_sample,
 )
-from modeling_beagle.decoding_beagle import _keep_cache_rows, add_lookup_branch, auto_tree_shape, prompt_lookup
+from modeling_beagle.decoding_beagle import (
+    _keep_cache_rows,
+    add_lookup_branch,
+    auto_tree_shape,
+    prompt_lookup,
+    tree_shape_for_costs,
+)
 from modeling_beagle.generation_beagle import cache_kwargs, gumbel_noise, sample_categorical
 from modeling_beagle.masking_beagle import to_attention_mask, tree_ancestor_mask
 
@@ -190,6 +196,26 @@ def test_auto_tree_shape_is_valid():
     shape = auto_tree_shape(target)
     assert shape.total_tokens >= 4 and shape.depth >= 3
     assert shape.total_tokens <= shape.top_k + (shape.depth - 1) * shape.top_k**2
+
+
+def test_tree_shape_for_costs_stops_at_the_first_size_over_the_tolerance():
+    # a CPU-like curve: flat to 8 tokens, then rising, with a lucky sample at 16 under the tolerance
+    costs = {1: 1.0, 2: 1.0, 4: 0.98, 6: 1.02, 8: 1.1, 10: 1.2, 12: 1.3, 14: 1.4, 16: 1.33, 20: 1.6, 32: 2.0}
+    assert tree_shape_for_costs(costs) == TreeShape(depth=6, top_k=2, total_tokens=12)
+    # one measurement across the tolerance moves the budget by one step of the curve, not by a factor of 2
+    assert tree_shape_for_costs({**costs, 12: 1.36}).total_tokens == 10
+    assert tree_shape_for_costs({**costs, 14: 1.34}).total_tokens == 16
+    assert tree_shape_for_costs(costs, tolerance=1.15).total_tokens == 8
+    # two children per node, one level per pair, up to 16 nodes; wider beyond
+    assert tree_shape_for_costs({1: 1.0, 16: 1.0, 20: 1.4}) == TreeShape(depth=8, top_k=2, total_tokens=16)
+    assert tree_shape_for_costs({1: 1.0, 24: 1.0, 32: 1.4}) == TreeShape(depth=8, top_k=3, total_tokens=24)
+    # a flat curve (a GPU's) takes the largest size measured; a steep one keeps the minimum of 4 nodes
+    assert tree_shape_for_costs({n: 1.0 for n in (1, 8, 64)}) == TreeShape(depth=8, top_k=8, total_tokens=64)
+    assert tree_shape_for_costs({1: 1.0, 2: 1.5, 4: 2.0}) == TreeShape(depth=3, top_k=2, total_tokens=4)
+    for shape in (tree_shape_for_costs({1: 1.0, n: 1.0}) for n in range(1, 65)):
+        assert shape.total_tokens <= shape.top_k + (shape.depth - 1) * shape.top_k**2
+    with pytest.raises(BeagleGenerationError, match="one-token forward"):
+        tree_shape_for_costs({8: 1.0, 16: 1.2})
 
 
 # ------------------------------------------------------------------------------------------ tree machinery
