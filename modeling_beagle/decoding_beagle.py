@@ -85,9 +85,8 @@ class TreeShape:
 
 
 _VERIFY_COST_CACHE: dict = {}
-# Forward sizes the auto tree measures. Fine steps where CPUs turn from flat to rising (8-32 tokens), so that a noisy
-# measurement moves the choice by a couple of nodes, not from 16 to 8 (a 2-core EPYC's bf16 curve crosses the
-# tolerance near 16 tokens; with only 8 and 16 measured, auto flipped between 6,3,16 and 5,2,8 from run to run).
+# Forward sizes the auto tree measures: steps of 2 where CPU curves turn from flat to rising, so the budget can land
+# between powers of two (a 2-core EPYC's bf16 curve crosses 1.35x somewhere between 8 and 24 tokens, by the run).
 VERIFY_COST_COUNTS = (1, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64)
 
 
@@ -119,8 +118,9 @@ def tree_shape_for_costs(costs: dict, tolerance: float = 1.35) -> TreeShape:
     nodes as cost at most `tolerance` times a one-token forward (at least 4). The budget ends before the first size
     over the tolerance, so a lucky sample further up the curve does not stretch it. The nodes go two to a parent,
     one level per pair up to depth 8, and wider only beyond 16 nodes: a third child per node is rarely accepted and
-    costs verification (on a 2-core EPYC, 2-wide trees of 8-16 nodes ran 1.06-1.08x the tokens/s of a 6,3,16 tree
-    at T = 0 and up to 1.17x at T = 1; the results log, session 35)."""
+    costs verification (on a 2-core EPYC, 2-wide trees of 8-16 nodes against a 6,3,16 tree, tokens/s per prompt by
+    median: MT-bench 1.00-1.06x at T = 0 and 0.98-1.17x at T = 1, HumanEval 1.02x at T = 0 (0.95x by total) and
+    1.10-1.17x at T = 1; the results log, session 35)."""
     if 1 not in costs:
         raise BeagleGenerationError(f"tree_shape_for_costs: the cost of a one-token forward (key 1) is needed, found "
                                     f"keys {sorted(costs)}.")
