@@ -118,9 +118,7 @@ def tree_shape_for_costs(costs: dict, tolerance: float = 1.35) -> TreeShape:
     nodes as cost at most `tolerance` times a one-token forward (at least 4). The budget ends before the first size
     over the tolerance, so a lucky sample further up the curve does not stretch it. The nodes go two to a parent,
     one level per pair up to depth 8, and wider only beyond 16 nodes: a third child per node is rarely accepted and
-    costs verification (on a 2-core EPYC, 2-wide trees of 8-16 nodes against a 6,3,16 tree, tokens/s per prompt by
-    median: MT-bench 1.00-1.06x at T = 0 and 0.98-1.17x at T = 1, HumanEval 1.02x at T = 0 (0.95x by total) and
-    1.10-1.17x at T = 1; the results log, session 35)."""
+    costs verification (README, Results, "Tree width on the EPYC")."""
     if 1 not in costs:
         raise BeagleGenerationError(f"tree_shape_for_costs: the cost of a one-token forward (key 1) is needed, found "
                                     f"keys {sorted(costs)}.")
