@@ -17,6 +17,7 @@ from .decoding_beagle import (
     measure_verification_cost,
     recursive_rejection_sample,
     tree_shape_for_costs,
+    verification_cost_samples,
 )
 from .generation_beagle import BeagleCandidateGenerator, BeagleGenerationError, BeagleGenerationStats
 from .masking_beagle import (
@@ -52,6 +53,7 @@ __all__ = [
     "draft_tree",
     "recursive_rejection_sample",
     "measure_verification_cost",
+    "verification_cost_samples",
     "tree_shape_for_costs",
     "PrepackedLinear",
     "is_prepacked",

@@ -31,8 +31,10 @@ from modeling_beagle.decoding_beagle import (
     _keep_cache_rows,
     add_lookup_branch,
     auto_tree_shape,
+    measure_verification_cost,
     prompt_lookup,
     tree_shape_for_costs,
+    verification_cost_samples,
 )
 from modeling_beagle.generation_beagle import cache_kwargs, gumbel_noise, sample_categorical
 from modeling_beagle.masking_beagle import to_attention_mask, tree_ancestor_mask
@@ -198,6 +200,16 @@ def test_auto_tree_shape_is_valid():
     assert shape.total_tokens <= shape.top_k + (shape.depth - 1) * shape.top_k**2
 
 
+def test_verification_cost_samples_and_statistics():
+    target, _ = trained_pair()
+    samples = verification_cost_samples(target, counts=(1, 4), prefix=8, repeats=2, rounds=3)
+    assert sorted(samples) == [1, 4] and all(len(ts) == 6 and min(ts) > 0 for ts in samples.values())
+    costs = measure_verification_cost(target, counts=(1, 4), prefix=8, statistic="min")
+    assert sorted(costs) == [1, 4] and all(c > 0 for c in costs.values())
+    with pytest.raises(BeagleGenerationError, match="statistic"):
+        measure_verification_cost(target, counts=(1,), prefix=8, statistic="mean")
+
+
 def test_tree_shape_for_costs_stops_at_the_first_size_over_the_tolerance():
     # a CPU-like curve: flat to 8 tokens, then rising, with a lucky sample at 16 under the tolerance
     costs = {1: 1.0, 2: 1.0, 4: 0.98, 6: 1.02, 8: 1.1, 10: 1.2, 12: 1.3, 14: 1.4, 16: 1.33, 20: 1.6, 32: 2.0}
@@ -206,9 +218,11 @@ def test_tree_shape_for_costs_stops_at_the_first_size_over_the_tolerance():
     assert tree_shape_for_costs({**costs, 12: 1.36}).total_tokens == 10
     assert tree_shape_for_costs({**costs, 14: 1.34}).total_tokens == 16
     assert tree_shape_for_costs(costs, tolerance=1.15).total_tokens == 8
-    # two children per node, one level per pair, up to 16 nodes; wider beyond
+    # two children per node, one level per pair, up to the 30 nodes of a 2-wide depth-8 tree; wider beyond
     assert tree_shape_for_costs({1: 1.0, 16: 1.0, 20: 1.4}) == TreeShape(depth=8, top_k=2, total_tokens=16)
-    assert tree_shape_for_costs({1: 1.0, 24: 1.0, 32: 1.4}) == TreeShape(depth=8, top_k=3, total_tokens=24)
+    assert tree_shape_for_costs({1: 1.0, 24: 1.0, 32: 1.4}) == TreeShape(depth=8, top_k=2, total_tokens=24)
+    assert tree_shape_for_costs({1: 1.0, 30: 1.0, 32: 1.4}) == TreeShape(depth=8, top_k=2, total_tokens=30)
+    assert tree_shape_for_costs({1: 1.0, 32: 1.0, 48: 1.4}) == TreeShape(depth=8, top_k=4, total_tokens=32)
     # a flat curve (a GPU's) takes the largest size measured; a steep one keeps the minimum of 4 nodes
     assert tree_shape_for_costs({n: 1.0 for n in (1, 8, 64)}) == TreeShape(depth=8, top_k=8, total_tokens=64)
     assert tree_shape_for_costs({1: 1.0, 2: 1.5, 4: 2.0}) == TreeShape(depth=3, top_k=2, total_tokens=4)
