@@ -91,11 +91,11 @@ VERIFY_COST_COUNTS = (1, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64)
 
 
 @torch.no_grad()
-def measure_verification_cost(target, counts=VERIFY_COST_COUNTS, prefix: int = 256, repeats: int = 3,
+def verification_cost_samples(target, counts=VERIFY_COST_COUNTS, prefix: int = 256, repeats: int = 3,
                               rounds: int = 1) -> dict:
-    """Median time (s) of one target forward over `n` new tokens on top of a `prefix`-token cache, per n: `rounds`
-    passes over all counts (interleaved, so that a slow spell of a shared machine spreads over every count), each
-    timing `repeats` forwards per count after one untimed warm-up forward per count."""
+    """Times (s) of target forwards over `n` new tokens on top of a `prefix`-token cache, `{n: [seconds, ...]}`:
+    `rounds` passes over all counts (interleaved, so that a slow spell of a shared machine spreads over every count),
+    each timing `repeats` forwards per count after one untimed warm-up forward per count."""
     device = target.device
     ids = torch.randint(0, target.config.get_text_config().vocab_size, (1, prefix + max(counts)), device=device)
     cache = DynamicCache(config=target.config)
@@ -110,15 +110,28 @@ def measure_verification_cost(target, counts=VERIFY_COST_COUNTS, prefix: int = 2
                 cache.crop(-n)
                 if round_index or i:
                     times[n].append(elapsed)
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    return times
+
+
+COST_STATISTICS = {"median": statistics.median, "min": min}
+
+
+def measure_verification_cost(target, counts=VERIFY_COST_COUNTS, prefix: int = 256, repeats: int = 3,
+                              rounds: int = 1, statistic: str = "median") -> dict:
+    """One time (s) per number of new tokens `n`: `statistic` ("median" or "min") of `verification_cost_samples`."""
+    if statistic not in COST_STATISTICS:
+        raise BeagleGenerationError(f"measure_verification_cost: `statistic` expected one of {sorted(COST_STATISTICS)}, "
+                                    f"found {statistic!r}.")
+    samples = verification_cost_samples(target, counts, prefix, repeats, rounds)
+    return {n: COST_STATISTICS[statistic](ts) for n, ts in samples.items()}
 
 
 def tree_shape_for_costs(costs: dict, tolerance: float = 1.35) -> TreeShape:
     """The tree for a verification-cost curve (`{new tokens: forward time}`, with 1 among the keys): verify as many
     nodes as cost at most `tolerance` times a one-token forward (at least 4). The budget ends before the first size
     over the tolerance, so a lucky sample further up the curve does not stretch it. The nodes go two to a parent,
-    one level per pair up to depth 8, and wider only beyond 16 nodes: a third child per node is rarely accepted and
-    costs verification (README, Results, "Tree width on the EPYC")."""
+    one level per pair up to depth 8, and wider only beyond the 30 nodes a 2-wide tree of depth 8 can hold: a third
+    child per node is rarely accepted and costs verification (README, Results, "Tree width on the EPYC")."""
     if 1 not in costs:
         raise BeagleGenerationError(f"tree_shape_for_costs: the cost of a one-token forward (key 1) is needed, found "
                                     f"keys {sorted(costs)}.")
@@ -128,17 +141,19 @@ def tree_shape_for_costs(costs: dict, tolerance: float = 1.35) -> TreeShape:
             break
         total = max(total, n)
     depth = min(max(3, -(-total // 2)), 8)
-    top_k = min(max(2, -(-total // depth)), 8)
+    top_k = 2 if total <= 2 + (depth - 1) * 4 else min(-(-total // depth), 8)
     total = min(total, top_k + (depth - 1) * top_k * top_k)
     return TreeShape(depth=depth, top_k=top_k, total_tokens=total)
 
 
 def auto_tree_shape(target, tolerance: float = 1.35) -> TreeShape:
     """`tree_shape_for_costs` on the target's verification-cost curve on this machine, measured once per target, dtype
-    and packing (`VERIFY_COST_COUNTS`, 3 interleaved rounds of 3 forwards per count, medians)."""
+    and packing (`VERIFY_COST_COUNTS`, 3 interleaved rounds of 3 forwards per count, the fastest of each count's 9:
+    a busy spell of a shared machine only adds time, and the minimum keeps the tree the same from one measurement
+    to the next more often than the median: `benchmarks/auto_tree_stability.py`)."""
     key = (id(target), str(target.device), str(target.dtype), is_prepacked(target))  # packing changes the curve
     if key not in _VERIFY_COST_CACHE:
-        _VERIFY_COST_CACHE[key] = measure_verification_cost(target, rounds=3)
+        _VERIFY_COST_CACHE[key] = measure_verification_cost(target, rounds=3, statistic="min")
     return tree_shape_for_costs(_VERIFY_COST_CACHE[key], tolerance)
 
 
