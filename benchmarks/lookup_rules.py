@@ -34,7 +34,8 @@ the tree as three branches: swapped in for the run) and `tree-lookup-nocopy` (co
 the bench's lookup length in every round, the default before session 27); `CKPT@ngram,nocopy` selects some of them.
 `copyMxN` adds copy mode with other settings (`lookup_copy_match=M`, `lookup_copy_tokens=N`): `CKPT@nocopy,copy6x32`.
 `permatchK` shortens the branch of rounds that do not copy to K tokens per matched token
-(`lookup_tokens_per_match=K`): `CKPT@permatch2,permatch3`. `chainmatchM` runs the assisted chain path with copy rounds
+(`lookup_tokens_per_match=K`): `CKPT@permatch2,permatch3`. `minmatchM` proposes the branch only from a match of M
+tokens or more (`lookup_min_match=M`). `chainmatchM` runs the assisted chain path with copy rounds
 (`target.generate(assistant_model=beagle, prompt_lookup_num_tokens=N)`, `beagle-chain-lookup`) from an M-token match
 instead of the package's `CHAIN_LOOKUP_MATCH`: `CKPT@chainmatch2,chainmatch3,chainmatch4`.
 """
@@ -168,7 +169,7 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                 f"the tree + one suffix-rule branch of {prompt_lookup_num_tokens} in every round, copy "
                                 "mode off (lookup_copy_match=0: the loop's default before session 27)")}
     names = selected.split(",") if selected else list(methods)
-    for name in names:  # parametrised methods: chainmatchM, permatchK, copyMxN (copy mode's settings)
+    for name in names:  # parametrised methods: chainmatchM, permatchK, minmatchM, copyMxN (copy mode's settings)
         chain = re.fullmatch(r"chainmatch(\d+)", name)
         if chain:
             m = int(chain[1])
@@ -183,6 +184,13 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                            lookup_tokens_per_match=k),
                                    f"the tree + one suffix-rule branch of at most {k} tokens per matched token, up to "
                                    f"{prompt_lookup_num_tokens} (lookup_tokens_per_match={k})")
+        min_match = re.fullmatch(r"minmatch(\d+)", name)
+        if min_match:
+            m = int(min_match[1])
+            methods[name] = Method(f"tree-lookup-{name}",
+                                   partial(run, num_tokens=prompt_lookup_num_tokens, rule="suffix", lookup_min_match=m),
+                                   f"the tree + one suffix-rule branch of {prompt_lookup_num_tokens}, only from a match "
+                                   f"of {m} tokens or more (lookup_min_match={m})")
         match = re.fullmatch(r"copy(\d+)x(\d+)", name)
         if match:
             copy_match, copy_tokens = int(match[1]), int(match[2])
@@ -193,7 +201,7 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                    f"token match, copy mode: a branch of {copy_tokens}, no draft")
     unknown = [name for name in names if name not in methods]
     if unknown:
-        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN, permatchK or chainmatchM "
+        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN, permatchK, minmatchM or chainmatchM "
                          f"after '@', found {unknown}.")
     return [methods[name] for name in names]
 

@@ -533,6 +533,18 @@ def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int | Non
     return per_match
 
 
+def resolve_lookup_min_match(min_match, lookup: bool = True) -> int:
+    """`lookup_min_match`: the shortest match that proposes a lookup branch (None: 1, every match); refused without
+    the lookup branch it gates, rather than ignored."""
+    if min_match is None:
+        return 1
+    if not lookup:
+        raise BeagleGenerationError("`lookup_min_match` expected only with the lookup branch it gates, found it with "
+                                    "the lookup off (`prompt_lookup_num_tokens` 0).")
+    _require_int("lookup_min_match", min_match, 1, "a positive integer or None")
+    return min_match
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def recursive_rejection_sample(p: torch.Tensor, q: torch.Tensor, candidates: list[int]) -> tuple[int, bool]:
     """One token distributed exactly as `p` (a probability vector), using draft `candidates` drawn in this order
@@ -575,6 +587,7 @@ def beagle_generate(
     lookup_copy_match: int | None = None,
     lookup_copy_tokens: int | None = None,
     lookup_tokens_per_match: int | None = None,
+    lookup_min_match: int | None = None,
     **model_kwargs,
 ):
     """Speculative decoding with Beagle draft trees, for batches of (left-)padded prompts.
@@ -594,7 +607,8 @@ def beagle_generate(
     counted in `beagle.generation_stats.copy_rounds`. `lookup_tokens_per_match=K` (default None: off) shortens the
     branch of a round that is not copying to at most K tokens per matched token (a 1-token match proposes K tokens, a
     2-token match 2K, up to `prompt_lookup_num_tokens`): a short match's continuation is rarely right for long, and
-    every proposed token is verified. Statistics of the run are left in `beagle.generation_stats`.
+    every proposed token is verified. `lookup_min_match=M` (default 1) proposes a branch only from a match of at
+    least M tokens. Statistics of the run are left in `beagle.generation_stats`.
     transformers does not hand `streamer` to a `custom_generate` callable: pass it as `beagle_streamer=` (the
     checkpoint folder's `custom_generate/generate.py` does so for you).
     `sampled_drafts` (sampling only; default: on when `do_sample`): draw each node's children from the draft's
@@ -642,6 +656,7 @@ def beagle_generate(
     max_new = generation_config.max_length - prompt_len
     copy_match, copy_tokens = resolve_copy_mode(lookup_copy_match, lookup_copy_tokens, do_sample, bool(lookup_tokens))
     per_match = resolve_lookup_tokens_per_match(lookup_tokens_per_match, bool(lookup_tokens))
+    min_match = resolve_lookup_min_match(lookup_min_match, bool(lookup_tokens))
     lookup_rule = LOOKUP_RULES[prompt_lookup_rule]
     stats = BeagleGenerationStats()
     beagle.generation_stats = stats
@@ -727,7 +742,7 @@ def beagle_generate(
             # a row's branch length: the copy length, or the lookup length (at most `per_match` per matched token)
             num = [copy_tokens if copying else min(lookup_tokens, (per_match or lookup_tokens) * found[b][1])
                    for b in range(batch)]
-            proposals = [[] if done[b] or found[b][0] < 0 else
+            proposals = [[] if done[b] or found[b][0] < 0 or found[b][1] < min_match else
                          lookup_rule.continuation(rows_seq[b][first_valid[b]:], found[b][0],
                                                   min(num[b], max_new - num_new[b] - 1))
                          for b in range(batch)]
