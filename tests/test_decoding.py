@@ -581,9 +581,39 @@ def test_lookup_tokens_per_match_shortens_the_branch_by_its_match(rule, monkeypa
     assert shortened > 20 and copied > 2, "the test would not exercise the shortened branch or copy mode"
 
 
+def test_lookup_min_match_proposes_branches_only_from_long_matches(monkeypatch):
+    """`lookup_min_match=M`: the rule's continuation is asked for only where the match is M tokens or more; the
+    output stays plain greedy."""
+    import modeling_beagle.decoding_beagle as decoding
+
+    real = decoding.LOOKUP_RULES["suffix"]
+    matches, continued = [], []  # match lengths found / of the matches continued
+
+    def match(sequence, max_ngram):
+        found = real.match(sequence, max_ngram)
+        matches.append(found[1])
+        return found
+
+    def continuation(sequence, end, num_tokens):
+        continued.append(matches[-1])
+        return real.continuation(sequence, end, num_tokens)
+
+    monkeypatch.setitem(decoding.LOOKUP_RULES, "suffix", decoding.LookupRule(match, continuation, real.max_ngram))
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(13)
+    for i in range(8):
+        ids = torch.randint(3, 96, (1, int(torch.randint(2, 16, (1,), generator=g))), generator=g)
+        out = spec(target, beagle, ids, TreeShape(depth=3, top_k=2, total_tokens=6), do_sample=False,
+                   max_new_tokens=40, prompt_lookup_num_tokens=6, lookup_copy_match=0, lookup_min_match=3)
+        assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=40))
+    assert continued and min(continued) >= 3
+    assert sum(0 < m < 3 for m in matches) > 20, "the test would not exercise short matches"
+
+
 def test_bad_prompt_lookup_settings_are_refused():
     from modeling_beagle.decoding_beagle import (
         resolve_copy_mode,
+        resolve_lookup_min_match,
         resolve_lookup_tokens_per_match,
         resolve_prompt_lookup,
     )
@@ -630,6 +660,12 @@ def test_bad_prompt_lookup_settings_are_refused():
         spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", lookup_copy_match=4, **off)
     with pytest.raises(BeagleGenerationError, match="lookup_tokens_per_match.*lookup off"):
         spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", lookup_tokens_per_match=2, **off)
+    assert resolve_lookup_min_match(None) == 1 and resolve_lookup_min_match(4) == 4
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(BeagleGenerationError, match="lookup_min_match"):
+            resolve_lookup_min_match(bad)
+    with pytest.raises(BeagleGenerationError, match="lookup_min_match.*lookup off"):
+        spec(target, beagle, torch.tensor([[5, 6, 7]]), "chain", lookup_min_match=2, **off)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
