@@ -521,28 +521,26 @@ def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: 
     return copy_match, copy_tokens
 
 
-def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int | None:
-    """`lookup_tokens_per_match`: None (off: every lookup branch has `prompt_lookup_num_tokens`) or a positive int;
-    refused without the lookup branch it shortens, rather than ignored."""
-    if per_match is None:
-        return None
+def _resolve_lookup_setting(name: str, value, default, lookup: bool, role: str):
+    """A positive-int setting of the lookup branch (None: `default`); refused without the branch it `role`s, rather
+    than ignored."""
+    if value is None:
+        return default
     if not lookup:
-        raise BeagleGenerationError("`lookup_tokens_per_match` expected only with the lookup branch it shortens, found "
-                                    "it with the lookup off (`prompt_lookup_num_tokens` 0).")
-    _require_int("lookup_tokens_per_match", per_match, 1, "a positive integer or None")
-    return per_match
+        raise BeagleGenerationError(f"`{name}` expected only with the lookup branch it {role}, found it with the lookup "
+                                    "off (`prompt_lookup_num_tokens` 0).")
+    _require_int(name, value, 1, "a positive integer or None")
+    return value
+
+
+def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int | None:
+    """`lookup_tokens_per_match`: None (off: every lookup branch has `prompt_lookup_num_tokens`) or a positive int."""
+    return _resolve_lookup_setting("lookup_tokens_per_match", per_match, None, lookup, "shortens")
 
 
 def resolve_lookup_min_match(min_match, lookup: bool = True) -> int:
-    """`lookup_min_match`: the shortest match that proposes a lookup branch (None: 1, every match); refused without
-    the lookup branch it gates, rather than ignored."""
-    if min_match is None:
-        return 1
-    if not lookup:
-        raise BeagleGenerationError("`lookup_min_match` expected only with the lookup branch it gates, found it with "
-                                    "the lookup off (`prompt_lookup_num_tokens` 0).")
-    _require_int("lookup_min_match", min_match, 1, "a positive integer or None")
-    return min_match
+    """`lookup_min_match`: the shortest match that proposes a lookup branch (None: 1, every match)."""
+    return _resolve_lookup_setting("lookup_min_match", min_match, 1, lookup, "gates")
 
 
 # ------------------------------------------------------------------------------------------------ the loop
