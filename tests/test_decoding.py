@@ -610,6 +610,52 @@ def test_lookup_min_match_proposes_branches_only_from_long_matches(monkeypatch):
     assert sum(0 < m < 3 for m in matches) > 20, "the test would not exercise short matches"
 
 
+def test_copy_mode_starts_only_from_matches_that_propose_a_branch(monkeypatch):
+    """With `lookup_min_match` above `lookup_copy_match`, a round whose match lies between the two drafts as usual:
+    copy mode (no draft) starts only from a match long enough to propose the branch it verifies, so no round verifies
+    its root token alone; the output stays plain greedy."""
+    import modeling_beagle.decoding_beagle as decoding
+
+    real = decoding.add_lookup_branch
+    rounds = []  # (drafted nodes, lookup tokens proposed) per round
+
+    def recorded(tokens, parents, depths, proposals):
+        rounds.append((tokens.shape[1], len(proposals[0])))
+        return real(tokens, parents, depths, proposals)
+
+    monkeypatch.setattr(decoding, "add_lookup_branch", recorded)
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(17)
+    copy_rounds = 0
+    for i in range(8):
+        ids = torch.randint(3, 12, (1, int(torch.randint(4, 16, (1,), generator=g))), generator=g)
+        out = spec(target, beagle, ids, TreeShape(depth=3, top_k=2, total_tokens=6), do_sample=False,
+                   max_new_tokens=40, prompt_lookup_num_tokens=6, lookup_copy_match=2, lookup_min_match=4)
+        assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=40))
+        copy_rounds += beagle.generation_stats.copy_rounds
+    assert all(drafted or proposed for drafted, proposed in rounds), "a round verified only its root token"
+    assert copy_rounds > 0, "the test would not exercise copy mode"
+    assert sum(drafted == 0 for drafted, _ in rounds) == copy_rounds
+
+
+def test_copy_mode_falls_back_to_drafting_when_the_rule_continues_no_match(monkeypatch):
+    """A lookup rule (a `LOOKUP_RULES` plugin) that finds long matches but continues them by no token: the rounds
+    that would copy draft as usual (no round without a node to verify), and the output stays plain greedy."""
+    import modeling_beagle.decoding_beagle as decoding
+
+    real = decoding.LOOKUP_RULES["suffix"]
+    monkeypatch.setitem(decoding.LOOKUP_RULES, "suffix",
+                        decoding.LookupRule(real.match, lambda sequence, end, num: [], real.max_ngram))
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(19)
+    for i in range(4):
+        ids = torch.randint(3, 8, (1, 12), generator=g)  # few distinct tokens: long matches from the start
+        out = spec(target, beagle, ids, TreeShape(depth=3, top_k=2, total_tokens=6), do_sample=False,
+                   max_new_tokens=30, prompt_lookup_num_tokens=6, lookup_copy_match=2)
+        assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=30))
+        assert beagle.generation_stats.copy_rounds == 0
+
+
 def test_bad_prompt_lookup_settings_are_refused():
     from modeling_beagle.decoding_beagle import (
         resolve_copy_mode,
