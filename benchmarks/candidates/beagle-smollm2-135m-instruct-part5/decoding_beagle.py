@@ -599,10 +599,11 @@ def beagle_generate(
     `max_matching_ngram_size` tokens (default 32), repeating with its period where the continuation reaches the end
     (`suffix_lookup`); "ngram" transformers' rule, the earliest occurrence of the last n-gram, n <=
     `max_matching_ngram_size` (default 2) (`prompt_lookup`). Copy mode: in a round where every row's match is at least
-    `lookup_copy_match` tokens long (default: 4 in greedy decoding, 0 (off) when sampling), the text is copying an
-    earlier passage, which the draft rarely continues better than the passage does: Beagle does not draft, and the
-    round verifies only the lookup branch, extended to `lookup_copy_tokens` tokens (default 32); the rounds are
-    counted in `beagle.generation_stats.copy_rounds`. `lookup_tokens_per_match=K` (default None: off) shortens the
+    `lookup_copy_match` tokens long (default: 4 in greedy decoding, 0 (off) when sampling) and at least
+    `lookup_min_match`, and the rule continues it, the text is copying an earlier passage, which the draft rarely
+    continues better than the passage does: Beagle does not draft, and the round verifies only the lookup branch,
+    extended to `lookup_copy_tokens` tokens (default 32); the rounds are counted in
+    `beagle.generation_stats.copy_rounds`. `lookup_tokens_per_match=K` (default None: off) shortens the
     branch of a round that is not copying to at most K tokens per matched token (a 1-token match proposes K tokens, a
     2-token match 2K, up to `prompt_lookup_num_tokens`): a short match's continuation is rarely right for long, and
     every proposed token is verified. `lookup_min_match=M` (default 1) proposes a branch only from a match of at
