@@ -6,7 +6,8 @@ near-tie flips may change a text per method). For each method against `--base`, 
 the median and mean of the per-prompt tokens/s ratios (method / base) and on how many prompts the method was faster,
 the ratio of total tokens/s (all new tokens over all time; the ratio of total times where the texts are the same), and
 the mean paired τ difference with its standard error. `--exclude` leaves prompts out (`mt-bench/145`: a prompt id,
-every turn of it).
+every turn of it). Several runs (e.g. sampled runs with different seeds) are pooled: each run's prompts are pairs of
+their own.
 
     python benchmarks/paired.py benchmarks/results/bench-amx-v15-copy-modes-20-float32 --base tree-lookup-nocopy
 
@@ -23,12 +24,14 @@ from pathlib import Path
 
 def paired_rows(runs: list[dict], base: str, exclude: tuple[str, ...] = ()) -> list[dict]:
     """One row per (prompt set, temperature, dtype, method other than `base` and plain), over the prompts that both
-    the method and `base` ran (repeats: each prompt's first), less the prompt ids in `exclude`."""
+    the method and `base` ran (repeats: each prompt's first), less the prompt ids in `exclude`. A run's `source` (the
+    bench it came from, when several are pooled) keeps the same prompt of different benches apart."""
     by_prompt = defaultdict(dict)
     for run in runs:
         if run["prompt_id"] in exclude:
             continue
-        key = (run["prompt_set"], run["temperature"], run["dtype"], run["prompt_id"], run.get("turn", 1))
+        key = (run["prompt_set"], run["temperature"], run["dtype"], run.get("source", 0), run["prompt_id"],
+               run.get("turn", 1))
         by_prompt[key].setdefault(run["method"], run)
     groups = defaultdict(lambda: defaultdict(list))
     for (prompt_set, temperature, dtype, *_), methods in by_prompt.items():
@@ -66,15 +69,18 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="a bench output folder (or its bench.json)")
+    parser.add_argument("results", nargs="+", help="bench output folders (or their bench.json); several are pooled")
     parser.add_argument("--base", required=True, help="the method every other one is compared with")
     parser.add_argument("--exclude", default="", help="comma-separated prompt ids to leave out (mt-bench/145)")
     parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
-    path = Path(args.results)
-    bench = json.loads((path / "bench.json" if path.is_dir() else path).read_text())
+    runs = []
+    for source, results in enumerate(args.results):
+        path = Path(results)
+        bench = json.loads((path / "bench.json" if path.is_dir() else path).read_text())
+        runs += [dict(run, source=source) for run in bench["runs"]]
     exclude = tuple(name for name in args.exclude.split(",") if name)
-    table = markdown(paired_rows(bench["runs"], args.base, exclude))
+    table = markdown(paired_rows(runs, args.base, exclude))
     if args.out:
         Path(args.out).write_text(table)
     print(table, end="")

@@ -906,6 +906,10 @@ def test_paired_comparison_of_bench_methods():
     assert row["prompts"] == 2 and row["ratio_median"] == pytest.approx(1.0)
     with pytest.raises(SystemExit, match="--base"):
         paired.paired_rows(runs, "missing")
+    # two benches pooled (e.g. two sampling seeds): the same prompt of each is a pair of its own
+    second = [dict(r, source=1, time_s=r["time_s"] * (2 if r["method"] == "new" else 1)) for r in runs]
+    (row,) = paired.paired_rows([dict(r, source=0) for r in runs] + second, "base")
+    assert row["prompts"] == 6 and row["ratio_mean"] == pytest.approx((sum(ratios) + sum(ratios) / 2) / 6)
 
 
 def test_beagle_checkpoint_plugin_runs_a_second_draft_under_its_label(tmp_path):
