@@ -733,12 +733,11 @@ def beagle_generate(
         started = time.perf_counter()
         proposals, copying = None, False
         if lookup_tokens:
-            # each row's match (end position, length); copy mode when every unfinished row's is long enough to
-            # copy from and to propose a branch (a copy round verifies nothing else)
+            # each row's match (end position, length); copy mode when every unfinished row's is long enough
             found = [((-1, 0) if done[b] else lookup_rule.match(rows_seq[b][first_valid[b]:], max_ngram))
                      for b in range(batch)]
-            copying = bool(copy_match) and all(done[b] or (found[b][1] >= max(copy_match, min_match)
-                                                           and max_new - num_new[b] > 1) for b in range(batch))
+            copying = bool(copy_match) and all(done[b] or (found[b][1] >= copy_match and max_new - num_new[b] > 1)
+                                               for b in range(batch))
 
             def branch(b: int, num: int) -> list[int]:
                 if done[b] or found[b][0] < 0 or found[b][1] < min_match:
@@ -746,12 +745,12 @@ def beagle_generate(
                 return lookup_rule.continuation(rows_seq[b][first_valid[b]:], found[b][0],
                                                 min(num, max_new - num_new[b] - 1))
 
-            # a row's branch: the copy length, or the lookup length (at most `per_match` per matched token); a copy
-            # round verifies only its branches, so where the rule continues some unfinished row's match by no token,
-            # the round drafts as usual instead
-            proposals = [branch(b, copy_tokens) for b in range(batch)] if copying else None
-            if copying and not all(done[b] or proposals[b] for b in range(batch)):
-                copying = False
+            # a row's branch: the copy length, or the lookup length (at most `per_match` per matched token). A copy
+            # round verifies nothing but its branches, so it needs one for every unfinished row: where a row has none
+            # (its match is below `lookup_min_match`, or the rule continues it by no token) the round drafts instead
+            if copying:
+                proposals = [branch(b, copy_tokens) for b in range(batch)]
+                copying = all(done[b] or proposals[b] for b in range(batch))
             if not copying:
                 proposals = [branch(b, min(lookup_tokens, (per_match or lookup_tokens) * found[b][1]))
                              for b in range(batch)]
