@@ -34,7 +34,8 @@ the tree as three branches: swapped in for the run) and `tree-lookup-nocopy` (co
 the bench's lookup length in every round, the default before session 27); `CKPT@ngram,nocopy` selects some of them.
 `copyMxN` adds copy mode with other settings (`lookup_copy_match=M`, `lookup_copy_tokens=N`): `CKPT@nocopy,copy6x32`.
 `permatchK` shortens the branch of rounds that do not copy to K tokens per matched token
-(`lookup_tokens_per_match=K`): `CKPT@permatch2,permatch3`. `minmatchM` proposes the branch only from a match of M
+(`lookup_tokens_per_match=K`; 3, the default since session 38, is what `beagle-tree-lookup` does): `CKPT@permatch0`
+gives the uncapped branch of the bench's lookup length (the default before session 38), `CKPT@permatch2,permatch4`. `minmatchM` proposes the branch only from a match of M
 tokens or more (`lookup_min_match=M`). `chainmatchM` runs the assisted chain path with copy rounds
 (`target.generate(assistant_model=beagle, prompt_lookup_num_tokens=N)`, `beagle-chain-lookup`) from an M-token match
 instead of the package's `CHAIN_LOOKUP_MATCH`: `CKPT@chainmatch2,chainmatch3,chainmatch4`.

@@ -503,6 +503,12 @@ LOOKUP_COPY_MATCH, LOOKUP_COPY_TOKENS = 4, 32
 # and HumanEval first turns: 1.040x / 1.091x the chain's total tokens/s, against 1.003x / 1.067x from 2 tokens and
 # 1.042x / 1.059x from 8; per prompt 8 against 4 1.007x / 0.967x by median; results log, Session 34).
 CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING = 2, 4
+# Outside copy rounds the loop's lookup branch proposes at most 3 tokens per matched token (a 1-token match 3, a 2-token
+# match 6, ...): a short match's continuation is rarely right for long and every proposed token is verified. With the
+# 6,2,12 tree on the 2-core EPYC, against the uncapped 10-token branch per prompt by median: T = 0 fp32 MT-bench 1.054x
+# (identical texts; 1.03-1.05x in two runs with 6,3,16), bf16 MT-bench 0.994x and HumanEval 1.120x, T = 1 bf16 1.018x /
+# 1.037x (20 + 20 first turns each; results log, Sessions 32, 37 and 38).
+LOOKUP_TOKENS_PER_MATCH = 3
 
 
 def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: bool = True) -> tuple[int, int]:
@@ -533,9 +539,17 @@ def _resolve_lookup_setting(name: str, value, default, lookup: bool, role: str):
     return value
 
 
-def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int | None:
-    """`lookup_tokens_per_match`: None (off: every lookup branch has `prompt_lookup_num_tokens`) or a positive int."""
-    return _resolve_lookup_setting("lookup_tokens_per_match", per_match, None, lookup, "shortens")
+def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int:
+    """`lookup_tokens_per_match`: the lookup branch's tokens per matched token outside copy rounds; None takes
+    `LOOKUP_TOKENS_PER_MATCH`, 0 turns the cap off (every branch has `prompt_lookup_num_tokens`). 0 without the
+    lookup branch."""
+    if per_match is None:
+        return LOOKUP_TOKENS_PER_MATCH if lookup else 0
+    if not lookup and per_match:
+        raise BeagleGenerationError("`lookup_tokens_per_match` expected only with the lookup branch it shortens, found "
+                                    "it with the lookup off (`prompt_lookup_num_tokens` 0).")
+    _require_int("lookup_tokens_per_match", per_match, 0, "a non-negative integer (0: off) or None")
+    return per_match
 
 
 def resolve_lookup_min_match(min_match, lookup: bool = True) -> int:
@@ -603,7 +617,7 @@ def beagle_generate(
     `lookup_min_match`, and the rule continues it, the text is copying an earlier passage, which the draft rarely
     continues better than the passage does: Beagle does not draft, and the round verifies only the lookup branch,
     extended to `lookup_copy_tokens` tokens (default 32); the rounds are counted in
-    `beagle.generation_stats.copy_rounds`. `lookup_tokens_per_match=K` (default None: off) shortens the
+    `beagle.generation_stats.copy_rounds`. `lookup_tokens_per_match=K` (default 3; 0: off) shortens the
     branch of a round that is not copying to at most K tokens per matched token (a 1-token match proposes K tokens, a
     2-token match 2K, up to `prompt_lookup_num_tokens`): a short match's continuation is rarely right for long, and
     every proposed token is verified. `lookup_min_match=M` (default 1) proposes a branch only from a match of at

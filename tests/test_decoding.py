@@ -1,5 +1,6 @@
 """Beagle's own decoding loop (custom_generate): draft trees, batches, losslessness, tree verification."""
 
+import collections
 import io
 from contextlib import redirect_stdout
 
@@ -542,7 +543,8 @@ def test_greedy_identity_with_the_lookup_branch(shape, rule, copy_match, monkeyp
 @pytest.mark.parametrize("rule", ["suffix", "ngram"])
 def test_lookup_tokens_per_match_shortens_the_branch_by_its_match(rule, monkeypatch):
     """`lookup_tokens_per_match=K`: a round that does not copy asks the rule for at most K tokens per matched token
-    (and `prompt_lookup_num_tokens` at most); copy rounds keep `lookup_copy_tokens`; the output stays plain greedy."""
+    (and `prompt_lookup_num_tokens` at most; K = 3 by default, 0 lifts the cap); copy rounds keep `lookup_copy_tokens`;
+    the output stays plain greedy."""
     import modeling_beagle.decoding_beagle as decoding
 
     real = decoding.LOOKUP_RULES[rule]
@@ -560,10 +562,11 @@ def test_lookup_tokens_per_match_shortens_the_branch_by_its_match(rule, monkeypa
     monkeypatch.setitem(decoding.LOOKUP_RULES, rule, decoding.LookupRule(match, continuation, real.max_ngram))
     target, beagle = trained_pair()
     g = torch.Generator().manual_seed(12)
-    shortened = copied = 0
-    for i in range(12):
+    shortened, copied, uncapped = collections.Counter(), 0, 0
+    for i in range(16):
         ids = torch.randint(3, 96, (1, int(torch.randint(2, 16, (1,), generator=g))), generator=g)
-        new, k, copy_match = 40, 1 + i % 2, (2 if i >= 8 else 0)
+        new, k, copy_match = 40, (1, 2, None, 0)[i % 4], (2 if i >= 12 else 0)
+        cap = {None: 3, 0: 6}.get(k, k)  # None: the default, 3; 0: off, the whole `prompt_lookup_num_tokens`
         asked.clear()
         out = spec(target, beagle, ids, TreeShape(depth=3, top_k=2, total_tokens=6), do_sample=False,
                    max_new_tokens=new, prompt_lookup_num_tokens=6, prompt_lookup_rule=rule, lookup_tokens_per_match=k,
@@ -576,9 +579,11 @@ def test_lookup_tokens_per_match_shortens_the_branch_by_its_match(rule, monkeypa
                 assert num <= 9
                 copied += num > 6  # longer than any lookup branch: a copy round's
             else:
-                assert num <= min(6, k * length)
-                shortened += num == k * length < 6
-    assert shortened > 20 and copied > 2, "the test would not exercise the shortened branch or copy mode"
+                assert num <= min(6, cap * length)
+                shortened[k] += num == cap * length < 6
+                uncapped += k == 0 and length == 1 and num == 6
+    assert min(shortened[k] for k in (1, 2, None)) > 5 and copied > 2 and uncapped > 2, \
+        "the test would not exercise the shortened branch (each K and the default), the uncapped one or copy mode"
 
 
 def test_lookup_min_match_proposes_branches_only_from_long_matches(monkeypatch):
@@ -696,8 +701,10 @@ def test_bad_prompt_lookup_settings_are_refused():
     for copy_match, copy_tokens in ((4, None), (None, 16)):  # copy mode asked for without the lookup branch
         with pytest.raises(BeagleGenerationError, match="lookup off"):
             resolve_copy_mode(copy_match, copy_tokens, lookup=False)
-    assert resolve_lookup_tokens_per_match(None, lookup=False) is None and resolve_lookup_tokens_per_match(3) == 3
-    for bad in (0, -1, 2.0, True, "3"):
+    assert resolve_lookup_tokens_per_match(None) == 3 and resolve_lookup_tokens_per_match(5) == 5
+    assert resolve_lookup_tokens_per_match(0) == 0 and resolve_lookup_tokens_per_match(None, lookup=False) == 0
+    assert resolve_lookup_tokens_per_match(0, lookup=False) == 0  # off, like the branch it would shorten
+    for bad in (-1, 2.0, True, "3"):
         with pytest.raises(BeagleGenerationError, match="lookup_tokens_per_match"):
             resolve_lookup_tokens_per_match(bad)
     target, beagle = trained_pair()
