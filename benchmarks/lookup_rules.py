@@ -183,8 +183,11 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
             methods[name] = Method(f"tree-lookup-{name}",
                                    partial(run, num_tokens=prompt_lookup_num_tokens, rule="suffix",
                                            lookup_tokens_per_match=k),
-                                   f"the tree + one suffix-rule branch of at most {k} tokens per matched token, up to "
-                                   f"{prompt_lookup_num_tokens} (lookup_tokens_per_match={k})")
+                                   (f"the tree + one suffix-rule branch of at most {k} tokens per matched token, up to "
+                                    f"{prompt_lookup_num_tokens} (lookup_tokens_per_match={k})") if k else
+                                   (f"the tree + one suffix-rule branch of {prompt_lookup_num_tokens} tokens whatever "
+                                    "the match's length (lookup_tokens_per_match=0: uncapped, the default before "
+                                    "session 38)"))
         min_match = re.fullmatch(r"minmatch(\d+)", name)
         if min_match:
             m = int(min_match[1])

@@ -134,7 +134,7 @@ def replay_in_fp32(settings: dict, method_name: str, prompt: list[int], cache: d
         target, tokenizer = load_target(settings["target"], DTYPES["float32"])
         if settings.get("prepack"):
             prepack_linear_weights(target)
-        names = [n for n in BUILTIN_METHODS if n.startswith("beagle")] if settings.get("beagle") else []
+        names = [n for n in BUILTIN_METHODS if n != "plain" and (settings.get("beagle") or not n.startswith("beagle"))]
         methods = load_methods(target, tokenizer, names, settings.get("beagle"),
                                [parse_tree_shape(str(settings.get("tree_shape") or "auto").split(", ")[0])],
                                settings.get("prompt_lookup_num_tokens", 10),

@@ -421,6 +421,8 @@ def usage_snippet(target_id: str, beagle_id: str, max_new_tokens: int = DEFAULT_
     """Python that loads the target and this draft (remote code) and runs both speculative decoding paths;
     `lookup_tokens` is the checkpoint's `default_prompt_lookup_num_tokens` (what a call without
     `prompt_lookup_num_tokens` gets; None: `BeagleConfig`'s default, as for a config.json without the field)."""
+    from modeling_beagle.decoding_beagle import LOOKUP_TOKENS_PER_MATCH as per_match
+
     if lookup_tokens is None:
         from modeling_beagle.configuration_beagle import BeagleConfig
 
@@ -430,15 +432,17 @@ def usage_snippet(target_id: str, beagle_id: str, max_new_tokens: int = DEFAULT_
 # (beagle.config.default_prompt_lookup_num_tokens = {lookup_tokens}) it also makes copy rounds: where the text's last 2 or more
 # tokens repeat an earlier passage, a round verifies the {lookup_tokens} tokens that followed it instead of a draft
 # (prompt_lookup_num_tokens=N sets that length; prompt_lookup_num_tokens=0: draft chains only).""")
-        tree_lookup = (f"""By default each tree gets one more branch: the {lookup_tokens} tokens that followed the latest earlier
-# occurrence of the text's longest repeated suffix (prompt_lookup_rule="ngram": transformers' prompt-lookup rule;
+        tree_lookup = (f"""By default each tree gets one more branch: up to {lookup_tokens} tokens that followed the latest
+# earlier occurrence of the text's longest repeated suffix, at most {per_match} per matched token
+# (lookup_tokens_per_match={per_match}; 0: all {lookup_tokens}; prompt_lookup_rule="ngram": transformers' prompt-lookup rule;
 # prompt_lookup_num_tokens=0: no branch).""")
     else:
         chain_lookup = """prompt_lookup_num_tokens=10 adds
 # copy rounds: where the text's last 2 or more tokens repeat an earlier passage, a round verifies the 10 tokens
 # that followed it instead of a draft (this checkpoint's default_prompt_lookup_num_tokens is 0: off)."""
-        tree_lookup = """prompt_lookup_num_tokens=10 adds one more branch to each tree: the 10 tokens that
-# followed the latest earlier occurrence of the text's longest repeated suffix (off by default for this checkpoint)."""
+        tree_lookup = f"""prompt_lookup_num_tokens=10 adds one more branch to each tree: up to 10 tokens that
+# followed the latest earlier occurrence of the text's longest repeated suffix, at most {per_match} per matched token
+# (lookup_tokens_per_match; off by default for this checkpoint)."""
     return f'''import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 

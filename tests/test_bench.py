@@ -637,8 +637,8 @@ def test_reexamine_divergences_replays_a_finished_runs_prompt_and_keeps_a_last_r
 def test_reexamine_divergences_replays_the_method_in_float32(tmp_path, monkeypatch):
     """`--replay-fp32`: each still unexplained divergence's method is rebuilt from the run's settings (its Beagle
     checkpoint, tree shape and plugins) for the float32 target and its whole reply compared with float32 plain
-    greedy: Beagle's tree replays identically, a plugin method that alters a token does not, and a method the
-    settings cannot rebuild is refused by name."""
+    greedy: Beagle's tree and transformers' prompt lookup replay identically, a plugin method that alters a token
+    does not, and a method the settings cannot rebuild is refused by name."""
     from test_generation import tiny_tokenizer
 
     from trainer.bench import Case, _Setting
@@ -672,7 +672,7 @@ def test_reexamine_divergences_replays_the_method_in_float32(tmp_path, monkeypat
     divergence = {"prompt_id": "7", "position": 4, "plain_token": plain[4], "method_token": last,
                   "within_rounding": False}
     results = [{"prompt_set": "mt-bench", "dtype": "bfloat16", "method": name, "divergences": [divergence]}
-               for name in ("beagle-tree", "altering")]
+               for name in ("beagle-tree", "altering", "prompt-lookup")]
     run = tmp_path / "run"
     run.mkdir()
     bench_settings = {"target": "tiny", "max_new_tokens": 6, "prepack": False, "beagle": str(tmp_path / "beagle"),
@@ -683,6 +683,7 @@ def test_reexamine_divergences_replays_the_method_in_float32(tmp_path, monkeypat
     rows = {row["method"]: row for row in json.loads((run / "reexamined.json").read_text())["divergences"]}
     assert rows["beagle-tree"]["fp32_replay_identical"] is True
     assert rows["altering"]["fp32_replay_identical"] is False
+    assert rows["prompt-lookup"]["fp32_replay_identical"] is True  # transformers' prompt lookup, rebuilt too
     report = (run / "reexamined.md").read_text()
     assert "| True |" in report and "replays identically in float32: False" in report
 

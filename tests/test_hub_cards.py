@@ -291,6 +291,10 @@ def test_usage_snippet_states_the_checkpoints_lookup_default():
     on, off = usage_snippet(TARGET_ID, REPO_ID, lookup_tokens=7), usage_snippet(TARGET_ID, REPO_ID, lookup_tokens=0)
     assert "default_prompt_lookup_num_tokens = 7" in on and "verifies the 7 tokens" in on
     assert "default_prompt_lookup_num_tokens is 0: off" in off and "= 7" not in off
+    from modeling_beagle.decoding_beagle import LOOKUP_TOKENS_PER_MATCH
+
+    for code in (on, off):  # the loop's cap on the branch per matched token, as the loop has it
+        assert f"at most {LOOKUP_TOKENS_PER_MATCH} per matched token" in code
     assert usage_snippet(TARGET_ID, REPO_ID) == usage_snippet(TARGET_ID, REPO_ID, lookup_tokens=10)  # BeagleConfig's
     for code in (on, off):
         compile(code, "usage", "exec")

@@ -177,6 +177,7 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
         CHAIN_LOOKUP_MATCH_SAMPLING,
         LOOKUP_COPY_MATCH,
         LOOKUP_COPY_TOKENS,
+        LOOKUP_TOKENS_PER_MATCH,
         resolve_tree_shape,
     )
 
@@ -255,8 +256,9 @@ def builtin_methods(names, target, beagle=None, tree_shape="auto", prompt_lookup
                 f"beagle-tree-lookup{suffix}",
                 functools.partial(beagle_tree, shape=shape, lookup_tokens=prompt_lookup_num_tokens),
                 f"target.generate(custom_generate=beagle_generate, prompt_lookup_num_tokens={prompt_lookup_num_tokens}): "
-                f"{tree}, plus the prompt-lookup branch (its default rule: the longest repeated suffix; in greedy decoding, copy "
-                f"mode from a {LOOKUP_COPY_MATCH}-token match: {LOOKUP_COPY_TOKENS} lookup tokens, no draft)"))
+                f"{tree}, plus the prompt-lookup branch (its default rule: the longest repeated suffix, at most "
+                f"{LOOKUP_TOKENS_PER_MATCH} tokens per matched token; in greedy decoding, copy mode from a "
+                f"{LOOKUP_COPY_MATCH}-token match: {LOOKUP_COPY_TOKENS} lookup tokens, no draft)"))
     from modeling_beagle import is_prepacked
 
     methods = []
