@@ -527,15 +527,16 @@ def resolve_copy_mode(copy_match, copy_tokens, do_sample: bool = False, lookup: 
     return copy_match, copy_tokens
 
 
-def _resolve_lookup_setting(name: str, value, default, lookup: bool, role: str):
-    """A positive-int setting of the lookup branch (None: `default`); refused without the branch it `role`s, rather
-    than ignored."""
+def _resolve_lookup_setting(name: str, value, default, lookup: bool, role: str, zero_is_off: bool = False):
+    """An int setting of the lookup branch (None: `default`): positive, or also 0 (off) where `zero_is_off`; refused
+    without the branch it `role`s, rather than ignored (but for 0, off like the branch)."""
     if value is None:
         return default
-    if not lookup:
+    if not lookup and not (zero_is_off and value == 0):
         raise BeagleGenerationError(f"`{name}` expected only with the lookup branch it {role}, found it with the lookup "
                                     "off (`prompt_lookup_num_tokens` 0).")
-    _require_int(name, value, 1, "a positive integer or None")
+    _require_int(name, value, 0 if zero_is_off else 1,
+                 "a non-negative integer (0: off) or None" if zero_is_off else "a positive integer or None")
     return value
 
 
@@ -543,13 +544,8 @@ def resolve_lookup_tokens_per_match(per_match, lookup: bool = True) -> int:
     """`lookup_tokens_per_match`: the lookup branch's tokens per matched token outside copy rounds; None takes
     `LOOKUP_TOKENS_PER_MATCH`, 0 turns the cap off (every branch has `prompt_lookup_num_tokens`). 0 without the
     lookup branch."""
-    if per_match is None:
-        return LOOKUP_TOKENS_PER_MATCH if lookup else 0
-    if not lookup and per_match:
-        raise BeagleGenerationError("`lookup_tokens_per_match` expected only with the lookup branch it shortens, found "
-                                    "it with the lookup off (`prompt_lookup_num_tokens` 0).")
-    _require_int("lookup_tokens_per_match", per_match, 0, "a non-negative integer (0: off) or None")
-    return per_match
+    return _resolve_lookup_setting("lookup_tokens_per_match", per_match, LOOKUP_TOKENS_PER_MATCH if lookup else 0,
+                                   lookup, "shortens", zero_is_off=True)
 
 
 def resolve_lookup_min_match(min_match, lookup: bool = True) -> int:
