@@ -39,6 +39,8 @@ gives the uncapped branch of the bench's lookup length (the default before sessi
 tokens or more (`lookup_min_match=M`). `chainmatchM` runs the assisted chain path with copy rounds
 (`target.generate(assistant_model=beagle, prompt_lookup_num_tokens=N)`, `beagle-chain-lookup`) from an M-token match
 instead of the package's `CHAIN_LOOKUP_MATCH`: `CKPT@chainmatch2,chainmatch3,chainmatch4`.
+`chainpermatchK` runs that path with copy rounds of at most K tokens per matched token (a 2-token match K * 2, ...,
+up to N; the package's rounds propose N whatever the match's length): `CKPT@chainpermatch3`.
 """
 
 import argparse
@@ -46,7 +48,7 @@ import json
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -58,6 +60,7 @@ if str(ROOT) not in sys.path:
 
 import modeling_beagle.decoding_beagle as decoding  # noqa: E402
 from modeling_beagle.decoding_beagle import prompt_lookup, suffix_lookup  # noqa: E402
+from modeling_beagle.generation_beagle import ChainLookup  # noqa: E402
 from trainer.assets import load_prompts, load_target  # noqa: E402
 from trainer.bench import first_turn_ids, machine_info, spread  # noqa: E402
 from trainer.precision import DTYPES  # noqa: E402
@@ -115,15 +118,29 @@ def lookup_branches(branches: int | None):
         decoding.LOOKUP_RULES, decoding.add_lookup_branch = LOOKUP_RULES, ADD_LOOKUP_BRANCH
 
 
+@dataclass(frozen=True)
+class CappedChainLookup(ChainLookup):
+    """`ChainLookup` whose copy round proposes at most `tokens_per_match` tokens per matched token (the own loop's
+    `lookup_tokens_per_match` for its branch) instead of `num_tokens` whatever the match's length."""
+
+    tokens_per_match: int = 3
+
+    def proposal(self, sequence: torch.Tensor, budget: int) -> list[int] | None:
+        end, matched = self.match(sequence, self.max_ngram)
+        if end < 0 or matched < self.copy_match or budget < 1:
+            return None
+        return self.continuation(sequence, end, min(self.num_tokens, budget, self.tokens_per_match * matched))
+
+
 @contextmanager
-def chain_copy_match(beagle, copy_match: int):
-    """Within the block, the assisted path's copy rounds (`ChainLookup`) start at a `copy_match`-token match."""
+def chain_lookup_replaced(beagle, change):
+    """Within the block, the assisted path's copy rounds use `change(lookup)` for the `ChainLookup` it builds."""
     build = beagle.beagle_candidate_generator
 
     def generator(*args, **kwargs):
         candidate_generator = build(*args, **kwargs)
         if candidate_generator.lookup is not None:
-            candidate_generator.lookup = replace(candidate_generator.lookup, copy_match=copy_match)
+            candidate_generator.lookup = change(candidate_generator.lookup)
         return candidate_generator
 
     beagle.beagle_candidate_generator = generator
@@ -131,6 +148,17 @@ def chain_copy_match(beagle, copy_match: int):
         yield
     finally:
         del beagle.beagle_candidate_generator
+
+
+def chain_copy_match(beagle, copy_match: int):
+    """Within the block, the assisted path's copy rounds (`ChainLookup`) start at a `copy_match`-token match."""
+    return chain_lookup_replaced(beagle, lambda lookup: replace(lookup, copy_match=copy_match))
+
+
+def chain_tokens_per_match(beagle, tokens_per_match: int):
+    """Within the block, the assisted path's copy rounds propose at most `tokens_per_match` tokens per matched token."""
+    return chain_lookup_replaced(beagle, lambda lookup: CappedChainLookup(**vars(lookup),
+                                                                          tokens_per_match=tokens_per_match))
 
 
 def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_tokens=10):
@@ -154,8 +182,10 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                   **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
-    def run_chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, copy_match):
-        with chain_copy_match(beagle, copy_match):
+    def run_chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, copy_match=None,
+                  tokens_per_match=None):
+        with (chain_copy_match(beagle, copy_match) if copy_match is not None
+              else chain_tokens_per_match(beagle, tokens_per_match)):
             out = target.generate(input_ids, attention_mask=attention_mask, assistant_model=beagle,
                                   prompt_lookup_num_tokens=prompt_lookup_num_tokens,
                                   **generation_kwargs(target, max_new_tokens, do_sample, temperature))
@@ -170,13 +200,20 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                 f"the tree + one suffix-rule branch of {prompt_lookup_num_tokens} in every round, copy "
                                 "mode off (lookup_copy_match=0: the loop's default before session 27)")}
     names = selected.split(",") if selected else list(methods)
-    for name in names:  # parametrised methods: chainmatchM, permatchK, minmatchM, copyMxN (copy mode's settings)
+    for name in names:  # parametrised methods: chainmatchM, chainpermatchK, permatchK, minmatchM, copyMxN
         chain = re.fullmatch(r"chainmatch(\d+)", name)
         if chain:
             m = int(chain[1])
             methods[name] = Method(f"chain-lookup-match{m}", partial(run_chain, copy_match=m),
                                    f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens="
                                    f"{prompt_lookup_num_tokens}) with copy rounds from a {m}-token match")
+        chain_per_match = re.fullmatch(r"chainpermatch(\d+)", name)
+        if chain_per_match:
+            k = int(chain_per_match[1])
+            methods[name] = Method(f"chain-lookup-{name}", partial(run_chain, tokens_per_match=k),
+                                   f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens="
+                                   f"{prompt_lookup_num_tokens}) with copy rounds of at most {k} tokens per matched "
+                                   "token")
         per_match = re.fullmatch(r"permatch(\d+)", name)
         if per_match:
             k = int(per_match[1])
@@ -205,8 +242,8 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                    f"token match, copy mode: a branch of {copy_tokens}, no draft")
     unknown = [name for name in names if name not in methods]
     if unknown:
-        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN, permatchK, minmatchM or chainmatchM "
-                         f"after '@', found {unknown}.")
+        raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN, permatchK, minmatchM, "
+                         f"chainmatchM or chainpermatchK after '@', found {unknown}.")
     return [methods[name] for name in names]
 
 

@@ -1,5 +1,6 @@
 """`beagle bench` on tiny targets: every built-in method runs, fp32 greedy identity is checked, outputs are written."""
 
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -881,6 +882,56 @@ def test_lookup_rules_chain_copy_match():
         assert copy_rounds() == 0
     assert default > 0 and copy_rounds() == default
     assert "beagle_candidate_generator" not in vars(beagle)  # the instance's override is gone
+
+
+def test_lookup_rules_chain_tokens_per_match(monkeypatch):
+    """`chainpermatchK` (`lookup_rules.CappedChainLookup`): a copy round proposes at most K tokens per matched token
+    (and never more than N or the budget); in `generate` the output stays plain greedy and every copy round asks for
+    at most K times its match's length, back to N after the block."""
+    from dataclasses import replace
+
+    from conftest import markov_target
+
+    from modeling_beagle import BeagleModel
+    from modeling_beagle.decoding_beagle import LOOKUP_RULES
+
+    rules = _benchmark_module("lookup_rules")
+    rule = LOOKUP_RULES["suffix"]
+    sequence = torch.tensor([7, 8, 9, 1, 2, 3, 4, 5, 6, 9, 1])  # the suffix [9, 1] matched once: 2 tokens
+    plain = rules.ChainLookup(rule.match, rule.continuation, num_tokens=10, max_ngram=32, copy_match=2)
+    assert plain.proposal(sequence, budget=20) == [2, 3, 4, 5, 6, 9, 1, 2, 3, 4]
+    for k, expected in [(1, [2, 3]), (3, [2, 3, 4, 5, 6, 9]), (5, [2, 3, 4, 5, 6, 9, 1, 2, 3, 4])]:
+        capped = rules.CappedChainLookup(**vars(plain), tokens_per_match=k)
+        assert capped.proposal(sequence, budget=20) == expected
+    assert rules.CappedChainLookup(**vars(plain), tokens_per_match=3).proposal(sequence, budget=4) == [2, 3, 4, 5]
+    assert rules.CappedChainLookup(**vars(plain), tokens_per_match=3).proposal(sequence[:-1], budget=20) is None
+
+    asked = []  # (match length, tokens asked for) of every copy round
+
+    def recording(sequence, end, num_tokens):
+        asked.append((rule.match(sequence, 2)[1], num_tokens))
+        return rule.continuation(sequence, end, num_tokens)
+
+    monkeypatch.setitem(LOOKUP_RULES, "suffix", replace(rule, continuation=recording))
+    target = markov_target()  # its greedy text loops: every round's last tokens repeat an earlier passage
+    beagle = BeagleModel.from_target(target, attn_implementation="eager")
+    ids = target.generate(torch.tensor([[5, 6]]), do_sample=False, max_new_tokens=100)
+    ref = target.generate(ids, do_sample=False, max_new_tokens=24)
+
+    def copy_rounds(context):
+        asked.clear()
+        with context:  # matches of at most 2 tokens (max_matching_ngram_size), 8 tokens per copy round uncapped
+            out = target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=beagle,
+                                  prompt_lookup_num_tokens=8, max_matching_ngram_size=2)
+        assert torch.equal(out, ref)
+        assert asked and len(asked) == beagle.generation_stats.copy_rounds
+        return list(asked)
+
+    capped = copy_rounds(rules.chain_tokens_per_match(beagle, 1))
+    assert all(n <= m for m, n in capped) and max(n for _, n in capped) < 8
+    uncapped = copy_rounds(contextlib.nullcontext())
+    assert "beagle_candidate_generator" not in vars(beagle)  # the instance's override is gone
+    assert max(n for _, n in uncapped) == 8
 
 
 def test_paired_comparison_of_bench_methods():
