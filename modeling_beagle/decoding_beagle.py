@@ -501,7 +501,9 @@ LOOKUP_COPY_MATCH, LOOKUP_COPY_TOKENS = 4, 32
 # fp32 texts (10 MT-bench first turns) matches of 2 / 3 / 4 gave τ 2.41 / 2.30 / 2.27 (results log, Session 33). When
 # sampling, a sampled text repeats a passage token for token less often: from a 4-token match (T = 1, 20 + 20 MT-bench
 # and HumanEval first turns: 1.040x / 1.091x the chain's total tokens/s, against 1.003x / 1.067x from 2 tokens and
-# 1.042x / 1.059x from 8; per prompt 8 against 4 1.007x / 0.967x by median; results log, Session 34).
+# 1.042x / 1.059x from 8; per prompt 8 against 4 1.007x / 0.967x by median; results log, Session 34). A copy round
+# proposes all N tokens whatever the match's length: at most 2 or 3 per matched token (`LOOKUP_TOKENS_PER_MATCH` below)
+# ran level (AMX Xeon, bf16, 20 + 20 first turns: 0.98-1.01x by median, 0.98-1.05x by total; results log, Session 39).
 CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING = 2, 4
 # Outside copy rounds the loop's lookup branch proposes at most 3 tokens per matched token (a 1-token match 3, a 2-token
 # match 6, ...): a short match's continuation is rarely right for long and every proposed token is verified. With the
