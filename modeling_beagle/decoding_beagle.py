@@ -509,7 +509,8 @@ CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING = 2, 4
 # match 6, ...): a short match's continuation is rarely right for long and every proposed token is verified. With the
 # 6,2,12 tree on the 2-core EPYC, against the uncapped 10-token branch per prompt by median: T = 0 fp32 MT-bench 1.054x
 # (identical texts; 1.03-1.05x in two runs with 6,3,16), bf16 MT-bench 0.994x and HumanEval 1.120x, T = 1 bf16 1.018x /
-# 1.037x (20 + 20 first turns each; results log, Sessions 32, 37 and 38).
+# 1.037x (20 + 20 first turns each; results log, Sessions 32, 37 and 38). On the AMX Xeon, T = 0 fp32 1.031x /
+# 1.026x (identical texts; bf16 0.923x / 1.012x on texts that differ per method; results log, Session 39).
 LOOKUP_TOKENS_PER_MATCH = 3
 
 
