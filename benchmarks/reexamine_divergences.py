@@ -136,7 +136,8 @@ def replay_in_fp32(settings: dict, method_name: str, prompt: list[int], cache: d
             prepack_linear_weights(target)
         names = [n for n in BUILTIN_METHODS if n != "plain" and (settings.get("beagle") or not n.startswith("beagle"))]
         methods = load_methods(target, tokenizer, names, settings.get("beagle"),
-                               [parse_tree_shape(str(settings.get("tree_shape") or "auto").split(", ")[0])],
+                               [parse_tree_shape(shape)  # every shape of a sweep: its methods are named by shape
+                                for shape in str(settings.get("tree_shape") or "auto").split(", ")],
                                settings.get("prompt_lookup_num_tokens", 10),
                                [load_plugin(spec) for spec in settings.get("plugins") or []])
         cache["replay"] = target, {m.name: m for m in methods}

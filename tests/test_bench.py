@@ -688,6 +688,15 @@ def test_reexamine_divergences_replays_the_method_in_float32(tmp_path, monkeypat
     report = (run / "reexamined.md").read_text()
     assert "| True |" in report and "replays identically in float32: False" in report
 
+    # A tree-size sweep (two --tree-shape): its tree methods are named by shape and rebuilt with that shape.
+    sweep = [dict(results[0], method=f"beagle-tree[{shape}]") for shape in ("3,2,4", "2,1,2")]
+    (run / "bench.json").write_text(json.dumps({"settings": dict(bench_settings, tree_shape="3,2,4, 2,1,2"),
+                                                "results": sweep}))
+    script.main([str(run), "--replay-fp32"])
+    rows = {row["method"]: row for row in json.loads((run / "reexamined.json").read_text())["divergences"]}
+    assert rows["beagle-tree[3,2,4]"]["fp32_replay_identical"] is True
+    assert rows["beagle-tree[2,1,2]"]["fp32_replay_identical"] is True
+
     results[1]["method"] = "eagle9-tree"
     (run / "bench.json").write_text(json.dumps({"settings": bench_settings, "results": results}))
     with pytest.raises(SystemExit, match="'eagle9-tree' cannot be rebuilt"):
