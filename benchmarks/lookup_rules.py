@@ -48,7 +48,7 @@ import json
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -60,7 +60,6 @@ if str(ROOT) not in sys.path:
 
 import modeling_beagle.decoding_beagle as decoding  # noqa: E402
 from modeling_beagle.decoding_beagle import prompt_lookup, suffix_lookup  # noqa: E402
-from modeling_beagle.generation_beagle import ChainLookup  # noqa: E402
 from trainer.assets import load_prompts, load_target  # noqa: E402
 from trainer.bench import first_turn_ids, machine_info, spread  # noqa: E402
 from trainer.precision import DTYPES  # noqa: E402
@@ -118,29 +117,16 @@ def lookup_branches(branches: int | None):
         decoding.LOOKUP_RULES, decoding.add_lookup_branch = LOOKUP_RULES, ADD_LOOKUP_BRANCH
 
 
-@dataclass(frozen=True)
-class CappedChainLookup(ChainLookup):
-    """`ChainLookup` whose copy round proposes at most `tokens_per_match` tokens per matched token (the own loop's
-    `lookup_tokens_per_match` for its branch) instead of `num_tokens` whatever the match's length."""
-
-    tokens_per_match: int = 3
-
-    def proposal(self, sequence: torch.Tensor, budget: int) -> list[int] | None:
-        end, matched = self.match(sequence, self.max_ngram)
-        if end < 0 or matched < self.copy_match or budget < 1:
-            return None
-        return self.continuation(sequence, end, min(self.num_tokens, budget, self.tokens_per_match * matched))
-
-
 @contextmanager
-def chain_lookup_replaced(beagle, change):
-    """Within the block, the assisted path's copy rounds use `change(lookup)` for the `ChainLookup` it builds."""
+def chain_lookup_replaced(beagle, **changes):
+    """Within the block, the assisted path's copy rounds (the `ChainLookup` it builds) take `changes` to its fields:
+    `copy_match=M` starts them at an M-token match, `tokens_per_match=K` caps them at K tokens per matched token."""
     build = beagle.beagle_candidate_generator
 
     def generator(*args, **kwargs):
         candidate_generator = build(*args, **kwargs)
         if candidate_generator.lookup is not None:
-            candidate_generator.lookup = change(candidate_generator.lookup)
+            candidate_generator.lookup = replace(candidate_generator.lookup, **changes)
         return candidate_generator
 
     beagle.beagle_candidate_generator = generator
@@ -148,17 +134,6 @@ def chain_lookup_replaced(beagle, change):
         yield
     finally:
         del beagle.beagle_candidate_generator
-
-
-def chain_copy_match(beagle, copy_match: int):
-    """Within the block, the assisted path's copy rounds (`ChainLookup`) start at a `copy_match`-token match."""
-    return chain_lookup_replaced(beagle, lambda lookup: replace(lookup, copy_match=copy_match))
-
-
-def chain_tokens_per_match(beagle, tokens_per_match: int):
-    """Within the block, the assisted path's copy rounds propose at most `tokens_per_match` tokens per matched token."""
-    return chain_lookup_replaced(beagle, lambda lookup: CappedChainLookup(**vars(lookup),
-                                                                          tokens_per_match=tokens_per_match))
 
 
 def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_tokens=10):
@@ -182,10 +157,8 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                   **generation_kwargs(target, max_new_tokens, do_sample, temperature))
         return _beagle_run(out, beagle)
 
-    def run_chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, copy_match=None,
-                  tokens_per_match=None):
-        with (chain_copy_match(beagle, copy_match) if copy_match is not None
-              else chain_tokens_per_match(beagle, tokens_per_match)):
+    def run_chain(input_ids, attention_mask, max_new_tokens, do_sample, temperature, seed, **changes):
+        with chain_lookup_replaced(beagle, **changes):
             out = target.generate(input_ids, attention_mask=attention_mask, assistant_model=beagle,
                                   prompt_lookup_num_tokens=prompt_lookup_num_tokens,
                                   **generation_kwargs(target, max_new_tokens, do_sample, temperature))

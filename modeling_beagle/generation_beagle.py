@@ -178,20 +178,25 @@ class ChainLookup:
     """Copy rounds for the chain path (`prompt_lookup_num_tokens` with `assistant_model=beagle`): in a round where the
     text's last `copy_match` or more tokens repeat an earlier passage of the prompt and output (`match(sequence,
     max_ngram)` -> (end position, match length)), the round proposes up to `num_tokens` tokens that followed it
-    (`continuation(sequence, end, num_tokens)`) instead of drafting: Beagle's own loop's copy mode, for a chain."""
+    (`continuation(sequence, end, num_tokens)`) instead of drafting: Beagle's own loop's copy mode, for a chain.
+    `tokens_per_match` > 0 proposes at most that many tokens per matched token, as the own loop's
+    `lookup_tokens_per_match` does for its branch; 0 (the package's setting: it ran level, `CHAIN_LOOKUP_MATCH`'s
+    comment) proposes `num_tokens` whatever the match's length."""
 
     match: Callable[[torch.Tensor, int], tuple[int, int]]
     continuation: Callable[[torch.Tensor, int, int], list[int]]
     num_tokens: int
     max_ngram: int
     copy_match: int
+    tokens_per_match: int = 0
 
     def proposal(self, sequence: torch.Tensor, budget: int) -> list[int] | None:
         """The copy round's proposal for `sequence` (one row), at most `budget` tokens; None when not copying."""
         end, matched = self.match(sequence, self.max_ngram)
         if end < 0 or matched < self.copy_match or budget < 1:
             return None
-        return self.continuation(sequence, end, min(self.num_tokens, budget))
+        per_match = (self.tokens_per_match or self.num_tokens) * matched
+        return self.continuation(sequence, end, min(self.num_tokens, budget, per_match))
 
 
 class BeagleCandidateGenerator(CandidateGenerator):

@@ -868,7 +868,7 @@ def test_lookup_rules_replay_and_branches(monkeypatch):
 
 
 def test_lookup_rules_chain_copy_match():
-    """`chainmatchM` (`lookup_rules.chain_copy_match`): the assisted path's copy rounds start at M tokens inside the
+    """`chainmatchM` (`lookup_rules.chain_lookup_replaced`): the assisted path's copy rounds start at M tokens inside the
     block (none where no match is that long), at the package's CHAIN_LOOKUP_MATCH again after it, output plain greedy."""
     from conftest import markov_target
 
@@ -887,14 +887,14 @@ def test_lookup_rules_chain_copy_match():
         return beagle.generation_stats.copy_rounds
 
     default = copy_rounds()
-    with rules.chain_copy_match(beagle, 1000):
+    with rules.chain_lookup_replaced(beagle, copy_match=1000):
         assert copy_rounds() == 0
     assert default > 0 and copy_rounds() == default
     assert "beagle_candidate_generator" not in vars(beagle)  # the instance's override is gone
 
 
 def test_lookup_rules_chain_tokens_per_match(monkeypatch):
-    """`chainpermatchK` (`lookup_rules.CappedChainLookup`): a copy round proposes at most K tokens per matched token
+    """`chainpermatchK` (`ChainLookup.tokens_per_match`): a copy round proposes at most K tokens per matched token
     (and never more than N or the budget); in `generate` the output stays plain greedy and every copy round asks for
     at most K times its match's length, back to N after the block."""
     from dataclasses import replace
@@ -903,17 +903,18 @@ def test_lookup_rules_chain_tokens_per_match(monkeypatch):
 
     from modeling_beagle import BeagleModel
     from modeling_beagle.decoding_beagle import LOOKUP_RULES
+    from modeling_beagle.generation_beagle import ChainLookup
 
     rules = _benchmark_module("lookup_rules")
     rule = LOOKUP_RULES["suffix"]
     sequence = torch.tensor([7, 8, 9, 1, 2, 3, 4, 5, 6, 9, 1])  # the suffix [9, 1] matched once: 2 tokens
-    plain = rules.ChainLookup(rule.match, rule.continuation, num_tokens=10, max_ngram=32, copy_match=2)
+    plain = ChainLookup(rule.match, rule.continuation, num_tokens=10, max_ngram=32, copy_match=2)  # 0: uncapped
     assert plain.proposal(sequence, budget=20) == [2, 3, 4, 5, 6, 9, 1, 2, 3, 4]
     for k, expected in [(1, [2, 3]), (3, [2, 3, 4, 5, 6, 9]), (5, [2, 3, 4, 5, 6, 9, 1, 2, 3, 4])]:
-        capped = rules.CappedChainLookup(**vars(plain), tokens_per_match=k)
+        capped = replace(plain, tokens_per_match=k)
         assert capped.proposal(sequence, budget=20) == expected
-    assert rules.CappedChainLookup(**vars(plain), tokens_per_match=3).proposal(sequence, budget=4) == [2, 3, 4, 5]
-    assert rules.CappedChainLookup(**vars(plain), tokens_per_match=3).proposal(sequence[:-1], budget=20) is None
+    assert replace(plain, tokens_per_match=3).proposal(sequence, budget=4) == [2, 3, 4, 5]
+    assert replace(plain, tokens_per_match=3).proposal(sequence[:-1], budget=20) is None
 
     asked = []  # (match length, tokens asked for) of every copy round
 
@@ -936,7 +937,7 @@ def test_lookup_rules_chain_tokens_per_match(monkeypatch):
         assert asked and len(asked) == beagle.generation_stats.copy_rounds
         return list(asked)
 
-    capped = copy_rounds(rules.chain_tokens_per_match(beagle, 1))
+    capped = copy_rounds(rules.chain_lookup_replaced(beagle, tokens_per_match=1))
     assert all(n <= m for m, n in capped) and max(n for _, n in capped) < 8
     uncapped = copy_rounds(contextlib.nullcontext())
     assert "beagle_candidate_generator" not in vars(beagle)  # the instance's override is gone
