@@ -131,7 +131,7 @@ def tree_shape_for_costs(costs: dict, tolerance: float = 1.35) -> TreeShape:
     nodes as cost at most `tolerance` times a one-token forward (at least 4). The budget ends before the first size
     over the tolerance, so a lucky sample further up the curve does not stretch it. The nodes go two to a parent,
     one level per pair up to depth 8, and wider only beyond the 30 nodes a 2-wide tree of depth 8 can hold: a third
-    child per node is rarely accepted and costs verification (README, Results, "Tree width on the EPYC")."""
+    child per node is rarely accepted and costs verification (docs/findings.md, "Tree width on the EPYC")."""
     if 1 not in costs:
         raise BeagleGenerationError(f"tree_shape_for_costs: the cost of a one-token forward (key 1) is needed, found "
                                     f"keys {sorted(costs)}.")
