@@ -40,7 +40,9 @@ tokens or more (`lookup_min_match=M`). `chainmatchM` runs the assisted chain pat
 (`target.generate(assistant_model=beagle, prompt_lookup_num_tokens=N)`, `beagle-chain-lookup`) from an M-token match
 instead of the package's `CHAIN_LOOKUP_MATCH`: `CKPT@chainmatch2,chainmatch3,chainmatch4`.
 `chainpermatchK` runs that path with copy rounds of at most K tokens per matched token (a 2-token match K * 2, ...,
-up to N; the package's rounds propose N whatever the match's length): `CKPT@chainpermatch3`.
+up to N; the package's rounds propose N whatever the match's length): `CKPT@chainpermatch3`. `chaincopyMxN` runs that
+path with copy rounds of up to N tokens from an M-token match (the own loop's copy mode, `lookup_copy_match=M`,
+`lookup_copy_tokens=N`; shorter matches keep N = the bench's lookup length): `CKPT@chaincopy4x32`.
 """
 
 import argparse
@@ -120,7 +122,8 @@ def lookup_branches(branches: int | None):
 @contextmanager
 def chain_lookup_replaced(beagle, **changes):
     """Within the block, the assisted path's copy rounds (the `ChainLookup` it builds) take `changes` to its fields:
-    `copy_match=M` starts them at an M-token match, `tokens_per_match=K` caps them at K tokens per matched token."""
+    `copy_match=M` starts them at an M-token match, `tokens_per_match=K` caps them at K tokens per matched token,
+    `extend_match=M, extend_tokens=N` lets an M-token match propose up to N tokens."""
     build = beagle.beagle_candidate_generator
 
     def generator(*args, **kwargs):
@@ -173,7 +176,7 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                 f"the tree + one suffix-rule branch of {prompt_lookup_num_tokens} in every round, copy "
                                 "mode off (lookup_copy_match=0: the loop's default before session 27)")}
     names = selected.split(",") if selected else list(methods)
-    for name in names:  # parametrised methods: chainmatchM, chainpermatchK, permatchK, minmatchM, copyMxN
+    for name in names:  # parametrised methods: chainmatchM, chainpermatchK, chaincopyMxN, permatchK, minmatchM, copyMxN
         chain = re.fullmatch(r"chainmatch(\d+)", name)
         if chain:
             m = int(chain[1])
@@ -187,6 +190,13 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
                                    f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens="
                                    f"{prompt_lookup_num_tokens}) with copy rounds of at most {k} tokens per matched "
                                    "token")
+        chain_copy = re.fullmatch(r"chaincopy(\d+)x(\d+)", name)
+        if chain_copy:
+            m, n = int(chain_copy[1]), int(chain_copy[2])
+            methods[name] = Method(f"chain-lookup-{name}", partial(run_chain, extend_match=m, extend_tokens=n),
+                                   f"target.generate(assistant_model=beagle, prompt_lookup_num_tokens="
+                                   f"{prompt_lookup_num_tokens}) with copy rounds of up to {n} tokens from a {m}-token "
+                                   "match")
         per_match = re.fullmatch(r"permatch(\d+)", name)
         if per_match:
             k = int(per_match[1])
@@ -216,7 +226,7 @@ def bench_methods(target, tokenizer, arg, tree_shape="auto", prompt_lookup_num_t
     unknown = [name for name in names if name not in methods]
     if unknown:
         raise ValueError(f"lookup_rules: methods expected among {sorted(methods)}, copyMxN, permatchK, minmatchM, "
-                         f"chainmatchM or chainpermatchK after '@', found {unknown}.")
+                         f"chainmatchM, chainpermatchK or chaincopyMxN after '@', found {unknown}.")
     return [methods[name] for name in names]
 
 

@@ -181,7 +181,9 @@ class ChainLookup:
     (`continuation(sequence, end, num_tokens)`) instead of drafting: Beagle's own loop's copy mode, for a chain.
     `tokens_per_match` > 0 proposes at most that many tokens per matched token, as the own loop's
     `lookup_tokens_per_match` does for its branch; 0 (the package's setting: it ran level, `CHAIN_LOOKUP_MATCH`'s
-    comment) proposes `num_tokens` whatever the match's length."""
+    comment) proposes `num_tokens` whatever the match's length. `extend_match` > 0 lets a match of at least that many
+    tokens propose up to `extend_tokens` instead, as the own loop's copy mode does (`lookup_copy_match`,
+    `lookup_copy_tokens`); 0 (the package's setting) keeps every round at `num_tokens`."""
 
     match: Callable[[torch.Tensor, int], tuple[int, int]]
     continuation: Callable[[torch.Tensor, int, int], list[int]]
@@ -189,14 +191,22 @@ class ChainLookup:
     max_ngram: int
     copy_match: int
     tokens_per_match: int = 0
+    extend_match: int = 0
+    extend_tokens: int = 0
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens one copy round proposes."""
+        return max(self.num_tokens, self.extend_tokens if self.extend_match else 0)
 
     def proposal(self, sequence: torch.Tensor, budget: int) -> list[int] | None:
         """The copy round's proposal for `sequence` (one row), at most `budget` tokens; None when not copying."""
         end, matched = self.match(sequence, self.max_ngram)
         if end < 0 or matched < self.copy_match or budget < 1:
             return None
-        per_match = (self.tokens_per_match or self.num_tokens) * matched
-        return self.continuation(sequence, end, min(self.num_tokens, budget, per_match))
+        num_tokens = self.max_tokens if self.extend_match and matched >= self.extend_match else self.num_tokens
+        per_match = (self.tokens_per_match or num_tokens) * matched
+        return self.continuation(sequence, end, min(num_tokens, budget, per_match))
 
 
 class BeagleCandidateGenerator(CandidateGenerator):
@@ -228,7 +238,7 @@ class BeagleCandidateGenerator(CandidateGenerator):
     @property
     def num_drafting_tokens(self) -> int:
         """The most tokens one round proposes (transformers >= 5.25 sizes the target cache's rollback record by it)."""
-        return max(self.max_draft_tokens, self.lookup.num_tokens if self.lookup is not None else 0)
+        return max(self.max_draft_tokens, self.lookup.max_tokens if self.lookup is not None else 0)
 
     def get_candidates(
         self,

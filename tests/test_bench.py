@@ -944,6 +944,56 @@ def test_lookup_rules_chain_tokens_per_match(monkeypatch):
     assert max(n for _, n in uncapped) == 8
 
 
+def test_lookup_rules_chain_copy_extension(monkeypatch):
+    """`chaincopyMxN` (`ChainLookup.extend_match` / `extend_tokens`): a match of at least M tokens proposes up to N
+    tokens, a shorter one `num_tokens`, never more than the budget; the candidate generator announces N to
+    transformers (`num_drafting_tokens`); in `generate` the output stays plain greedy, long matches ask for N tokens
+    and the override is gone after the block."""
+    from dataclasses import replace
+
+    from conftest import markov_target
+
+    from modeling_beagle import BeagleModel
+    from modeling_beagle.decoding_beagle import LOOKUP_RULES
+    from modeling_beagle.generation_beagle import ChainLookup
+
+    rules = _benchmark_module("lookup_rules")
+    rule = LOOKUP_RULES["suffix"]
+    sequence = torch.tensor([7, 8, 9, 1, 2, 3, 4, 5, 6, 9, 1])  # the suffix [9, 1] matched once: 2 tokens
+    plain = ChainLookup(rule.match, rule.continuation, num_tokens=4, max_ngram=32, copy_match=2)
+    assert plain.max_tokens == 4 and replace(plain, extend_tokens=12).max_tokens == 4  # no extend_match: off
+    extended = replace(plain, extend_match=3, extend_tokens=12)
+    assert extended.max_tokens == 12
+    assert extended.proposal(sequence, budget=20) == [2, 3, 4, 5]  # a 2-token match keeps num_tokens
+    assert replace(plain, extend_match=2, extend_tokens=12).proposal(sequence, budget=20) == [2, 3, 4, 5, 6, 9, 1, 2, 3,
+                                                                                                 4, 5, 6]
+    assert replace(plain, extend_match=2, extend_tokens=12).proposal(sequence, budget=7) == [2, 3, 4, 5, 6, 9, 1]
+
+    asked = []  # (match length, tokens asked for) of every copy round
+
+    def recording(sequence, end, num_tokens):
+        asked.append((rule.match(sequence, 32)[1], num_tokens))
+        return rule.continuation(sequence, end, num_tokens)
+
+    monkeypatch.setitem(LOOKUP_RULES, "suffix", replace(rule, continuation=recording))
+    target = markov_target()  # its greedy text loops: every round's last tokens repeat an earlier passage
+    beagle = BeagleModel.from_target(target, attn_implementation="eager")
+    ids = target.generate(torch.tensor([[5, 6]]), do_sample=False, max_new_tokens=100)
+    ref = target.generate(ids, do_sample=False, max_new_tokens=40)
+    announced = []
+    with rules.chain_lookup_replaced(beagle, extend_match=4, extend_tokens=12):
+        build = beagle.beagle_candidate_generator
+        beagle.beagle_candidate_generator = lambda *a, **k: announced.append(build(*a, **k)) or announced[-1]
+        out = target.generate(ids, do_sample=False, max_new_tokens=40, assistant_model=beagle,
+                              prompt_lookup_num_tokens=4)
+        beagle.beagle_candidate_generator = build
+    assert torch.equal(out, ref)
+    assert asked and len(asked) == beagle.generation_stats.copy_rounds
+    assert all(n <= (12 if m >= 4 else 4) for m, n in asked) and max(n for _, n in asked) > 4
+    assert len(announced) == 1 and announced[0].num_drafting_tokens >= 12
+    assert "beagle_candidate_generator" not in vars(beagle)  # the override is gone
+
+
 def test_paired_comparison_of_bench_methods():
     """`benchmarks/paired.py`: per prompt, tokens/s ratios and τ differences against the base method; plain rows and
     prompts the base did not run are left out; a base no prompt ran is refused."""
