@@ -504,6 +504,9 @@ LOOKUP_COPY_MATCH, LOOKUP_COPY_TOKENS = 4, 32
 # 1.042x / 1.059x from 8; per prompt 8 against 4 1.007x / 0.967x by median; results log, Session 34). A copy round
 # proposes all N tokens whatever the match's length: at most 2 or 3 per matched token (`LOOKUP_TOKENS_PER_MATCH` below)
 # ran level (AMX Xeon, bf16, 20 + 20 first turns: 0.98-1.01x by median, 0.98-1.05x by total; results log, Session 39).
+# Longer copies from a long match (up to 16 / 32 tokens from a 4-token match, `ChainLookup.extend_match`) were level
+# too (EPYC, bf16 20 + 20 and fp32 10 first / second turns: 16 tokens 1.02-1.05x by median, 1.00-1.03x by total; 32
+# tokens 0.94-1.03x; results log, Session 40): copy rounds propose N tokens.
 CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING = 2, 4
 # Outside copy rounds the loop's lookup branch proposes at most 3 tokens per matched token (a 1-token match 3, a 2-token
 # match 6, ...): a short match's continuation is rarely right for long and every proposed token is verified. With the
