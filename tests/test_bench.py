@@ -893,15 +893,36 @@ def test_lookup_rules_chain_copy_match():
     assert "beagle_candidate_generator" not in vars(beagle)  # the instance's override is gone
 
 
+def _copy_round_recorder(monkeypatch, match_ngram: int):
+    """A looping tiny target, a fresh Beagle, a 102-token prompt from the target's own greedy loop, and the list every
+    copy round of the suffix rule appends (match length up to `match_ngram`, tokens asked for) to."""
+    from dataclasses import replace
+
+    from conftest import markov_target
+
+    from modeling_beagle import BeagleModel
+    from modeling_beagle.decoding_beagle import LOOKUP_RULES
+
+    rule = LOOKUP_RULES["suffix"]
+    asked = []
+
+    def recording(sequence, end, num_tokens):
+        asked.append((rule.match(sequence, match_ngram)[1], num_tokens))
+        return rule.continuation(sequence, end, num_tokens)
+
+    monkeypatch.setitem(LOOKUP_RULES, "suffix", replace(rule, continuation=recording))
+    target = markov_target()  # its greedy text loops: every round's last tokens repeat an earlier passage
+    beagle = BeagleModel.from_target(target, attn_implementation="eager")
+    ids = target.generate(torch.tensor([[5, 6]]), do_sample=False, max_new_tokens=100)
+    return target, beagle, ids, asked
+
+
 def test_lookup_rules_chain_tokens_per_match(monkeypatch):
     """`chainpermatchK` (`ChainLookup.tokens_per_match`): a copy round proposes at most K tokens per matched token
     (and never more than N or the budget); in `generate` the output stays plain greedy and every copy round asks for
     at most K times its match's length, back to N after the block."""
     from dataclasses import replace
 
-    from conftest import markov_target
-
-    from modeling_beagle import BeagleModel
     from modeling_beagle.decoding_beagle import LOOKUP_RULES
     from modeling_beagle.generation_beagle import ChainLookup
 
@@ -916,16 +937,7 @@ def test_lookup_rules_chain_tokens_per_match(monkeypatch):
     assert replace(plain, tokens_per_match=3).proposal(sequence, budget=4) == [2, 3, 4, 5]
     assert replace(plain, tokens_per_match=3).proposal(sequence[:-1], budget=20) is None
 
-    asked = []  # (match length, tokens asked for) of every copy round
-
-    def recording(sequence, end, num_tokens):
-        asked.append((rule.match(sequence, 2)[1], num_tokens))
-        return rule.continuation(sequence, end, num_tokens)
-
-    monkeypatch.setitem(LOOKUP_RULES, "suffix", replace(rule, continuation=recording))
-    target = markov_target()  # its greedy text loops: every round's last tokens repeat an earlier passage
-    beagle = BeagleModel.from_target(target, attn_implementation="eager")
-    ids = target.generate(torch.tensor([[5, 6]]), do_sample=False, max_new_tokens=100)
+    target, beagle, ids, asked = _copy_round_recorder(monkeypatch, match_ngram=2)
     ref = target.generate(ids, do_sample=False, max_new_tokens=24)
 
     def copy_rounds(context):
@@ -951,9 +963,6 @@ def test_lookup_rules_chain_copy_extension(monkeypatch):
     and the override is gone after the block."""
     from dataclasses import replace
 
-    from conftest import markov_target
-
-    from modeling_beagle import BeagleModel
     from modeling_beagle.decoding_beagle import LOOKUP_RULES
     from modeling_beagle.generation_beagle import ChainLookup
 
@@ -969,16 +978,7 @@ def test_lookup_rules_chain_copy_extension(monkeypatch):
                                                                                                  4, 5, 6]
     assert replace(plain, extend_match=2, extend_tokens=12).proposal(sequence, budget=7) == [2, 3, 4, 5, 6, 9, 1]
 
-    asked = []  # (match length, tokens asked for) of every copy round
-
-    def recording(sequence, end, num_tokens):
-        asked.append((rule.match(sequence, 32)[1], num_tokens))
-        return rule.continuation(sequence, end, num_tokens)
-
-    monkeypatch.setitem(LOOKUP_RULES, "suffix", replace(rule, continuation=recording))
-    target = markov_target()  # its greedy text loops: every round's last tokens repeat an earlier passage
-    beagle = BeagleModel.from_target(target, attn_implementation="eager")
-    ids = target.generate(torch.tensor([[5, 6]]), do_sample=False, max_new_tokens=100)
+    target, beagle, ids, asked = _copy_round_recorder(monkeypatch, match_ngram=32)
     ref = target.generate(ids, do_sample=False, max_new_tokens=40)
     announced = []
     with rules.chain_lookup_replaced(beagle, extend_match=4, extend_tokens=12):
