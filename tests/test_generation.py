@@ -13,15 +13,18 @@ import torch
 from conftest import briefly_train, make_target, markov_target, trained_pair
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    GenerationConfig,
     LogitsProcessorList,
     PreTrainedTokenizerFast,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TextStreamer,
     TopKLogitsWarper,
 )
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from modeling_beagle import BeagleModel
+from modeling_beagle import BeagleGenerationError, BeagleModel, generate_with_own_loop
 from modeling_beagle.decoding_beagle import CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING, LOOKUP_RULES
 from modeling_beagle.generation_beagle import BeagleCandidateGenerator, ChainLookup
 
@@ -110,23 +113,84 @@ def test_greedy_identity_with_logits_processors():
             assert torch.equal(out, ref), settings
 
 
+def _stopped_mid_round(beagle, new_tokens: int) -> bool:
+    """Whether the last round's accepted block ran past the `new_tokens` the output kept (a stop inside the block)."""
+    stats = beagle.generation_stats
+    return new_tokens < 1 + sum(stats.accepted) + stats.rounds  # the prefill's token, then accepted + bonus per round
+
+
 def test_greedy_identity_with_stop_strings_and_streamer():
+    # transformers' assisted decoding checks stop strings only after each round; Beagle checks every prefix, so the
+    # output, the streamed text and the per-token scores end where plain decoding's do, wherever the stop falls.
     target, beagle = trained_pair()
     fixed_chain(beagle, k=4)
     tokenizer = tiny_tokenizer()
     ids = torch.tensor([[5, 17, 33]])
     free = target.generate(ids, do_sample=False, max_new_tokens=30)
-    stop = tokenizer.decode(free[0, 12:14])  # two generated words, reached mid-generation
-    printed = []
-    for assistant in (None, beagle):
-        buffer = io.StringIO()
-        with redirect_stdout(buffer):
-            out = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer,
-                                  streamer=TextStreamer(tokenizer), assistant_model=assistant)
-        printed.append((out, buffer.getvalue()))
-    (ref, ref_text), (spec, spec_text) = printed
-    assert torch.equal(spec, ref) and ref.shape[1] < free.shape[1]
-    assert spec_text == ref_text and stop in spec_text
+    inside_a_round = 0
+    for end in range(1, 29):
+        stop = tokenizer.decode(free[0, ids.shape[1] + end - 1 : ids.shape[1] + end + 1])  # two tokens ending at end+1
+        results = []
+        for assistant in (None, beagle):
+            buffer = io.StringIO()
+            with redirect_stdout(buffer):
+                out = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer,
+                                      streamer=TextStreamer(tokenizer), assistant_model=assistant,
+                                      return_dict_in_generate=True, output_scores=True)
+            results.append((out, buffer.getvalue()))
+        (ref, ref_text), (spec, spec_text) = results
+        assert ref.sequences.shape[1] < free.shape[1], stop
+        assert torch.equal(spec.sequences, ref.sequences), stop
+        assert spec_text == ref_text and stop in spec_text, stop
+        assert len(spec.scores) == len(ref.scores) == ref.sequences.shape[1] - ids.shape[1]
+        assert torch.allclose(torch.stack(spec.scores), torch.stack(ref.scores), atol=1e-4)
+        assert spec.cache.get_seq_length() == ref.cache.get_seq_length() == ref.sequences.shape[1] - 1
+        inside_a_round += _stopped_mid_round(beagle, ref.sequences.shape[1] - ids.shape[1])
+    assert inside_a_round >= 5, "too few stops fell inside an accepted block to test the per-token check"
+
+
+class StopAfterToken(StoppingCriteria):
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_greedy_identity_with_own_stopping_criteria():
+    target, beagle = trained_pair()
+    fixed_chain(beagle, k=5)
+    ids = torch.tensor([[8, 2, 61, 40]])
+    free = target.generate(ids, do_sample=False, max_new_tokens=40)
+    inside_a_round = 0
+    for token in sorted(set(free[0, ids.shape[1] :].tolist())):
+        criteria = StoppingCriteriaList([StopAfterToken(token)])
+        ref = target.generate(ids, do_sample=False, max_new_tokens=40, stopping_criteria=criteria)
+        out = target.generate(ids, do_sample=False, max_new_tokens=40, stopping_criteria=criteria,
+                              assistant_model=beagle)
+        assert torch.equal(out, ref) and int(ref[0, -1]) == token, token
+        inside_a_round += _stopped_mid_round(beagle, ref.shape[1] - ids.shape[1])
+    assert inside_a_round >= 2
+
+
+def test_own_loop_honours_stop_strings(tmp_path):
+    # transformers drops the tokenizer on its way to a custom_generate callable: Beagle builds the criterion itself.
+    target, beagle = trained_pair()
+    beagle.save_pretrained(tmp_path)
+    tokenizer = tiny_tokenizer()
+    ids = torch.tensor([[5, 17, 33]])
+    free = target.generate(ids, do_sample=False, max_new_tokens=30)
+    for end in (2, 9, 17, 26):
+        stop = tokenizer.decode(free[0, ids.shape[1] + end - 1 : ids.shape[1] + end + 1])
+        ref = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=stop, tokenizer=tokenizer)
+        folder = target.generate(ids, custom_generate=str(tmp_path), assistant_model=beagle, trust_remote_code=True,
+                                 do_sample=False, max_new_tokens=30, stop_strings=stop, tokenizer=tokenizer)
+        direct = generate_with_own_loop(target, beagle, ids, do_sample=False, max_new_tokens=30,
+                                        generation_config=GenerationConfig(stop_strings=[stop]), tokenizer=tokenizer)
+        assert ref.shape[1] < free.shape[1]
+        assert torch.equal(folder, ref) and torch.equal(direct, ref), stop
+    with pytest.raises(BeagleGenerationError, match="tokenizer"):
+        generate_with_own_loop(target, beagle, ids, max_new_tokens=5, stop_strings=["a"])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
@@ -459,6 +523,12 @@ ATTACH_SCRIPT = textwrap.dedent(
     out = target.generate(ids, do_sample=False, max_new_tokens=12, assistant_model=beagle)
     assert torch.equal(out, ref) and beagle.generation_stats.rounds > 0
     assert "_get_candidate_generator" not in vars(bystander)
+    from test_generation import tiny_tokenizer  # without the class-level hook nothing checks stop strings per token
+    try:
+        target.generate(ids, max_new_tokens=4, assistant_model=beagle, stop_strings=["ab"], tokenizer=tiny_tokenizer())
+        raise SystemExit("expected a clear error for stop strings without the hook")
+    except BeagleGenerationError as err:
+        assert "stop_strings" in str(err) and "custom_generate" in str(err), err
     print("ok")
     """
 )

@@ -24,6 +24,13 @@ import transformers
 from packaging import version
 from transformers.generation import GenerationMixin
 from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from .cache_beagle import BeagleCache
 
@@ -349,6 +356,88 @@ class BeagleCandidateGenerator(CandidateGenerator):
                 self.num_draft_tokens = max(1, self.num_draft_tokens - 1)
 
 
+# ------------------------------------------------------------------------------------------ stopping mid-round
+# The stopping criteria transformers' assisted decoding applies exactly when a round accepts several tokens: it crops
+# the accepted tokens at the length limit and at the first EOS, and a time limit has no particular token to stop at.
+# Any other criterion (stop strings, the caller's own) it checks only on the whole sequence after each round, so a stop
+# inside an accepted block would be passed by: Beagle checks those after every token, as plain decoding does.
+ROUND_EXACT_CRITERIA = (MaxLengthCriteria, EosTokenCriteria, MaxTimeCriteria)
+
+
+class PrefixStopping(StoppingCriteria):
+    """`criteria` evaluated on every prefix a round added, shortest first, as plain decoding evaluates them after each
+    token; `stop_length` is the first length at which one fired (None while none has)."""
+
+    def __init__(self, criteria: list, start: int):
+        self.criteria = StoppingCriteriaList(criteria)
+        self.checked = start  # the prefixes up to this length are checked (the prompt is never a stop)
+        self.stop_length: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        for length in range(self.checked + 1, input_ids.shape[1] + 1):
+            if self.stop_length is None and bool(self.criteria(input_ids[:, :length], scores, **kwargs).any()):
+                self.stop_length = length
+        self.checked = max(self.checked, input_ids.shape[1])
+        return torch.full((input_ids.shape[0],), self.stop_length is not None, dtype=torch.bool, device=input_ids.device)
+
+
+def check_stop_strings_honoured(target_model, generation_config) -> None:
+    """Refuse stop strings where nothing would check them after every token: with `beagle.attach(target)` (no
+    import-time hook on the class's `_assisted_decoding`) transformers could pass a stop string inside an accepted
+    block."""
+    if getattr(generation_config, "stop_strings", None) and not _hooked(
+            getattr(type(target_model), "_assisted_decoding", None)):
+        raise BeagleGenerationError(
+            f"`stop_strings` ({generation_config.stop_strings!r}) expected Beagle's import-time generation hook, which "
+            "checks them after every accepted token; with `beagle.attach(target)` transformers checks them only after "
+            f"each round. Unset {DISABLE_HOOK_ENV}, or run Beagle's own loop (`custom_generate`), which checks them "
+            "after every token."
+        )
+
+
+class HeldBackStreamer:
+    """Passes each round's tokens to `streamer` one round late, once the stopping criteria have seen them, and the
+    last round's only up to `stopping.stop_length`: the streamed text ends where plain decoding's does."""
+
+    def __init__(self, streamer, stopping: PrefixStopping, length: int):
+        self.streamer, self.stopping = streamer, stopping
+        self.length = length  # tokens so far, the held round included
+        self.held = None
+
+    def put(self, value):
+        if self.held is not None:
+            self.streamer.put(self.held)
+        self.held = value
+        self.length += value.shape[-1]
+
+    def end(self):
+        if self.held is not None:
+            stop = self.stopping.stop_length
+            keep = self.held.shape[-1] if stop is None else stop - (self.length - self.held.shape[-1])
+            if keep > 0:
+                self.streamer.put(self.held[..., :keep])
+            self.held = None
+        self.streamer.end()
+
+
+def truncate_generation(output, length: int, prompt_length: int):
+    """`generate`'s output (ids, or a GenerateDecoderOnlyOutput) ended after `length` tokens in all: the sequences,
+    the per-token scores / logits / attentions / hidden states and the returned cache."""
+    if isinstance(output, torch.Tensor):
+        return output[:, :length]
+    output.sequences = output.sequences[:, :length]
+    for name in ("scores", "logits", "attentions", "hidden_states"):
+        if getattr(output, name, None) is not None:
+            setattr(output, name, getattr(output, name)[: length - prompt_length])
+    for name in ("cache", "past_key_values"):
+        cache = getattr(output, name, None)
+        if cache is not None and callable(getattr(cache, "crop", None)):
+            extra = cache.get_seq_length() - (length - 1)  # the last token is never fed to the target
+            if extra > 0:
+                cache.crop(-extra)
+    return output
+
+
 # --------------------------------------------------------------------------------------------------- dispatch
 def _wrap_candidate_generator_factory(original):
     """A `_get_candidate_generator` that lets an assistant offering `beagle_candidate_generator` build its own
@@ -385,6 +474,34 @@ def _wrap_validate_generation_mode(original):
     return _validate_generation_mode
 
 
+def _wrap_assisted_decoding(original):
+    """An `_assisted_decoding` that, with a Beagle assistant and stopping criteria transformers checks only after each
+    round (stop strings, the caller's own), checks them after every token (`PrefixStopping`) and ends the output and
+    the streamed text at the first that fires, so that they equal plain decoding's; otherwise `original` unchanged."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def _assisted_decoding(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        criteria = arguments.get("stopping_criteria") or []
+        per_token = [c for c in criteria if not isinstance(c, ROUND_EXACT_CRITERIA)]
+        if not per_token or not callable(getattr(arguments.get("assistant_model"), "beagle_candidate_generator", None)):
+            return original(self, *args, **kwargs)
+        prompt_length = arguments["input_ids"].shape[1]
+        stopping = PrefixStopping(per_token, start=prompt_length)
+        arguments["stopping_criteria"] = StoppingCriteriaList(
+            [c for c in criteria if isinstance(c, ROUND_EXACT_CRITERIA)] + [stopping])
+        if arguments.get("streamer") is not None:
+            arguments["streamer"] = HeldBackStreamer(arguments["streamer"], stopping, prompt_length)
+        output = original(*bound.args, **bound.kwargs)
+        if stopping.stop_length is None:
+            return output
+        return truncate_generation(output, stopping.stop_length, prompt_length)
+
+    return _assisted_decoding
+
+
 # The private GenerationMixin methods Beagle wraps, with the parameters each must have.
 HOOKED_METHODS = {
     "_get_candidate_generator": (
@@ -393,7 +510,12 @@ HOOKED_METHODS = {
     "_validate_generation_mode": (
         _wrap_validate_generation_mode, ("generation_mode", "generation_config", "generation_mode_kwargs")
     ),
+    # Looked up on the class by `generate`, so `attach_to_target` (instance level) cannot reach it.
+    "_assisted_decoding": (
+        _wrap_assisted_decoding, ("input_ids", "stopping_criteria", "streamer", "assistant_model")
+    ),
 }
+INSTANCE_HOOKED_METHODS = ("_get_candidate_generator", "_validate_generation_mode")
 
 
 def transformers_is_supported() -> tuple[bool, str]:
@@ -450,13 +572,13 @@ def attach_to_target(target) -> None:
     supported, reason = transformers_is_supported()
     if not supported:
         raise BeagleGenerationError(reason)
-    for name in HOOKED_METHODS:
+    for name in INSTANCE_HOOKED_METHODS:
         if not _hooked(target.__dict__.get(name)):
             setattr(target, name, types.MethodType(_wrap(name, getattr(type(target), name)), target))
 
 
 def detach_from_target(target) -> None:
-    for name in HOOKED_METHODS:
+    for name in INSTANCE_HOOKED_METHODS:
         target.__dict__.pop(name, None)
 
 

@@ -27,6 +27,7 @@ One round, for every row of the batch at once:
      that accepted fewer tokens get masked slots), append the path's true states to Beagle's cache.
 """
 
+import copy
 import math
 import statistics
 import time
@@ -36,6 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.nn import functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache_beagle import BeagleCache
@@ -624,8 +626,9 @@ def beagle_generate(
     2-token match 2K, up to `prompt_lookup_num_tokens`): a short match's continuation is rarely right for long, and
     every proposed token is verified. `lookup_min_match=M` (default 1) proposes a branch only from a match of at
     least M tokens. Statistics of the run are left in `beagle.generation_stats`.
-    transformers does not hand `streamer` to a `custom_generate` callable: pass it as `beagle_streamer=` (the
-    checkpoint folder's `custom_generate/generate.py` does so for you).
+    transformers does not hand `streamer` or `tokenizer` to a `custom_generate` callable: pass the streamer as
+    `beagle_streamer=` and stop strings as a `StopStringCriteria` in `stopping_criteria`, or call
+    `generate_with_own_loop`, which does both (as the checkpoint folder's `custom_generate/generate.py` does).
     `sampled_drafts` (sampling only; default: on when `do_sample`): draw each node's children from the draft's
     distribution at the generation temperature (`draft_sampled_tree`) and verify them with recursive rejection
     sampling, instead of the draft's top-k tokens accepted only when the target samples them.
@@ -848,3 +851,28 @@ def beagle_generate(
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=sequences, **cache_kwargs(GenerateDecoderOnlyOutput, cache))
     return sequences
+
+
+def generate_with_own_loop(target, beagle, *args, **kwargs):
+    """`target.generate(*args, **kwargs)` through Beagle's own loop (`beagle_generate`): what a checkpoint's
+    `custom_generate/generate.py` runs. transformers hands a `custom_generate` callable only the arguments it does not
+    know itself, and builds stop strings' criterion from a tokenizer it then no longer has: the streamer goes on as
+    `beagle_streamer`, and `stop_strings` (from the call or the `generation_config` passed) become a
+    `StopStringCriteria` built here with `tokenizer`, which the loop checks after every token."""
+    streamer = kwargs.pop("streamer", None)
+    tokenizer = kwargs.pop("tokenizer", None)
+    stop_strings = kwargs.pop("stop_strings", None)
+    config = kwargs.get("generation_config")
+    if stop_strings is None and getattr(config, "stop_strings", None):
+        stop_strings = config.stop_strings
+        kwargs["generation_config"] = config = copy.deepcopy(config)
+        config.stop_strings = None
+    if stop_strings:
+        if tokenizer is None:
+            raise BeagleGenerationError(f"`stop_strings` ({stop_strings!r}) expected the target's tokenizer as "
+                                        "`tokenizer=`, found none.")
+        criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+        kwargs["stopping_criteria"] = criteria
+    return target.generate(*args, custom_generate=beagle_generate, beagle=beagle, streamer=streamer,
+                           beagle_streamer=streamer, **kwargs)

@@ -30,6 +30,7 @@ from .decoding_beagle import (
     CHAIN_LOOKUP_MATCH_SAMPLING,
     LOOKUP_RULES,
     beagle_generate,
+    generate_with_own_loop,
     resolve_prompt_lookup,
 )
 from .generation_beagle import (
@@ -39,6 +40,7 @@ from .generation_beagle import (
     ChainLookup,
     attach_to_target,
     check_generation_config,
+    check_stop_strings_honoured,
     detach_from_target,
     install_generate_hook,
     unavailable_message,
@@ -54,16 +56,13 @@ CUSTOM_GENERATE_SOURCE = '''"""Beagle's speculative decoding loop (draft trees, 
 
 
 def generate(model, *args, assistant_model=None, **kwargs):
-    loop = getattr(assistant_model, "beagle_decoding_loop", None)
-    if loop is None:
+    run = getattr(assistant_model, "beagle_generate_with_own_loop", None)
+    if run is None:
         raise ValueError(
             "custom_generate from a Beagle checkpoint expected `assistant_model=<the Beagle model>`, found "
             f"{type(assistant_model).__name__}."
         )
-    # transformers hands a custom_generate callable only the arguments it does not know itself: pass the streamer on.
-    streamer = kwargs.pop("streamer", None)
-    return model.generate(*args, custom_generate=loop, beagle=assistant_model, streamer=streamer,
-                          beagle_streamer=streamer, **kwargs)
+    return run(model, *args, **kwargs)
 '''
 
 
@@ -783,6 +782,7 @@ class BeagleModel(BeaglePreTrainedModel):
         passage (the longest repeated suffix, up to `max_matching_ngram_size` tokens, default 32), the round proposes
         the N tokens that followed it instead of a draft chain (`ChainLookup`)."""
         check_generation_config(generation_config)
+        check_stop_strings_honoured(target_model, generation_config)
         self.ensure_bound_to(target_model)
         lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config,
                                                          default_tokens=self.config.default_prompt_lookup_num_tokens)
@@ -815,6 +815,10 @@ class BeagleModel(BeaglePreTrainedModel):
 
     # Beagle's own loop (trees, batches), for `target.generate(..., custom_generate=...)`.
     beagle_decoding_loop = staticmethod(beagle_generate)
+
+    def beagle_generate_with_own_loop(self, target_model: PreTrainedModel, *args, **kwargs):
+        """`target_model.generate(*args, **kwargs)` through Beagle's own loop (`generate_with_own_loop`)."""
+        return generate_with_own_loop(target_model, self, *args, **kwargs)
 
     def generate(self, *args, **kwargs):
         raise BeagleHookUnavailableError(unavailable_message())
