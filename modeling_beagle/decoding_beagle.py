@@ -652,6 +652,9 @@ def beagle_generate(
     shape = resolve_tree_shape(model, beagle, tree_shape)
     lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config, prompt_lookup_rule,
                                                      beagle.config.default_prompt_lookup_num_tokens)
+    if generation_config.use_cache is False:
+        raise BeagleGenerationError("`use_cache` expected True with Beagle's own loop, found False: speculative "
+                                    "decoding verifies each round against the target's KV cache.")
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
         raise BeagleGenerationError("the target's cache expected an empty DynamicCache, found "

@@ -863,6 +863,8 @@ def test_bad_input_to_the_loop():
         spec(target, beagle, ids, "chain", output_scores=True, return_dict_in_generate=True, max_new_tokens=4)
     with pytest.raises(BeagleGenerationError, match="tree_shape"):
         spec(target, beagle, ids, "bushy", max_new_tokens=4)
+    with pytest.raises(BeagleGenerationError, match="use_cache"):
+        spec(target, beagle, ids, "chain", use_cache=False, max_new_tokens=4)
     with pytest.raises(BeagleGenerationError, match="total_tokens"):
         TreeShape(depth=2, top_k=2, total_tokens=50)
     with pytest.raises(BeagleGenerationError, match="beagle"):

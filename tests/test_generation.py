@@ -149,6 +149,32 @@ def test_greedy_identity_with_stop_strings_and_streamer():
     assert inside_a_round >= 5, "too few stops fell inside an accepted block to test the per-token check"
 
 
+def test_greedy_outputs_per_token_match_plain_decoding():
+    # return_dict_in_generate with every per-token output: one entry per new token, as plain decoding gives, and the
+    # hidden states of every layer although Beagle asks the target for fewer (transformers' split needs them all).
+    target, beagle = trained_pair()
+    fixed_chain(beagle, k=4)
+    flags = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, output_attentions=True,
+                 output_hidden_states=True)
+    implementation = target.config._attn_implementation  # the pair is shared with other tests
+    for ids in (torch.tensor([[5, 17, 33]]), torch.tensor([[60, 2, 9, 71, 4]])):
+        target.set_attn_implementation("eager")  # sdpa returns no attention weights
+        try:
+            ref = target.generate(ids, do_sample=False, max_new_tokens=20, **flags)
+            out = target.generate(ids, do_sample=False, max_new_tokens=20, assistant_model=beagle, **flags)
+        finally:
+            target.set_attn_implementation(implementation)
+        assert torch.equal(out.sequences, ref.sequences) and sum(beagle.generation_stats.accepted) > 0
+        for name in ("scores", "logits", "attentions", "hidden_states"):
+            expected, found = getattr(ref, name), getattr(out, name)
+            assert len(found) == len(expected) == 20, name
+            for step_expected, step_found in zip(expected, found):
+                pairs = (zip(step_expected, step_found) if isinstance(step_expected, tuple)
+                         else [(step_expected, step_found)])
+                for a, b in pairs:
+                    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4), name
+
+
 class StopAfterToken(StoppingCriteria):
     def __init__(self, token: int):
         self.token = token

@@ -226,7 +226,10 @@ class BeagleCandidateGenerator(CandidateGenerator):
                  lookup: ChainLookup | None = None):
         config = beagle.config
         self.beagle = beagle
-        self.model_kwargs_overrides = {"output_hidden_states": list(config.target_layer_ids)}
+        # The target returns only the layers Beagle reads, or every layer when the caller asked for hidden states in
+        # the output (transformers splits those per token and fails on the layers left out).
+        layers = True if generation_config.output_hidden_states else list(config.target_layer_ids)
+        self.model_kwargs_overrides = {"output_hidden_states": layers}
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
         self.max_length = generation_config.max_length
