@@ -13,6 +13,7 @@ import torch
 from conftest import briefly_train, make_target, markov_target, trained_pair
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
     PreTrainedTokenizerFast,
@@ -508,6 +509,14 @@ def test_bad_generation_settings_are_refused():
     with pytest.raises(ValueError, match="max_matching_ngram_size"):
         target.generate(ids, max_new_tokens=5, assistant_model=beagle, prompt_lookup_num_tokens=4,
                         max_matching_ngram_size=0)
+    with pytest.raises(BeagleGenerationError, match="input_ids.*inputs_embeds"):
+        target.generate(inputs_embeds=target.get_input_embeddings()(ids), max_new_tokens=5, assistant_model=beagle)
+    # A conversation's cache from an earlier turn: transformers' assisted decoding would read the prompt again on top
+    # of it (its own prompt lookup then diverges from plain decoding), and Beagle has no states for the cached tokens.
+    cache = DynamicCache(config=target.config)
+    first = target.generate(ids, do_sample=False, max_new_tokens=4, past_key_values=cache)
+    with pytest.raises(BeagleGenerationError, match="6 cached tokens"):
+        target.generate(torch.cat([first, ids], 1), max_new_tokens=5, past_key_values=cache, assistant_model=beagle)
 
 
 def test_mismatched_beagle_is_refused_in_generate():

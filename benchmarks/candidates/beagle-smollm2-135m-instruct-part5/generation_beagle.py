@@ -179,6 +179,20 @@ def check_generation_config(generation_config) -> None:
         )
 
 
+def check_empty_target_cache(model_kwargs: dict) -> None:
+    """Refuse a target cache that already holds tokens (a conversation's earlier turns): Beagle reads the target's
+    states of every prompt token, and transformers 5.25's assisted decoding would also feed the whole prompt on top
+    of the cached tokens (its own assistants then diverge from plain decoding too)."""
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    cached = cache.get_seq_length() if callable(getattr(cache, "get_seq_length", None)) else 0
+    if cached:
+        raise BeagleGenerationError(
+            f"the target's cache (`past_key_values`) expected empty with a Beagle assistant, found {cached} cached "
+            "tokens: pass the whole conversation as input_ids without a cache; Beagle reads the target's states of "
+            "every prompt token."
+        )
+
+
 # ------------------------------------------------------------------------------------------- candidate generator
 @dataclass(frozen=True)
 class ChainLookup:
@@ -264,6 +278,10 @@ class BeagleCandidateGenerator(CandidateGenerator):
             self.stats.verify_time_s += started - self._handed_off_at
         if is_first_iteration:
             # Round 0: the target prefills the prompt first; its states arrive with the next call.
+            check_empty_target_cache(model_kwargs or {})
+            if input_ids.shape[1] == 0:
+                raise BeagleGenerationError("`input_ids` expected with a Beagle assistant, found `inputs_embeds` only: "
+                                            "Beagle drafts from the token ids; pass the prompt's ids.")
             self.cache.reset()
             self._handed_off_at = time.perf_counter()
             return input_ids, None
