@@ -370,3 +370,26 @@ def test_beagle_train_writes_the_tau_learning_curve(tmp_path, monkeypatch):
     (tmp_path / "train2.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="--tau_eval_prompts expected evaluations"):
         train_module.run_training([str(tmp_path / "train2.json")])
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, monkeypatch):
+    import trainer.cli as cli
+    from trainer.cli import main
+
+    missing = tmp_path / "nowhere"
+    assert main(["inspect", str(missing)]) == 1
+    assert f"beagle inspect: error: a Beagle checkpoint folder or Hub id (org/name) expected, found no folder at '{missing}'" \
+        in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 1  # transformers' OSError: no weights in the folder
+    assert "beagle inspect: error:" in capsys.readouterr().err
+    assert main(["bench", "--beagle", str(missing), "--methods", "plain,beagle-chain"]) == 2
+    assert "`--beagle` expected a Beagle checkpoint folder" in capsys.readouterr().err
+    for option, value in (("--num-prompts", "0"), ("--max-new-tokens", "-1"), ("--repeats", "x"),
+                          ("--prompt-lookup-tokens", "-3")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", option, value])
+        assert exit_.value.code == 2 and f"argument {option}: expected an integer" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_cmd_env", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a bug is not dressed up as bad input: its traceback stays
+        main(["env"])

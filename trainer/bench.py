@@ -1092,6 +1092,9 @@ def run_from_args(args) -> int:
             warn_if_slow_bf16("`beagle bench --dtypes bfloat16` runs the target", device)
     names = split(args.methods)
     check_method_names(names)  # before any download or model load
+    if args.beagle and not Path(args.beagle).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.beagle):
+        raise BeagleBenchError(f"`--beagle` expected a Beagle checkpoint folder or a Hub id (org/name), found no folder "
+                               f"at {args.beagle!r}.")
     if args.prepack:
         if device.type != "cpu":
             raise BeagleBenchError(f"`--prepack` packs the target's linear layers for CPU inference; the device is "
@@ -1140,6 +1143,22 @@ def run_from_args(args) -> int:
     return 0
 
 
+def _count(least: int):
+    """An argparse type: an integer of at least `least`, refused with what was expected otherwise."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, found {text!r}")
+        return value
+
+    return parse
+
+
 def add_arguments(parser) -> None:
     """The options of `beagle bench` (used by `trainer.cli`)."""
     parser.add_argument("--target", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="target model (Hub id or folder)")
@@ -1147,8 +1166,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt-sets", default="mt-bench,humaneval", help="comma-separated: mt-bench, humaneval")
     parser.add_argument("--turns", choices=("first", "both"), default="first",
                         help="MT-bench: first turns, or also second turns (after the target's own greedy answer)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="prompts per set, spread over the set (all)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--num-prompts", type=_count(1), default=None, help="prompts per set, spread over the set (all)")
+    parser.add_argument("--max-new-tokens", type=_count(1), default=256)
     parser.add_argument("--temperatures", default="0,1", help="comma-separated; 0 = greedy")
     parser.add_argument("--dtypes", default=None, help="comma-separated target dtypes (default: bfloat16,float32 "
                         "where the device computes bf16 natively, else float32)")
@@ -1163,11 +1182,11 @@ def add_arguments(parser) -> None:
                         "min_prob: prune paths the draft gives less than P; auto and chain use the draft's "
                         "draft_confidence_threshold). Repeat it for a tree-size sweep in one run: the tree methods are "
                         "then measured once per shape, named beagle-tree[SHAPE] and beagle-tree-lookup[SHAPE]")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10,
+    parser.add_argument("--prompt-lookup-tokens", type=_count(0), default=10,
                         help="tokens proposed per round by prompt-lookup, by beagle-chain-lookup's copy rounds and by "
                              "beagle-tree-lookup's lookup branch")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and method (median taken)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=_count(1), default=3, help="runs per prompt and method (median taken)")
+    parser.add_argument("--threads", type=_count(1), default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (+1 per prompt)")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py[:ARG]",

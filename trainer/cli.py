@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import re
 import sys
 
 
@@ -75,6 +77,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from modeling_beagle import BeagleModel
 
+    if not os.path.isdir(args.checkpoint) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.checkpoint):
+        raise OSError(f"a Beagle checkpoint folder or Hub id (org/name) expected, found no folder at {args.checkpoint!r}.")
     model = BeagleModel.from_pretrained(args.checkpoint)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary = {
@@ -220,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
 PASS_THROUGH = {"train": "train_args", "regenerate": "regenerate_args"}  # parsed by HfArgumentParser, not argparse
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that report bad input (a path, a name, a setting) with what was expected: a command prints their
+    message, not a traceback. OSError covers a checkpoint or file that is not there."""
+    from modeling_beagle import BeagleCheckpointError, BeagleConfigError, BeagleGenerationError
+
+    from .assets import BeagleAssetError
+    from .data import BeagleDataError
+    from .offline_cache import BeagleCacheError
+
+    return (BeagleAssetError, BeagleCacheError, BeagleCheckpointError, BeagleConfigError, BeagleDataError,
+            BeagleGenerationError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -227,9 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         # argparse's REMAINDER refuses a remainder that starts with an option (`beagle train --target_model ...`).
         args = parser.parse_args(argv[:1])
         setattr(args, PASS_THROUGH[argv[0]], argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    try:
         return args.func(args)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
+        print(f"beagle {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
