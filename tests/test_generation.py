@@ -509,6 +509,8 @@ def test_bad_generation_settings_are_refused():
     with pytest.raises(ValueError, match="max_matching_ngram_size"):
         target.generate(ids, max_new_tokens=5, assistant_model=beagle, prompt_lookup_num_tokens=4,
                         max_matching_ngram_size=0)
+    with pytest.raises(BeagleGenerationError, match="batch size 1.*found 2.*custom_generate=beagle_generate"):
+        target.generate(ids.repeat(2, 1), max_new_tokens=5, assistant_model=beagle)
     with pytest.raises(BeagleGenerationError, match="input_ids.*inputs_embeds"):
         target.generate(inputs_embeds=target.get_input_embeddings()(ids), max_new_tokens=5, assistant_model=beagle)
     # A conversation's cache from an earlier turn: transformers' assisted decoding would read the prompt again on top

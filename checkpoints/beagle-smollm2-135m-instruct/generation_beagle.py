@@ -496,9 +496,10 @@ def _wrap_validate_generation_mode(original):
 
 
 def _wrap_assisted_decoding(original):
-    """An `_assisted_decoding` that, with a Beagle assistant and stopping criteria transformers checks only after each
-    round (stop strings, the caller's own), checks them after every token (`PrefixStopping`) and ends the output and
-    the streamed text at the first that fires, so that they equal plain decoding's; otherwise `original` unchanged."""
+    """An `_assisted_decoding` that, with a Beagle assistant, points a batch to Beagle's own loop, and with stopping
+    criteria transformers checks only after each round (stop strings, the caller's own) checks them after every token
+    (`PrefixStopping`) and ends the output and the streamed text at the first that fires, so that they equal plain
+    decoding's; `original` unchanged otherwise."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -507,7 +508,16 @@ def _wrap_assisted_decoding(original):
         arguments = bound.arguments
         criteria = arguments.get("stopping_criteria") or []
         per_token = [c for c in criteria if not isinstance(c, ROUND_EXACT_CRITERIA)]
-        if not per_token or not callable(getattr(arguments.get("assistant_model"), "beagle_candidate_generator", None)):
+        if not callable(getattr(arguments.get("assistant_model"), "beagle_candidate_generator", None)):
+            return original(self, *args, **kwargs)
+        if arguments["input_ids"].shape[0] > 1:
+            raise BeagleGenerationError(
+                f"batch size 1 expected by transformers' assisted decoding, found {arguments['input_ids'].shape[0]}: "
+                "Beagle's own loop takes batches of (left-)padded prompts: `target.generate(ids, attention_mask=mask, "
+                "custom_generate=beagle_generate, beagle=beagle)`, or `custom_generate=<the Beagle checkpoint folder>, "
+                "assistant_model=beagle, trust_remote_code=True`."
+            )
+        if not per_token:
             return original(self, *args, **kwargs)
         prompt_length = arguments["input_ids"].shape[1]
         stopping = PrefixStopping(per_token, start=prompt_length)
