@@ -150,6 +150,24 @@ def test_greedy_identity_with_stop_strings_and_streamer():
     assert inside_a_round >= 5, "too few stops fell inside an accepted block to test the per-token check"
 
 
+def test_attach_beside_the_global_hook_keeps_the_per_token_check():
+    target, beagle = trained_pair()
+    fixed_chain(beagle, k=4)
+    tokenizer = tiny_tokenizer()
+    ids = torch.tensor([[5, 17, 33]])
+    free = target.generate(ids, do_sample=False, max_new_tokens=30)
+    beagle.attach(target)  # also hooks the instance's stopping criteria, which must defer to the class-level check
+    try:
+        for end in (3, 11, 19):
+            stop = tokenizer.decode(free[0, ids.shape[1] + end - 1 : ids.shape[1] + end + 1])
+            ref = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer)
+            out = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer,
+                                  assistant_model=beagle)
+            assert torch.equal(out, ref) and ref.shape[1] < free.shape[1], stop
+    finally:
+        beagle.detach(target)
+
+
 def test_greedy_outputs_per_token_match_plain_decoding():
     # return_dict_in_generate with every per-token output: one entry per new token, as plain decoding gives, and the
     # hidden states of every layer although Beagle asks the target for fewer (transformers' split needs them all).
@@ -560,12 +578,18 @@ ATTACH_SCRIPT = textwrap.dedent(
     out = target.generate(ids, do_sample=False, max_new_tokens=12, assistant_model=beagle)
     assert torch.equal(out, ref) and beagle.generation_stats.rounds > 0
     assert "_get_candidate_generator" not in vars(bystander)
-    from test_generation import tiny_tokenizer  # without the class-level hook nothing checks stop strings per token
-    try:
-        target.generate(ids, max_new_tokens=4, assistant_model=beagle, stop_strings=["ab"], tokenizer=tiny_tokenizer())
-        raise SystemExit("expected a clear error for stop strings without the hook")
-    except BeagleGenerationError as err:
-        assert "stop_strings" in str(err) and "custom_generate" in str(err), err
+    # Without the class-level hook nothing checks stop strings or the caller's criteria per token: refused.
+    from transformers import StoppingCriteriaList
+    from test_generation import StopAfterToken, tiny_tokenizer
+    for kwargs in (dict(stop_strings=["ab"], tokenizer=tiny_tokenizer()),
+                   dict(stopping_criteria=StoppingCriteriaList([StopAfterToken(7)]))):
+        try:
+            target.generate(ids, max_new_tokens=4, assistant_model=beagle, **kwargs)
+            raise SystemExit(f"expected a clear error for {list(kwargs)} without the hook")
+        except BeagleGenerationError as err:
+            assert "per token" not in str(err) and "after every token" in str(err), err
+            assert ("StopStringCriteria" if "stop_strings" in kwargs else "StopAfterToken") in str(err), err
+        target.generate(ids, max_new_tokens=4, **kwargs)  # without a Beagle assistant: transformers as usual
     print("ok")
     """
 )

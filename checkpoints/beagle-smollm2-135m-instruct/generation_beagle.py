@@ -11,6 +11,7 @@ With `prompt_lookup_num_tokens`, a round whose text is copying an earlier passag
 continuation instead of a draft (`ChainLookup`).
 """
 
+import contextvars
 import functools
 import inspect
 import os
@@ -383,6 +384,9 @@ class BeagleCandidateGenerator(CandidateGenerator):
 # Any other criterion (stop strings, the caller's own) it checks only on the whole sequence after each round, so a stop
 # inside an accepted block would be passed by: Beagle checks those after every token, as plain decoding does.
 ROUND_EXACT_CRITERIA = (MaxLengthCriteria, EosTokenCriteria, MaxTimeCriteria)
+# Whether the running `generate` call has a Beagle assistant: set by the `_validate_generation_mode` hook, read by the
+# instance-level `_get_stopping_criteria` hook of `beagle.attach` (which runs later in the same call).
+BEAGLE_ASSISTANT_IN_CALL = contextvars.ContextVar("beagle_assistant_in_call", default=False)
 
 
 class PrefixStopping(StoppingCriteria):
@@ -400,20 +404,6 @@ class PrefixStopping(StoppingCriteria):
                 self.stop_length = length
         self.checked = max(self.checked, input_ids.shape[1])
         return torch.full((input_ids.shape[0],), self.stop_length is not None, dtype=torch.bool, device=input_ids.device)
-
-
-def check_stop_strings_honoured(target_model, generation_config) -> None:
-    """Refuse stop strings where nothing would check them after every token: with `beagle.attach(target)` (no
-    import-time hook on the class's `_assisted_decoding`) transformers could pass a stop string inside an accepted
-    block."""
-    if getattr(generation_config, "stop_strings", None) and not _hooked(
-            getattr(type(target_model), "_assisted_decoding", None)):
-        raise BeagleGenerationError(
-            f"`stop_strings` ({generation_config.stop_strings!r}) expected Beagle's import-time generation hook, which "
-            "checks them after every accepted token; with `beagle.attach(target)` transformers checks them only after "
-            f"each round. Unset {DISABLE_HOOK_ENV}, or run Beagle's own loop (`custom_generate`), which checks them "
-            "after every token."
-        )
 
 
 class HeldBackStreamer:
@@ -488,6 +478,7 @@ def _wrap_validate_generation_mode(original):
         arguments = signature.bind(self, *args, **kwargs).arguments
         assistant = (arguments.get("generation_mode_kwargs") or {}).get("assistant_model")
         check = getattr(assistant, "beagle_check_generation", None)
+        BEAGLE_ASSISTANT_IN_CALL.set(callable(check))
         if callable(check):
             check(self, arguments["generation_mode"], arguments["generation_config"])
         return original(self, *args, **kwargs)
@@ -533,6 +524,27 @@ def _wrap_assisted_decoding(original):
     return _assisted_decoding
 
 
+def _wrap_get_stopping_criteria(original):
+    """For `beagle.attach` (instance level), which cannot wrap `_assisted_decoding` (transformers looks it up on the
+    class): a `_get_stopping_criteria` that refuses, in a call with a Beagle assistant, the criteria transformers would
+    check only after each round (stop strings, the caller's own), which a stop inside accepted tokens would pass by."""
+
+    @functools.wraps(original)
+    def _get_stopping_criteria(self, *args, **kwargs):
+        criteria = original(self, *args, **kwargs)
+        per_round = [type(c).__name__ for c in criteria if not isinstance(c, ROUND_EXACT_CRITERIA)]
+        if per_round and BEAGLE_ASSISTANT_IN_CALL.get() and not _hooked(getattr(type(self), "_assisted_decoding")):
+            raise BeagleGenerationError(
+                f"stopping criteria {per_round} (stop strings, your own) expected Beagle's import-time generation hook, "
+                "which checks them after every token; with `beagle.attach(target)` transformers checks them only after "
+                f"each round and would pass a stop inside the accepted tokens. Unset {DISABLE_HOOK_ENV}, or run "
+                "Beagle's own loop (`generate_with_own_loop`, `custom_generate`), which checks them after every token."
+            )
+        return criteria
+
+    return _get_stopping_criteria
+
+
 # The private GenerationMixin methods Beagle wraps, with the parameters each must have.
 HOOKED_METHODS = {
     "_get_candidate_generator": (
@@ -541,12 +553,15 @@ HOOKED_METHODS = {
     "_validate_generation_mode": (
         _wrap_validate_generation_mode, ("generation_mode", "generation_config", "generation_mode_kwargs")
     ),
-    # Looked up on the class by `generate`, so `attach_to_target` (instance level) cannot reach it.
+    # Looked up on the class by `generate`, so `attach_to_target` (instance level) cannot reach it ...
     "_assisted_decoding": (
         _wrap_assisted_decoding, ("input_ids", "stopping_criteria", "streamer", "assistant_model")
     ),
+    # ... and refuses instead what it would have checked per token.
+    "_get_stopping_criteria": (_wrap_get_stopping_criteria, ("generation_config", "stopping_criteria")),
 }
-INSTANCE_HOOKED_METHODS = ("_get_candidate_generator", "_validate_generation_mode")
+GLOBAL_HOOKED_METHODS = ("_get_candidate_generator", "_validate_generation_mode", "_assisted_decoding")
+INSTANCE_HOOKED_METHODS = ("_get_candidate_generator", "_validate_generation_mode", "_get_stopping_criteria")
 
 
 def transformers_is_supported() -> tuple[bool, str]:
@@ -583,7 +598,7 @@ def install_generate_hook() -> bool:
     the installed transformers is not a supported version; Beagle then refuses to run with a clear error.
     """
     global HOOK_UNAVAILABLE_REASON
-    if all(_hooked(getattr(GenerationMixin, name)) for name in HOOKED_METHODS):
+    if all(_hooked(getattr(GenerationMixin, name)) for name in GLOBAL_HOOKED_METHODS):
         return True
     if os.environ.get(DISABLE_HOOK_ENV, "") not in ("", "0"):
         HOOK_UNAVAILABLE_REASON = f"{DISABLE_HOOK_ENV} is set"
@@ -592,7 +607,7 @@ def install_generate_hook() -> bool:
     if not supported:
         HOOK_UNAVAILABLE_REASON = reason
         return False
-    for name in HOOKED_METHODS:
+    for name in GLOBAL_HOOKED_METHODS:
         if not _hooked(getattr(GenerationMixin, name)):
             setattr(GenerationMixin, name, _wrap(name, getattr(GenerationMixin, name)))
     return True

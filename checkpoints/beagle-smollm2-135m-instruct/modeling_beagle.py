@@ -40,7 +40,6 @@ from .generation_beagle import (
     ChainLookup,
     attach_to_target,
     check_generation_config,
-    check_stop_strings_honoured,
     detach_from_target,
     install_generate_hook,
     unavailable_message,
@@ -782,7 +781,6 @@ class BeagleModel(BeaglePreTrainedModel):
         passage (the longest repeated suffix, up to `max_matching_ngram_size` tokens, default 32), the round proposes
         the N tokens that followed it instead of a draft chain (`ChainLookup`)."""
         check_generation_config(generation_config)
-        check_stop_strings_honoured(target_model, generation_config)
         self.ensure_bound_to(target_model)
         lookup_tokens, max_ngram = resolve_prompt_lookup(generation_config,
                                                          default_tokens=self.config.default_prompt_lookup_num_tokens)
