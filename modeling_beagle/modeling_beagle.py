@@ -39,6 +39,7 @@ from .generation_beagle import (
     BeagleHookUnavailableError,
     ChainLookup,
     attach_to_target,
+    check_assisted_generation_config,
     check_generation_config,
     detach_from_target,
     install_generate_hook,
@@ -766,6 +767,7 @@ class BeagleModel(BeaglePreTrainedModel):
     def beagle_check_generation(self, target_model, generation_mode, generation_config) -> None:
         """Called by the generation hook before `target.generate` starts: refuse what Beagle cannot honour."""
         check_generation_config(generation_config)
+        check_assisted_generation_config(generation_config)
         if generation_mode != "assisted_generation":
             raise BeagleGenerationError(
                 f"generation mode expected greedy or sampling (assisted generation) with a Beagle assistant, found "

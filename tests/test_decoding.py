@@ -158,6 +158,23 @@ def test_greedy_identity_batches_with_eos_inside_drafts():
             assert torch.equal(spec(target, beagle, ids, shape, **kwargs), target.generate(ids, **kwargs))
 
 
+def test_greedy_identity_with_classifier_free_guidance():
+    """Classifier-free guidance's processor runs the target on its own cache, one new token per call: the own loop
+    calls it once per emitted token, so it stays exact (the assisted path refuses it: test_generation)."""
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(8)
+    accepted = 0
+    for _ in range(6):
+        ids = torch.randint(1, 96, (1, int(torch.randint(2, 10, (1,), generator=g))), generator=g)
+        ref = target.generate(ids, do_sample=False, max_new_tokens=30, guidance_scale=1.8)
+        for shape in ("chain", TreeShape(depth=4, top_k=2, total_tokens=8)):
+            out = spec(target, beagle, ids, shape, do_sample=False, max_new_tokens=30, guidance_scale=1.8,
+                       prompt_lookup_num_tokens=5)
+            assert torch.equal(out, ref), shape
+            accepted += sum(beagle.generation_stats.accepted)
+    assert accepted > 30
+
+
 def test_greedy_identity_with_processors_streamer_and_dict_output():
     target, beagle = trained_pair()
     tokenizer = tiny_tokenizer()

@@ -527,6 +527,8 @@ def test_bad_generation_settings_are_refused():
     with pytest.raises(ValueError, match="max_matching_ngram_size"):
         target.generate(ids, max_new_tokens=5, assistant_model=beagle, prompt_lookup_num_tokens=4,
                         max_matching_ngram_size=0)
+    with pytest.raises(BeagleGenerationError, match="guidance_scale.*own loop"):
+        target.generate(ids, max_new_tokens=5, guidance_scale=1.5, assistant_model=beagle)
     with pytest.raises(BeagleGenerationError, match="batch size 1.*found 2.*custom_generate=beagle_generate"):
         target.generate(ids.repeat(2, 1), max_new_tokens=5, assistant_model=beagle)
     with pytest.raises(BeagleGenerationError, match="input_ids.*inputs_embeds"):

@@ -180,6 +180,19 @@ def check_generation_config(generation_config) -> None:
         )
 
 
+def check_assisted_generation_config(generation_config) -> None:
+    """Refuse what transformers' assisted decoding cannot verify exactly: classifier-free guidance's logits processor
+    runs the target on its own cache, one new token per call, while assisted decoding calls it once per verified
+    position and Beagle once per draft step (the output then differs from plain decoding's)."""
+    scale = getattr(generation_config, "guidance_scale", None)
+    if scale is not None and scale != 1:
+        raise BeagleGenerationError(
+            f"`guidance_scale` expected None or 1 with `assistant_model=beagle`, found {scale}: classifier-free "
+            "guidance keeps its own cache, one token per call, which verifying several tokens a round would corrupt. "
+            "Beagle's own loop (`generate_with_own_loop`, `custom_generate`) applies it once per emitted token."
+        )
+
+
 def check_empty_target_cache(model_kwargs: dict) -> None:
     """Refuse a target cache that already holds tokens (a conversation's earlier turns): Beagle reads the target's
     states of every prompt token, and transformers 5.25's assisted decoding would also feed the whole prompt on top
