@@ -126,6 +126,15 @@ def test_mismatched_target_is_refused(field, value, llama_target):
     assert field in message and str(getattr(beagle.config, field)) in message and str(value) in message
 
 
+def test_target_layer_ids_outside_the_target_are_refused(llama_target):
+    layers = llama_target.config.num_hidden_layers
+    for good in ([-1], [0], [layers], [-(layers + 1)], [1, -1]):
+        BeagleModel.from_target(llama_target, target_layer_ids=good)
+    for bad in ([layers + 1], [-(layers + 2)], [0, 99]):
+        with pytest.raises(BeagleConfigError, match=f"target_layer_ids.*{layers + 1} hidden states"):
+            BeagleModel.from_target(llama_target, target_layer_ids=bad)
+
+
 def test_mismatched_rope_is_refused(llama_target):
     beagle = BeagleModel.from_target(llama_target)
     other = make_target("llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})

@@ -390,6 +390,14 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, monkeypatch
         with pytest.raises(SystemExit) as exit_:
             main(["bench", option, value])
         assert exit_.value.code == 2 and f"argument {option}: expected an integer" in capsys.readouterr().err
+    train = ["train", "--target_model", "unused", "--dataset", "unused", "--output_dir", str(tmp_path / "run")]
+    for option, value, expected in (("--stage2_steps", "0", "`stage2_steps` expected a positive integer"),
+                                    ("--learning_rate", "-1", "`learning_rate` expected a float > 0"),
+                                    ("--per_device_train_batch_size", "0", "`per_device_train_batch_size` expected"),
+                                    ("--nonsense_flag", "3", "Some specified arguments are not used by the HfArgumentParser: ['--nonsense_flag'")):
+        assert main(train + [option, value]) == 1  # refused while parsing, before any model or data is loaded
+        assert f"beagle train: error: {expected}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
     monkeypatch.setattr(cli, "_cmd_env", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug is not dressed up as bad input: its traceback stays
         main(["env"])

@@ -78,6 +78,11 @@ class BeagleTrainingArguments(TrainingArguments):
         elif self.bf16:
             warn_if_slow_bf16("training (--bf16)", device)
         super().__post_init__()
+        if not self.learning_rate > 0:
+            raise ValueError(f"`learning_rate` expected a float > 0, found {self.learning_rate}.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` expected a positive integer, found {getattr(self, name)}.")
         if not 0.0 <= self.stage1_ratio <= 1.0:
             raise ValueError(f"`stage1_ratio` expected a float in [0, 1], found {self.stage1_ratio}.")
         for name in ("stage1_window", "stage2_steps"):

@@ -109,8 +109,12 @@ def _cmd_regenerate(args: argparse.Namespace) -> int:
     from .assets import load_target, resolve_dataset_arg
     from .precision import resolve_dtype
     from .regenerate import RegenerateArguments, regenerate
+    from .train import BeagleArgumentError
 
-    (options,) = HfArgumentParser(RegenerateArguments).parse_args_into_dataclasses(args=args.regenerate_args)
+    try:
+        (options,) = HfArgumentParser(RegenerateArguments).parse_args_into_dataclasses(args=args.regenerate_args)
+    except ValueError as error:  # an unknown option, or a value the arguments' checks refuse
+        raise BeagleArgumentError(str(error)) from error
     dtype = resolve_dtype(options.target_dtype, what="`beagle regenerate` runs the target")
     target, tokenizer = load_target(options.target_model, dtype, gguf_file=options.gguf_file,
                                     attn_implementation=options.attn_implementation)
@@ -232,9 +236,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .assets import BeagleAssetError
     from .data import BeagleDataError
     from .offline_cache import BeagleCacheError
+    from .train import BeagleArgumentError
 
-    return (BeagleAssetError, BeagleCacheError, BeagleCheckpointError, BeagleConfigError, BeagleDataError,
-            BeagleGenerationError, OSError)
+    return (BeagleArgumentError, BeagleAssetError, BeagleCacheError, BeagleCheckpointError, BeagleConfigError,
+            BeagleDataError, BeagleGenerationError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

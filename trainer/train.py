@@ -87,9 +87,21 @@ class BeagleDataArguments:
     tau_eval_new_tokens: int = field(default=48, metadata={"help": "new tokens per τ-evaluation prompt"})
 
 
+class BeagleArgumentError(ValueError):
+    """A `beagle train` option that is unknown or out of range, with what was expected."""
+
+
 def parse(argv: list[str]):
     """`beagle train --option value ...`, or `beagle train options.yaml|.json [--option value ...]`: the file's
-    options, each overridable on the command line (`beagle train recipe.yaml --resume_from_checkpoint true`)."""
+    options, each overridable on the command line (`beagle train recipe.yaml --resume_from_checkpoint true`). An
+    unknown option or a value out of range raises `BeagleArgumentError`."""
+    try:
+        return _parse(argv)
+    except ValueError as error:  # HfArgumentParser's unknown options and the argument classes' checks
+        raise BeagleArgumentError(str(error)) from error
+
+
+def _parse(argv: list[str]):
     parser = HfArgumentParser((BeagleModelArguments, BeagleDataArguments, BeagleTrainingArguments))
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         with open(argv[0], encoding="utf-8") as handle:

@@ -339,6 +339,11 @@ class BeagleConfig(PreTrainedConfig):
                     raise _mismatch(f"rope_parameters[{key!r}]", expected.get(key), found.get(key), where)
             elif found != expected:
                 raise _mismatch(field, expected, found, where)
+        text_config = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+        layers = getattr(text_config, "num_hidden_layers", None)
+        if isinstance(layers, int) and not all(-(layers + 1) <= i <= layers for i in self.target_layer_ids):
+            raise _mismatch("target_layer_ids", f"indices into the target's {layers + 1} hidden states (0..{layers}, "
+                            "or negative from the last)", self.target_layer_ids, where)
 
 
 __all__ = ["BeagleConfig", "BeagleConfigError"]
