@@ -1,6 +1,7 @@
 """Lossless speculative generation through `target.generate(ids, assistant_model=beagle)`."""
 
 import io
+import random
 import string
 import os
 import subprocess
@@ -25,7 +26,7 @@ from transformers import (
 )
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from modeling_beagle import BeagleGenerationError, BeagleModel, generate_with_own_loop
+from modeling_beagle import BeagleGenerationError, BeagleModel, TreeShape, generate_with_own_loop
 from modeling_beagle.decoding_beagle import CHAIN_LOOKUP_MATCH, CHAIN_LOOKUP_MATCH_SAMPLING, LOOKUP_RULES
 from modeling_beagle.generation_beagle import BeagleCandidateGenerator, ChainLookup
 
@@ -148,6 +149,51 @@ def test_greedy_identity_with_stop_strings_and_streamer():
         assert spec.cache.get_seq_length() == ref.cache.get_seq_length() == ref.sequences.shape[1] - 1
         inside_a_round += _stopped_mid_round(beagle, ref.sequences.shape[1] - ids.shape[1])
     assert inside_a_round >= 5, "too few stops fell inside an accepted block to test the per-token check"
+
+
+def test_greedy_identity_under_random_combined_settings():
+    """Both paths against plain greedy with random combinations of draft schedule, logits processors, EOS, stop strings,
+    the caller's own criteria and prompt lookup: the settings interact (a stop or EOS inside a copy round, a penalty
+    inside a tree), so each is also tested together with the others."""
+    target, beagle = trained_pair()
+    tokenizer = tiny_tokenizer()
+    rng = random.Random(1)
+    schedule = {name: getattr(beagle.config, name)  # the pair is shared with other tests
+                for name in ("draft_schedule", "num_draft_tokens", "draft_confidence_threshold")}
+    try:
+        _check_random_combined_settings(target, beagle, tokenizer, rng)
+    finally:
+        for name, value in schedule.items():
+            setattr(beagle.config, name, value)
+
+
+def _check_random_combined_settings(target, beagle, tokenizer, rng):
+    for case in range(40):
+        beagle.config.draft_schedule = rng.choice(["fixed", "adaptive"])
+        beagle.config.num_draft_tokens = rng.randint(1, 6)
+        beagle.config.draft_confidence_threshold = rng.choice([0.0, 0.1, 0.3])
+        ids = torch.randint(1, 96, (1, rng.randint(1, 12)), generator=torch.Generator().manual_seed(case))
+        kwargs = dict(do_sample=False, max_new_tokens=rng.randint(1, 40))
+        free = target.generate(ids, do_sample=False, max_new_tokens=40)[0, ids.shape[1] :].tolist()
+        at = rng.randrange(len(free))  # stops taken from the text, so that they fire
+        if rng.random() < 0.3:
+            kwargs["repetition_penalty"] = rng.choice([1.1, 1.5])
+        if rng.random() < 0.3:
+            kwargs["no_repeat_ngram_size"] = rng.randint(2, 4)
+        if rng.random() < 0.3:
+            kwargs["eos_token_id"] = rng.randint(1, 95)
+        if rng.random() < 0.3:
+            kwargs["min_new_tokens"] = rng.randint(1, 10)
+        if rng.random() < 0.4:
+            kwargs.update(stop_strings=[tokenizer.decode(free[at : at + rng.randint(1, 3)])], tokenizer=tokenizer)
+        if rng.random() < 0.3:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopAfterToken(free[at])])
+        lookup = {"prompt_lookup_num_tokens": rng.choice([0, 3, 10])} if rng.random() < 0.5 else {}
+        ref = target.generate(ids, **kwargs)
+        assert torch.equal(target.generate(ids, assistant_model=beagle, **kwargs, **lookup), ref), (case, kwargs)
+        shape = rng.choice(["chain", TreeShape(depth=4, top_k=2, total_tokens=8)])
+        assert torch.equal(generate_with_own_loop(target, beagle, ids, tree_shape=shape, **kwargs, **lookup), ref), \
+            (case, kwargs, shape)
 
 
 def test_attach_beside_the_global_hook_keeps_the_per_token_check():
