@@ -657,8 +657,12 @@ def beagle_generate(
                                     "decoding verifies each round against the target's KV cache.")
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
-        raise BeagleGenerationError("the target's cache expected an empty DynamicCache, found "
-                                    f"{type(cache).__name__}; do not pass a cache (`cache` / `past_key_values`) or a static one.")
+        found = type(cache).__name__
+        if isinstance(cache, DynamicCache):
+            found += f" holding {cache.get_seq_length()} tokens"
+        raise BeagleGenerationError(f"the target's cache expected an empty DynamicCache, found {found}; do not pass a "
+                                    "cache (`cache` / `past_key_values`; for a later turn, pass the whole conversation's "
+                                    "ids) or a static one.")
     batch, prompt_len = input_ids.shape
     if streamer is not None and batch > 1:
         raise BeagleGenerationError(f"`streamer` expected batch size 1, found {batch}.")
