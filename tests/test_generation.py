@@ -115,6 +115,12 @@ def test_greedy_identity_with_logits_processors():
             assert torch.equal(out, ref), settings
 
 
+def stop_string_at(tokenizer, free, prompt_length: int, end: int) -> str:
+    """The text of the two generated tokens of `free` (one row) ending at new token `end` + 1: a stop string that
+    fires mid-generation."""
+    return tokenizer.decode(free[0, prompt_length + end - 1 : prompt_length + end + 1])
+
+
 def _stopped_mid_round(beagle, new_tokens: int) -> bool:
     """Whether the last round's accepted block ran past the `new_tokens` the output kept (a stop inside the block)."""
     stats = beagle.generation_stats
@@ -131,7 +137,7 @@ def test_greedy_identity_with_stop_strings_and_streamer():
     free = target.generate(ids, do_sample=False, max_new_tokens=30)
     inside_a_round = 0
     for end in range(1, 29):
-        stop = tokenizer.decode(free[0, ids.shape[1] + end - 1 : ids.shape[1] + end + 1])  # two tokens ending at end+1
+        stop = stop_string_at(tokenizer, free, ids.shape[1], end)
         results = []
         for assistant in (None, beagle):
             buffer = io.StringIO()
@@ -207,7 +213,7 @@ def test_attach_beside_the_global_hook_keeps_the_per_token_check():
     beagle.attach(target)  # also hooks the instance's stopping criteria, which must defer to the class-level check
     try:
         for end in (3, 11, 19):
-            stop = tokenizer.decode(free[0, ids.shape[1] + end - 1 : ids.shape[1] + end + 1])
+            stop = stop_string_at(tokenizer, free, ids.shape[1], end)
             ref = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer)
             out = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer,
                                   assistant_model=beagle)
@@ -274,7 +280,7 @@ def test_own_loop_honours_stop_strings(tmp_path):
     ids = torch.tensor([[5, 17, 33]])
     free = target.generate(ids, do_sample=False, max_new_tokens=30)
     for end in (2, 9, 17, 26):
-        stop = tokenizer.decode(free[0, ids.shape[1] + end - 1 : ids.shape[1] + end + 1])
+        stop = stop_string_at(tokenizer, free, ids.shape[1], end)
         ref = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=stop, tokenizer=tokenizer)
         folder = target.generate(ids, custom_generate=str(tmp_path), assistant_model=beagle, trust_remote_code=True,
                                  do_sample=False, max_new_tokens=30, stop_strings=stop, tokenizer=tokenizer)

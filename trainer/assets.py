@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,6 +245,11 @@ def _convert_gguf(gguf: Path, folder: Path, asset: ModelAsset) -> None:
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
+
+
+def is_folder_or_hub_id(name: str) -> bool:
+    """Whether `name` is an existing folder or has the form of a Hub id (`org/name`): anything else names no model."""
+    return os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
 
 def resolve_model(name: str, prefer_hub: bool = True) -> Path:

@@ -1077,7 +1077,7 @@ def write_outputs(report: dict, output_dir) -> dict:
 # ------------------------------------------------------------------------------------------------ the command
 def run_from_args(args) -> int:
     """`beagle bench` (argparse namespace from `trainer.cli`): load, measure, write; exit code 1 if invalid."""
-    from .assets import load_prompts, load_target
+    from .assets import is_folder_or_hub_id, load_prompts, load_target
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1092,7 +1092,7 @@ def run_from_args(args) -> int:
             warn_if_slow_bf16("`beagle bench --dtypes bfloat16` runs the target", device)
     names = split(args.methods)
     check_method_names(names)  # before any download or model load
-    if args.beagle and not Path(args.beagle).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.beagle):
+    if args.beagle and not is_folder_or_hub_id(args.beagle):
         raise BeagleBenchError(f"`--beagle` expected a Beagle checkpoint folder or a Hub id (org/name), found no folder "
                                f"at {args.beagle!r}.")
     if args.prepack:

@@ -2,8 +2,6 @@
 
 import argparse
 import json
-import os
-import re
 import sys
 
 
@@ -33,37 +31,29 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
-    from .assets import BeagleAssetError, describe, resolve_data, resolve_model
+    from .assets import describe, resolve_data, resolve_model
 
-    try:
-        if args.action == "list":
-            for row in describe():
-                state = "prepared" if row["prepared"] else "not fetched"
-                print(f"{row['kind']:5}  {row['name']:40}  {state:11}  {row['source']}")
-            return 0
-        names = args.names or ([row["name"] for row in describe()] if args.action == "fetch" else [])
-        if not names:
-            print("beagle assets: error: name expected (a model id or a data set name)", file=sys.stderr)
-            return 1
-        for name in names:
-            path = resolve_model(name) if "/" in name or args.action == "model" else resolve_data(name)
-            print(f"{name}: {path}")
-    except BeagleAssetError as error:
-        print(f"beagle assets: error: {error}", file=sys.stderr)
+    if args.action == "list":
+        for row in describe():
+            state = "prepared" if row["prepared"] else "not fetched"
+            print(f"{row['kind']:5}  {row['name']:40}  {state:11}  {row['source']}")
+        return 0
+    names = args.names or ([row["name"] for row in describe()] if args.action == "fetch" else [])
+    if not names:
+        print("beagle assets: error: name expected (a model id or a data set name)", file=sys.stderr)
         return 1
+    for name in names:
+        path = resolve_model(name) if "/" in name or args.action == "model" else resolve_data(name)
+        print(f"{name}: {path}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from hub_cards import BeagleCardError, export_checkpoint
+    from hub_cards import export_checkpoint
 
-    try:
-        path = export_checkpoint(args.source, args.destination, getattr(torch, args.dtype))
-    except BeagleCardError as error:
-        print(f"beagle export: error: {error}", file=sys.stderr)
-        return 1
+    path = export_checkpoint(args.source, args.destination, getattr(torch, args.dtype))
     print(f"[beagle export] wrote {path}")
     return 0
 
@@ -77,7 +67,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from modeling_beagle import BeagleModel
 
-    if not os.path.isdir(args.checkpoint) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.checkpoint):
+    from .assets import is_folder_or_hub_id
+
+    if not is_folder_or_hub_id(args.checkpoint):
         raise OSError(f"a Beagle checkpoint folder or Hub id (org/name) expected, found no folder at {args.checkpoint!r}.")
     model = BeagleModel.from_pretrained(args.checkpoint)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -109,12 +101,10 @@ def _cmd_regenerate(args: argparse.Namespace) -> int:
     from .assets import load_target, resolve_dataset_arg
     from .precision import resolve_dtype
     from .regenerate import RegenerateArguments, regenerate
-    from .train import BeagleArgumentError
+    from .train import argument_errors
 
-    try:
+    with argument_errors():
         (options,) = HfArgumentParser(RegenerateArguments).parse_args_into_dataclasses(args=args.regenerate_args)
-    except ValueError as error:  # an unknown option, or a value the arguments' checks refuse
-        raise BeagleArgumentError(str(error)) from error
     dtype = resolve_dtype(options.target_dtype, what="`beagle regenerate` runs the target")
     target, tokenizer = load_target(options.target_model, dtype, gguf_file=options.gguf_file,
                                     attn_implementation=options.attn_implementation)
@@ -125,28 +115,20 @@ def _cmd_regenerate(args: argparse.Namespace) -> int:
 
 
 def _cmd_card(args: argparse.Namespace) -> int:
-    from hub_cards import BeagleCardError, write_model_card
+    from hub_cards import write_model_card
 
-    try:
-        path = write_model_card(args.checkpoint, bench_results=args.bench_results, repo_id=args.repo_id,
-                                license=args.license, datasets=args.datasets, base_model=args.base_model,
-                                output=args.output)
-    except BeagleCardError as error:
-        print(f"beagle card: error: {error}", file=sys.stderr)
-        return 1
+    path = write_model_card(args.checkpoint, bench_results=args.bench_results, repo_id=args.repo_id,
+                            license=args.license, datasets=args.datasets, base_model=args.base_model,
+                            output=args.output)
     print(path)
     return 0
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from hub_cards import BeagleCardError, push_checkpoint
+    from hub_cards import push_checkpoint
 
-    try:
-        plan = push_checkpoint(args.checkpoint, args.repo_id, dry_run=args.dry_run, private=args.private,
-                               commit_message=args.commit_message)
-    except BeagleCardError as error:
-        print(f"beagle push: error: {error}", file=sys.stderr)
-        return 1
+    plan = push_checkpoint(args.checkpoint, args.repo_id, dry_run=args.dry_run, private=args.private,
+                           commit_message=args.commit_message)
     print(plan.to_text())
     return 0
 
@@ -230,7 +212,9 @@ PASS_THROUGH = {"train": "train_args", "regenerate": "regenerate_args"}  # parse
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors that report bad input (a path, a name, a setting) with what was expected: a command prints their
-    message, not a traceback. OSError covers a checkpoint or file that is not there."""
+    message, not a traceback, and exits 1 (`beagle bench` reports its own with exit 2). OSError covers a checkpoint
+    or file that is not there."""
+    from hub_cards import BeagleCardError
     from modeling_beagle import BeagleCheckpointError, BeagleConfigError, BeagleGenerationError
 
     from .assets import BeagleAssetError
@@ -238,8 +222,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .offline_cache import BeagleCacheError
     from .train import BeagleArgumentError
 
-    return (BeagleArgumentError, BeagleAssetError, BeagleCacheError, BeagleCheckpointError, BeagleConfigError,
-            BeagleDataError, BeagleGenerationError, OSError)
+    return (BeagleArgumentError, BeagleAssetError, BeagleCacheError, BeagleCardError, BeagleCheckpointError,
+            BeagleConfigError, BeagleDataError, BeagleGenerationError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

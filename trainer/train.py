@@ -1,6 +1,7 @@
 """`beagle train`: data preparation and both training stages, end to end, for a target and a dataset."""
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -88,20 +89,24 @@ class BeagleDataArguments:
 
 
 class BeagleArgumentError(ValueError):
-    """A `beagle train` option that is unknown or out of range, with what was expected."""
+    """A `beagle train` / `regenerate` option that is unknown or out of range, with what was expected."""
 
 
+@contextlib.contextmanager
+def argument_errors():
+    """Report HfArgumentParser's unknown options and the argument classes' checks (ValueError) as
+    `BeagleArgumentError`."""
+    try:
+        yield
+    except ValueError as error:
+        raise BeagleArgumentError(str(error)) from error
+
+
+@argument_errors()
 def parse(argv: list[str]):
     """`beagle train --option value ...`, or `beagle train options.yaml|.json [--option value ...]`: the file's
     options, each overridable on the command line (`beagle train recipe.yaml --resume_from_checkpoint true`). An
     unknown option or a value out of range raises `BeagleArgumentError`."""
-    try:
-        return _parse(argv)
-    except ValueError as error:  # HfArgumentParser's unknown options and the argument classes' checks
-        raise BeagleArgumentError(str(error)) from error
-
-
-def _parse(argv: list[str]):
     parser = HfArgumentParser((BeagleModelArguments, BeagleDataArguments, BeagleTrainingArguments))
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         with open(argv[0], encoding="utf-8") as handle:

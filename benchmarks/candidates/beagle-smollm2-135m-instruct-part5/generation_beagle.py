@@ -397,6 +397,13 @@ class BeagleCandidateGenerator(CandidateGenerator):
 # Any other criterion (stop strings, the caller's own) it checks only on the whole sequence after each round, so a stop
 # inside an accepted block would be passed by: Beagle checks those after every token, as plain decoding does.
 ROUND_EXACT_CRITERIA = (MaxLengthCriteria, EosTokenCriteria, MaxTimeCriteria)
+
+
+def per_token_criteria(criteria) -> list:
+    """The criteria transformers' assisted decoding checks only after each round."""
+    return [c for c in criteria or [] if not isinstance(c, ROUND_EXACT_CRITERIA)]
+
+
 # Whether the running `generate` call has a Beagle assistant: set by the `_validate_generation_mode` hook, read by the
 # instance-level `_get_stopping_criteria` hook of `beagle.attach` (which runs later in the same call).
 BEAGLE_ASSISTANT_IN_CALL = contextvars.ContextVar("beagle_assistant_in_call", default=False)
@@ -413,7 +420,9 @@ class PrefixStopping(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         for length in range(self.checked + 1, input_ids.shape[1] + 1):
-            if self.stop_length is None and bool(self.criteria(input_ids[:, :length], scores, **kwargs).any()):
+            if self.stop_length is not None:
+                break
+            if bool(self.criteria(input_ids[:, :length], scores, **kwargs).any()):
                 self.stop_length = length
         self.checked = max(self.checked, input_ids.shape[1])
         return torch.full((input_ids.shape[0],), self.stop_length is not None, dtype=torch.bool, device=input_ids.device)
@@ -453,12 +462,11 @@ def truncate_generation(output, length: int, prompt_length: int):
     for name in ("scores", "logits", "attentions", "hidden_states"):
         if getattr(output, name, None) is not None:
             setattr(output, name, getattr(output, name)[: length - prompt_length])
-    for name in ("cache", "past_key_values"):
-        cache = getattr(output, name, None)
-        if cache is not None and callable(getattr(cache, "crop", None)):
-            extra = cache.get_seq_length() - (length - 1)  # the last token is never fed to the target
-            if extra > 0:
-                cache.crop(-extra)
+    cache = getattr(output, next(iter(cache_kwargs(type(output), None))), None)
+    if cache is not None and callable(getattr(cache, "crop", None)):
+        extra = cache.get_seq_length() - (length - 1)  # the last token is never fed to the target
+        if extra > 0:
+            cache.crop(-extra)
     return output
 
 
@@ -510,8 +518,6 @@ def _wrap_assisted_decoding(original):
     def _assisted_decoding(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         arguments = bound.arguments
-        criteria = arguments.get("stopping_criteria") or []
-        per_token = [c for c in criteria if not isinstance(c, ROUND_EXACT_CRITERIA)]
         if not callable(getattr(arguments.get("assistant_model"), "beagle_candidate_generator", None)):
             return original(self, *args, **kwargs)
         if arguments["input_ids"].shape[0] > 1:
@@ -521,6 +527,8 @@ def _wrap_assisted_decoding(original):
                 "custom_generate=beagle_generate, beagle=beagle)`, or `custom_generate=<the Beagle checkpoint folder>, "
                 "assistant_model=beagle, trust_remote_code=True`."
             )
+        criteria = arguments.get("stopping_criteria") or []
+        per_token = per_token_criteria(criteria)
         if not per_token:
             return original(self, *args, **kwargs)
         prompt_length = arguments["input_ids"].shape[1]
@@ -545,7 +553,7 @@ def _wrap_get_stopping_criteria(original):
     @functools.wraps(original)
     def _get_stopping_criteria(self, *args, **kwargs):
         criteria = original(self, *args, **kwargs)
-        per_round = [type(c).__name__ for c in criteria if not isinstance(c, ROUND_EXACT_CRITERIA)]
+        per_round = [type(c).__name__ for c in per_token_criteria(criteria)]
         if per_round and BEAGLE_ASSISTANT_IN_CALL.get() and not _hooked(getattr(type(self), "_assisted_decoding")):
             raise BeagleGenerationError(
                 f"stopping criteria {per_round} (stop strings, your own) expected Beagle's import-time generation hook, "
