@@ -46,6 +46,7 @@ from .generation_beagle import (
     BeagleGenerationStats,
     cache_kwargs,
     check_generation_config,
+    check_no_assistant_settings,
     draft_topk,
     gumbel_noise,
     sample_categorical,
@@ -638,6 +639,7 @@ def beagle_generate(
         raise BeagleGenerationError("`beagle` expected a Beagle draft model (pass `beagle=beagle` to generate), "
                                     f"found {type(beagle).__name__}.")
     check_generation_config(generation_config)
+    check_no_assistant_settings(generation_config)
     for flag in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
         if getattr(generation_config, flag, False):
             raise BeagleGenerationError(f"`{flag}` expected False with Beagle's own decoding loop, found True: use "

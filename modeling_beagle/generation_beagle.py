@@ -60,6 +60,9 @@ class BeagleGenerationStats:
     # of those, per round, the tokens only prompt lookup proposed (with `prompt_lookup_num_tokens`; empty otherwise)
     accepted_from_lookup: list[int] = field(default_factory=list)
     copy_rounds: int = 0  # rounds in copy mode (only the lookup proposal verified, no draft)
+    # tokens of the last round's accepted block past a stop inside it (stop strings, the caller's criteria), cut from
+    # the output and not counted in `accepted`
+    cut_by_stop: int = 0
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
 
@@ -81,6 +84,15 @@ class BeagleGenerationStats:
             rates.append(accepted / drafted)
         return rates
 
+    def cut_last_round(self, tokens: int) -> None:
+        """A stop inside the last round's accepted block cut `tokens` of them from the output: not emitted."""
+        if tokens > self.accepted[-1]:
+            raise ValueError(f"a stop cut {tokens} tokens from a round that accepted {self.accepted[-1]} drafts")
+        self.cut_by_stop = tokens
+        self.accepted[-1] -= tokens
+        if self.accepted_from_lookup:
+            self.accepted_from_lookup[-1] = min(self.accepted_from_lookup[-1], self.accepted[-1])
+
     def to_dict(self) -> dict:
         return {
             "rounds": self.rounds,
@@ -90,6 +102,7 @@ class BeagleGenerationStats:
             "acceptance_per_position": self.acceptance_per_position(),
             "accepted_from_lookup": self.accepted_from_lookup,
             "copy_rounds": self.copy_rounds,
+            "cut_by_stop": self.cut_by_stop,
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
         }
@@ -173,6 +186,13 @@ def check_generation_config(generation_config) -> None:
             f"`num_beams` expected 1 with a Beagle assistant, found {generation_config.num_beams}: beam search is not "
             "speculative; use greedy (do_sample=False) or sampling."
         )
+    weight = getattr(generation_config, "assistant_ensemble_weight", None)  # transformers >= 5.25
+    if weight is not None:
+        raise BeagleGenerationError(
+            f"`assistant_ensemble_weight` expected None with a Beagle assistant, found {weight}: it verifies against a "
+            "mixture of the target's and the draft's distributions, which changes the output; Beagle's verification "
+            "is exact (greedy: the target's own tokens; sampling: the target's distribution). Drop it."
+        )
     if getattr(generation_config, "cache_implementation", None) in ("static", "hybrid", "sliding_window", "offloaded_static"):
         raise BeagleGenerationError(
             f"`cache_implementation` expected a dynamic cache, found {generation_config.cache_implementation!r}: "
@@ -204,6 +224,75 @@ def check_empty_target_cache(model_kwargs: dict) -> None:
             f"the target's cache (`past_key_values`) expected empty with a Beagle assistant, found {cached} cached "
             "tokens: pass the whole conversation as input_ids without a cache; Beagle reads the target's states of "
             "every prompt token."
+        )
+
+
+# transformers' assisted-generation settings: generate() fills a call that sets none of them with these defaults (its
+# own assistants then draft 20 tokens a round), so on Beagle's path a setting counts as the caller's only when it
+# differs from them (a call's "constant" schedule without `num_assistant_tokens` is Beagle's own schedule).
+TRANSFORMERS_ASSISTANT_DEFAULTS = {
+    "num_assistant_tokens": 20,
+    "num_assistant_tokens_schedule": "constant",
+    "assistant_confidence_threshold": 0.4,
+}
+ASSISTANT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+
+
+def assistant_settings_set(generation_config) -> dict:
+    """The transformers assistant settings a generate call sets, i.e. those that differ from transformers' defaults."""
+    found = {name: getattr(generation_config, name, None) for name in TRANSFORMERS_ASSISTANT_DEFAULTS}
+    return {name: value for name, value in found.items()
+            if value is not None and value != TRANSFORMERS_ASSISTANT_DEFAULTS[name]}
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    """How the assisted path drafts its chain during one generate call."""
+
+    num_draft_tokens: int  # the first round's length
+    max_draft_tokens: int  # the longest a round drafts
+    grow: int  # tokens added after a round that accepts every draft token
+    shrink: int  # tokens taken off after a round that rejects one (both 0: a fixed length)
+    confidence_threshold: float  # a round stops once the draft's probability of its token falls below (0: never)
+
+
+def chain_settings(config, generation_config) -> ChainSettings:
+    """The draft's own settings (`num_draft_tokens`, `max_draft_tokens`, `draft_schedule`,
+    `draft_confidence_threshold`), overridden by the transformers assistant settings the call sets, with the meaning
+    they have for transformers' own assistants: `num_assistant_tokens=N` drafts N tokens a round (transformers' default
+    "constant" schedule; the cap rises to N if needed), `num_assistant_tokens_schedule="heuristic"` or
+    `"heuristic_transient"` adds 2 after a round that accepts every draft token and takes 1 off after one that does
+    not (from N, or from `num_draft_tokens`, at every call: the length is not carried over between calls), and
+    `assistant_confidence_threshold` replaces `draft_confidence_threshold`."""
+    found = assistant_settings_set(generation_config)
+    count = found.get("num_assistant_tokens")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise BeagleGenerationError(f"`num_assistant_tokens` expected an int >= 1, found {count!r}.")
+    schedule = found.get("num_assistant_tokens_schedule", "constant" if count is not None else None)
+    if schedule is not None and schedule not in ASSISTANT_SCHEDULES:
+        raise BeagleGenerationError(f"`num_assistant_tokens_schedule` expected one of {ASSISTANT_SCHEDULES}, found "
+                                    f"{schedule!r}.")
+    threshold = found.get("assistant_confidence_threshold", config.draft_confidence_threshold)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+        raise BeagleGenerationError(f"`assistant_confidence_threshold` expected a float in [0, 1), found {threshold!r}.")
+    start = count if count is not None else config.num_draft_tokens
+    if schedule is None:  # the draft's own schedule
+        grow, shrink = (1, 1) if config.draft_schedule == "adaptive" else (0, 0)
+    else:
+        grow, shrink = (0, 0) if schedule == "constant" else (2, 1)
+    return ChainSettings(num_draft_tokens=start, max_draft_tokens=max(config.max_draft_tokens, start), grow=grow,
+                         shrink=shrink, confidence_threshold=float(threshold))
+
+
+def check_no_assistant_settings(generation_config) -> None:
+    """Beagle's own loop drafts trees: refuse the chain's settings rather than ignore them."""
+    found = assistant_settings_set(generation_config)
+    if found:
+        names = ", ".join(f"{name}={value!r}" for name, value in found.items())
+        raise BeagleGenerationError(
+            f"transformers' assistant settings ({names}) expected unset with Beagle's own loop: they size the chain "
+            "of `target.generate(..., assistant_model=beagle)`; the own loop drafts a tree, sized by `tree_shape=` "
+            "(depth, top_k, total_tokens, min_prob)."
         )
 
 
@@ -250,10 +339,10 @@ class BeagleCandidateGenerator(CandidateGenerator):
 
     requires_model_outputs = True
 
-    def __init__(self, beagle, generation_config, logits_processor, num_draft_tokens: int | None = None,
-                 lookup: ChainLookup | None = None):
+    def __init__(self, beagle, generation_config, logits_processor, lookup: ChainLookup | None = None):
         config = beagle.config
         self.beagle = beagle
+        self.settings = settings = chain_settings(config, generation_config)
         # The target returns only the layers Beagle reads, or every layer when the caller asked for hidden states in
         # the output (transformers splits those per token and fails on the layers left out).
         layers = True if generation_config.output_hidden_states else list(config.target_layer_ids)
@@ -261,10 +350,9 @@ class BeagleCandidateGenerator(CandidateGenerator):
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
         self.max_length = generation_config.max_length
-        self.schedule = config.draft_schedule
-        self.num_draft_tokens = num_draft_tokens or config.num_draft_tokens
-        self.max_draft_tokens = max(config.max_draft_tokens, self.num_draft_tokens)
-        self.confidence_threshold = config.draft_confidence_threshold
+        self.num_draft_tokens = settings.num_draft_tokens
+        self.max_draft_tokens = settings.max_draft_tokens
+        self.confidence_threshold = settings.confidence_threshold
         self.lookup = lookup
         self.cache = BeagleCache()
         self.stats = BeagleGenerationStats()
@@ -384,11 +472,11 @@ class BeagleCandidateGenerator(CandidateGenerator):
             if self.lookup is not None:
                 self.stats.accepted_from_lookup.append(accepted if self._last_copied else 0)
                 self.stats.copy_rounds += self._last_copied
-        if self.schedule == "adaptive" and self._last_drafted and not self._last_copied:
+        if self._last_drafted and not self._last_copied:
             if num_matches >= self._last_drafted:
-                self.num_draft_tokens = min(self.num_draft_tokens + 1, self.max_draft_tokens)
+                self.num_draft_tokens = min(self.num_draft_tokens + self.settings.grow, self.max_draft_tokens)
             else:
-                self.num_draft_tokens = max(1, self.num_draft_tokens - 1)
+                self.num_draft_tokens = max(1, self.num_draft_tokens - self.settings.shrink)
 
 
 # ------------------------------------------------------------------------------------------ stopping mid-round
@@ -540,6 +628,10 @@ def _wrap_assisted_decoding(original):
         output = original(*bound.args, **bound.kwargs)
         if stopping.stop_length is None:
             return output
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        cut = sequences.shape[1] - stopping.stop_length
+        if cut > 0:  # only a round with accepted drafts emits more than one token
+            arguments["assistant_model"].generation_stats.cut_last_round(cut)
         return truncate_generation(output, stopping.stop_length, prompt_length)
 
     return _assisted_decoding
@@ -650,12 +742,23 @@ def detach_from_target(target) -> None:
 
 
 def unavailable_message() -> str:
-    reason = HOOK_UNAVAILABLE_REASON or "the generation hook is not installed"
-    return (
-        "Beagle is a draft model and cannot generate alone, and this call did not reach Beagle's candidate generator "
-        f"({reason}). Use `beagle.attach(target)` then `target.generate(input_ids, assistant_model=beagle)`, or unset "
-        f"{DISABLE_HOOK_ENV}, with transformers >={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}."
+    """What a Beagle says where a generating model would answer (`beagle.generation_config`, `beagle.generate`):
+    to a caller, and to transformers' stock assisted decoding, which reads the assistant's generation config first
+    when the generation hook did not dispatch to Beagle."""
+    message = (
+        "Beagle is a draft model: it has no generation config and cannot generate alone. Call "
+        "`target.generate(input_ids, assistant_model=beagle)`; the draft chain is set by `beagle.config` "
+        "(num_draft_tokens, max_draft_tokens, draft_schedule, draft_confidence_threshold) or by the call's "
+        "num_assistant_tokens, num_assistant_tokens_schedule and assistant_confidence_threshold."
     )
+    if not all(_hooked(getattr(GenerationMixin, name)) for name in GLOBAL_HOOKED_METHODS):
+        reason = HOOK_UNAVAILABLE_REASON or "the generation hook is not installed"
+        message += (
+            f" If such a call led here, it did not reach Beagle's candidate generator ({reason}): use "
+            f"`beagle.attach(target)` first, or unset {DISABLE_HOOK_ENV}, with transformers "
+            f">={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}."
+        )
+    return message
 
 
 __all__ = [

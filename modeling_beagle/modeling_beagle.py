@@ -39,6 +39,7 @@ from .generation_beagle import (
     BeagleHookUnavailableError,
     ChainLookup,
     attach_to_target,
+    chain_settings,
     check_assisted_generation_config,
     check_generation_config,
     detach_from_target,
@@ -768,6 +769,7 @@ class BeagleModel(BeaglePreTrainedModel):
         """Called by the generation hook before `target.generate` starts: refuse what Beagle cannot honour."""
         check_generation_config(generation_config)
         check_assisted_generation_config(generation_config)
+        chain_settings(self.config, generation_config)  # refuses bad assistant settings before the prefill
         if generation_mode != "assisted_generation":
             raise BeagleGenerationError(
                 f"generation mode expected greedy or sampling (assisted generation) with a Beagle assistant, found "
@@ -820,13 +822,12 @@ class BeagleModel(BeaglePreTrainedModel):
         """`target_model.generate(*args, **kwargs)` through Beagle's own loop (`generate_with_own_loop`)."""
         return generate_with_own_loop(target_model, self, *args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        raise BeagleHookUnavailableError(unavailable_message())
-
     def __getattr__(self, name: str):
-        # transformers' stock assisted decoding reads `assistant_model.generation_config` first: reaching it means
-        # the hook did not dispatch to Beagle, which deserves an explanation rather than a bare AttributeError.
-        if name == "generation_config":
+        # A draft cannot generate alone: `beagle.generate(...)` and `beagle.generation_config` (which transformers'
+        # stock assisted decoding reads first when the hook did not dispatch to Beagle) explain what to call instead.
+        # Not a `generate` method: transformers would take the class for a generating one (AutoModel mixes
+        # GenerationMixin into remote code that defines `generate`, binding the folder's custom_generate to the draft).
+        if name in ("generate", "generation_config"):
             raise BeagleHookUnavailableError(unavailable_message())
         return super().__getattr__(name)
 

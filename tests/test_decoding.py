@@ -968,8 +968,8 @@ def test_drafts_are_what_the_model_computes_along_each_path(variant):
         assert int(tokens[0, i]) in top.tolist(), f"node {i} at depth {int(depths[0, i])}"
     assert int(depths.max()) == 4
 
-    config = GenerationConfig(do_sample=False, max_length=40)
-    generator = BeagleCandidateGenerator(beagle, config, LogitsProcessorList(), num_draft_tokens=4)
+    config = GenerationConfig(do_sample=False, max_length=40, num_assistant_tokens=4)
+    generator = BeagleCandidateGenerator(beagle, config, LogitsProcessorList())
     candidates, _ = generator.get_candidates(ids, model_outputs=out)
     drafted = candidates[0, n + 1 :].tolist()
     assert len(drafted) == 4

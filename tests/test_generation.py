@@ -1,5 +1,6 @@
 """Lossless speculative generation through `target.generate(ids, assistant_model=beagle)`."""
 
+import functools
 import io
 import random
 import string
@@ -14,6 +15,7 @@ import torch
 from conftest import briefly_train, make_target, markov_target, trained_pair
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoModel,
     DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
@@ -122,9 +124,11 @@ def stop_string_at(tokenizer, free, prompt_length: int, end: int) -> str:
 
 
 def _stopped_mid_round(beagle, new_tokens: int) -> bool:
-    """Whether the last round's accepted block ran past the `new_tokens` the output kept (a stop inside the block)."""
+    """Whether a stop fell inside the last round's accepted block; the statistics count only the `new_tokens` the
+    output kept (the prefill's token, then accepted drafts + the bonus token per round)."""
     stats = beagle.generation_stats
-    return new_tokens < 1 + sum(stats.accepted) + stats.rounds  # the prefill's token, then accepted + bonus per round
+    assert new_tokens == 1 + sum(stats.accepted) + stats.rounds, (new_tokens, stats.to_dict())
+    return stats.cut_by_stop > 0
 
 
 def test_greedy_identity_with_stop_strings_and_streamer():
@@ -323,6 +327,54 @@ def test_adaptive_defaults_are_lossless_and_record_statistics():
     assert stats.draft_time_s > 0 and stats.verify_time_s > 0 and stats.tau >= 1
 
 
+def test_transformers_assistant_settings_size_the_chain():
+    """`num_assistant_tokens`, `num_assistant_tokens_schedule` and `assistant_confidence_threshold` in the call act on
+    Beagle's chain as on transformers' own assistants; every setting stays lossless."""
+    target, beagle = trained_pair()
+    beagle.config.draft_schedule, beagle.config.num_draft_tokens = "adaptive", 4
+    beagle.config.max_draft_tokens, beagle.config.draft_confidence_threshold = 8, 0.0
+    ids = torch.tensor([[7, 8, 9]])
+    ref = target.generate(ids, do_sample=False, max_new_tokens=60)
+
+    def run(**settings):
+        out = target.generate(ids, do_sample=False, max_new_tokens=60, assistant_model=beagle,
+                              prompt_lookup_num_tokens=0, **settings)
+        assert torch.equal(out, ref), settings
+        stats = beagle.generation_stats
+        return stats.drafted, stats.accepted
+
+    # A constant count (transformers' default schedule): every round drafts it, except where the length limit cuts.
+    drafted, _ = run(num_assistant_tokens=2)
+    assert set(drafted[:-2]) == {2}
+    drafted, _ = run(num_assistant_tokens=11)  # above max_draft_tokens: the cap rises to it
+    assert drafted[0] == 11 and set(drafted[:-2]) == {11}
+    # transformers' heuristic: +2 after a fully accepted round, -1 otherwise, from the call's count.
+    for settings in (dict(num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic"),
+                     dict(num_assistant_tokens_schedule="heuristic_transient")):
+        drafted, accepted = run(**settings)
+        assert drafted[0] == settings.get("num_assistant_tokens", 4)
+        for d, a, following in zip(drafted, accepted, drafted[1:-2]):
+            assert following == (min(d + 2, 8) if a == d else max(1, d - 1)), (drafted, accepted)
+        assert len(set(drafted)) > 1
+    # Beagle's own schedule: +1 / -1.
+    drafted, accepted = run()
+    for d, a, following in zip(drafted, accepted, drafted[1:-2]):
+        assert following == (min(d + 1, 8) if a == d else max(1, d - 1)), (drafted, accepted)
+    # The call's confidence threshold replaces the draft's (here 0: never stop early): near 1, every round stops
+    # after its first draft token.
+    drafted, _ = run(num_assistant_tokens=4, assistant_confidence_threshold=0.9999)
+    assert set(drafted) == {1}
+
+    for bad, match in ((dict(num_assistant_tokens=0), "num_assistant_tokens.*int >= 1.*found 0"),
+                       (dict(num_assistant_tokens_schedule="fast"), "num_assistant_tokens_schedule.*'fast'"),
+                       (dict(assistant_confidence_threshold=1.5), "assistant_confidence_threshold.*1.5")):
+        with pytest.raises(BeagleGenerationError, match=match):
+            target.generate(ids, max_new_tokens=5, assistant_model=beagle, **bad)
+    # The own loop drafts trees: the chain's settings are refused there, not ignored.
+    with pytest.raises(BeagleGenerationError, match="num_assistant_tokens=3.*tree_shape"):
+        generate_with_own_loop(target, beagle, ids, max_new_tokens=5, num_assistant_tokens=3)
+
+
 def test_remote_code_beagle_in_generate(tmp_path):
     target, beagle = trained_pair()
     fixed_chain(beagle, k=4).save_pretrained(tmp_path)
@@ -334,6 +386,13 @@ def test_remote_code_beagle_in_generate(tmp_path):
     ref = target.generate(ids, do_sample=False, max_new_tokens=30)
     assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=30, assistant_model=remote), ref)
     assert remote.generation_stats.rounds > 0
+    # Loaded with trust_remote_code, transformers binds the folder's custom_generate to the draft itself: a direct
+    # `beagle.generate(ids)` still says what to call instead.
+    auto = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    for call in (lambda: auto.generate(ids, max_new_tokens=4), lambda: auto.generate(input_ids=ids),
+                 lambda: beagle.generate(ids)):
+        with pytest.raises(BeagleGenerationError, match="cannot generate alone.*assistant_model=beagle"):
+            call()
 
 
 # ------------------------------------------------------------------------------------------------- sampling
@@ -581,6 +640,11 @@ def test_bad_generation_settings_are_refused():
     with pytest.raises(ValueError, match="max_matching_ngram_size"):
         target.generate(ids, max_new_tokens=5, assistant_model=beagle, prompt_lookup_num_tokens=4,
                         max_matching_ngram_size=0)
+    if hasattr(GenerationConfig(), "assistant_ensemble_weight"):  # transformers >= 5.25: a lossy verification rule
+        for generate in (functools.partial(target.generate, assistant_model=beagle),
+                         functools.partial(generate_with_own_loop, target, beagle)):
+            with pytest.raises(BeagleGenerationError, match="assistant_ensemble_weight.*0.5.*exact"):
+                generate(ids, max_new_tokens=5, assistant_ensemble_weight=0.5)
     with pytest.raises(BeagleGenerationError, match="guidance_scale.*own loop"):
         target.generate(ids, max_new_tokens=5, guidance_scale=1.5, assistant_model=beagle)
     with pytest.raises(BeagleGenerationError, match="batch size 1.*found 2.*custom_generate=beagle_generate"):
