@@ -174,6 +174,10 @@ def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
     return -torch.rand(like.shape, dtype=torch.float64, device=like.device).log_().neg_().log_()
 
 
+# Settings that make transformers build another candidate generator than the assistant's (some are newer than 5.20).
+OTHER_CANDIDATE_GENERATOR_SETTINGS = ("assistant_early_exit", "use_mtp", "speculation_type")
+
+
 def check_generation_config(generation_config) -> None:
     """Refuse settings the speculative loop cannot honour, saying what to change."""
     if getattr(generation_config, "num_return_sequences", 1) not in (None, 1):
@@ -185,6 +189,15 @@ def check_generation_config(generation_config) -> None:
         raise BeagleGenerationError(
             f"`num_beams` expected 1 with a Beagle assistant, found {generation_config.num_beams}: beam search is not "
             "speculative; use greedy (do_sample=False) or sampling."
+        )
+    others = {name: getattr(generation_config, name, None) for name in OTHER_CANDIDATE_GENERATOR_SETTINGS}
+    others = {name: value for name, value in others.items() if value not in (None, False)}
+    if others:
+        names = ", ".join(f"{name}={value!r}" for name, value in others.items())
+        raise BeagleGenerationError(
+            f"{names} expected unset with a Beagle assistant: it selects another of transformers' candidate "
+            "generators (early exit, multi-token prediction heads, DFlash), which Beagle would replace. Drop it, or "
+            "drop the Beagle assistant."
         )
     weight = getattr(generation_config, "assistant_ensemble_weight", None)  # transformers >= 5.25
     if weight is not None:

@@ -640,6 +640,10 @@ def test_bad_generation_settings_are_refused():
     with pytest.raises(ValueError, match="max_matching_ngram_size"):
         target.generate(ids, max_new_tokens=5, assistant_model=beagle, prompt_lookup_num_tokens=4,
                         max_matching_ngram_size=0)
+    for name, value in (("assistant_early_exit", 1), ("use_mtp", True), ("speculation_type", "dflash")):
+        if hasattr(GenerationConfig(), name):  # other candidate generators, some newer than transformers 5.20
+            with pytest.raises(BeagleGenerationError, match=f"{name}={value!r}.*another"):
+                target.generate(ids, max_new_tokens=5, assistant_model=beagle, **{name: value})
     if hasattr(GenerationConfig(), "assistant_ensemble_weight"):  # transformers >= 5.25: a lossy verification rule
         for generate in (functools.partial(target.generate, assistant_model=beagle),
                          functools.partial(generate_with_own_loop, target, beagle)):
