@@ -7,7 +7,7 @@ without remote code. The same folder ships next to every checkpoint as its remot
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_beagle import BeagleCache
-from .configuration_beagle import BeagleConfig, BeagleConfigError
+from .configuration_beagle import BeagleConfig, BeagleConfigError, BeagleTargetWarning
 from .decoding_beagle import (
     TreeShape,
     auto_tree_shape,
@@ -70,6 +70,7 @@ __all__ = [
     "BeagleCheckpointError",
     "BeagleConfig",
     "BeagleConfigError",
+    "BeagleTargetWarning",
     "BeagleModel",
     "BeagleOutput",
     "BeaglePreTrainedModel",

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import make_target, target_states
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, LlamaConfig
 
-from modeling_beagle import BeagleCheckpointError, BeagleConfig, BeagleConfigError, BeagleModel
+from modeling_beagle import BeagleCheckpointError, BeagleConfig, BeagleConfigError, BeagleModel, BeagleTargetWarning
 from modeling_beagle import modeling_beagle as beagle_module
 
 
@@ -140,6 +141,22 @@ def test_mismatched_rope_is_refused(llama_target):
     other = make_target("llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     with pytest.raises(BeagleConfigError, match=r"rope_parameters\['rope_theta'\].*10000.0.*500000.0"):
         beagle.bind_target(other)
+
+
+def test_a_target_named_otherwise_than_the_drafts_own_is_warned_about():
+    target = make_target("llama")
+    beagle = BeagleModel.from_target(target)
+    beagle.config.target_model_name_or_path = "org/tiny-instruct"
+    target.name_or_path = "org/tiny-base"  # same shapes, another model: exact output, fewer accepted drafts
+    with pytest.warns(BeagleTargetWarning, match="trained for org/tiny-instruct, and is bound to org/tiny-base"):
+        beagle.bind_target(target)
+    # The same model under a local or cache folder's name, or a target of unknown name: no warning.
+    for name in ("org/tiny-instruct", "/cache/beagle/models/org--tiny-instruct",
+                 "/hub/models--org--tiny-instruct/snapshots/0a1b2c", ""):
+        target.name_or_path = name
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", BeagleTargetWarning)
+            beagle.bind_target(target)
 
 
 def test_draft_head_layout_is_its_own(tmp_path, llama_target):

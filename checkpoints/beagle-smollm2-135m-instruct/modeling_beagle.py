@@ -9,6 +9,7 @@ draft states from earlier steps of the same round. See `method.md` §1.
 """
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .cache_beagle import BeagleCache
-from .configuration_beagle import BeagleConfig, BeagleConfigError
+from .configuration_beagle import BeagleConfig, BeagleConfigError, BeagleTargetWarning, target_name_differs
 from .decoding_beagle import (
     CHAIN_LOOKUP_MATCH,
     CHAIN_LOOKUP_MATCH_SAMPLING,
@@ -497,8 +498,16 @@ class BeagleModel(BeaglePreTrainedModel):
         self._target_refs = _TargetRefs(embed_tokens=embed, lm_head=head)
         if self.draft_to_target is not None and self.lm_head is None:
             self._gather_draft_head()
-        if self.config.target_model_name_or_path is None and getattr(target_model, "name_or_path", ""):
-            self.config.target_model_name_or_path = target_model.name_or_path
+        found = getattr(target_model, "name_or_path", "") or ""
+        if self.config.target_model_name_or_path is None and found:
+            self.config.target_model_name_or_path = found
+        elif target_name_differs(self.config.target_model_name_or_path, found):
+            warnings.warn(
+                f"this Beagle was trained for {self.config.target_model_name_or_path}, and is bound to {found}: if that "
+                "is another model (a base model, another fine-tune), its drafts are accepted less often and generation "
+                "is slower (the output stays exact). Train a Beagle for it with `beagle train`.",
+                BeagleTargetWarning, stacklevel=3,
+            )
         return self
 
     def _gather_draft_head(self) -> None:

@@ -79,6 +79,20 @@ def rope_mismatch(draft_rope: dict, target_rope: dict) -> str | None:
     return None
 
 
+class BeagleTargetWarning(UserWarning):
+    """The target bound to a draft is named differently from the one it was trained for."""
+
+
+def target_name_differs(trained_for: str | None, found: str | None) -> bool:
+    """Whether `found` (a target's `name_or_path`: a Hub id, or a local folder, possibly a cache folder named after
+    one) does not contain the model name of `trained_for` (its part after the organisation, case-insensitive).
+    Unknown names never differ; a name that contains it (a cache folder, a snapshot, a fine-tune's name) does not."""
+    if not trained_for or not found:
+        return False
+    model_name = trained_for.rstrip("/").replace("\\", "/").split("/")[-1].lower()
+    return model_name not in found.replace("\\", "/").lower()
+
+
 class BeagleConfig(PreTrainedConfig):
     r"""
     Configuration of a [`BeagleModel`]: one decoder block whose attention is cross-attention only, reading keys and
