@@ -25,6 +25,7 @@ from transformers import (
     TemperatureLogitsWarper,
     TextStreamer,
     TopKLogitsWarper,
+    pipeline,
 )
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -669,6 +670,20 @@ def test_mismatched_beagle_is_refused_in_generate():
     beagle = BeagleModel.from_target(other)
     with pytest.raises(ValueError, match="hidden_size"):
         target.generate(torch.tensor([[3, 4]]), max_new_tokens=5, assistant_model=beagle)
+
+
+def test_text_generation_pipeline_with_a_beagle_assistant():
+    target, beagle = trained_pair()
+    fixed_chain(beagle, k=4)
+    tokenizer = tiny_tokenizer()
+    plain = pipeline("text-generation", model=target, tokenizer=tokenizer)
+    assisted = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=beagle)
+    for prompt in ("abc", "hello, world", "x9"):
+        expected = plain(prompt, max_new_tokens=20, do_sample=False)[0]["generated_text"]
+        beagle.generation_stats = None
+        assert assisted(prompt, max_new_tokens=20, do_sample=False)[0]["generated_text"] == expected
+        assert beagle.generation_stats.rounds > 0  # the pipeline's generate went through Beagle
+        assert plain(prompt, max_new_tokens=20, do_sample=False, assistant_model=beagle)[0]["generated_text"] == expected
 
 
 def test_other_assistants_fall_through_to_transformers():
