@@ -135,6 +135,7 @@ def test_beagle_train_end_to_end(tmp_path):
     assert "39 of 39 records kept" in result.stdout and "held-out alpha per draft step" in result.stdout
     saved = tmp_path / "run" / "beagle"
     assert f"saved the Beagle checkpoint to {saved}" in result.stdout
+    assert (saved / "model.safetensors").is_file() and not list(saved.glob("*.bin"))  # no pickle in what ships
     beagle = BeagleModel.from_pretrained(saved)
     assert beagle.config.draft_vocab_size == 48 and beagle.config.stage2_steps == 2
     beagle.bind_target(target)

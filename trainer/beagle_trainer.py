@@ -8,10 +8,12 @@ next step with D detached, so peak memory does not grow with S.
 The frozen target runs inside the trainer (online states); it is never part of the optimizer or the checkpoint.
 """
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .offline_cache import OfflineCache, OfflineCollator
 from .precision import bf16_is_native, warn_if_slow_bf16
@@ -155,6 +157,23 @@ class BeagleTrainer(Trainer):
             cache.check_target(self.target_model, self.beagle)
         self.beagle.config.update(self.args.method_options())
         self._train_stats: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; a folder saved by the caller (not one of the Trainer's `checkpoint-N` folders, which
+        keep it for resuming) leaves out `training_args.bin`, transformers' pickled TrainingArguments: the folder is
+        a checkpoint to ship, and Beagle checkpoints hold no pickle (`beagle push` would refuse it)."""
+        self._saving_for_caller = not _internal_call
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            self._saving_for_caller = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        path = os.path.join(output_dir if output_dir is not None else self.args.output_dir, TRAINING_ARGS_NAME)
+        if getattr(self, "_saving_for_caller", False) and self.args.should_save and os.path.isfile(path):
+            os.remove(path)
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
