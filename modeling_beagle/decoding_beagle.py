@@ -45,6 +45,7 @@ from .generation_beagle import (
     BeagleGenerationError,
     BeagleGenerationStats,
     cache_kwargs,
+    check_empty_target_cache,
     check_generation_config,
     check_no_assistant_settings,
     draft_topk,
@@ -657,14 +658,8 @@ def beagle_generate(
     if generation_config.use_cache is False:
         raise BeagleGenerationError("`use_cache` expected True with Beagle's own loop, found False: speculative "
                                     "decoding verifies each round against the target's KV cache.")
+    check_empty_target_cache(model_kwargs, dynamic_only=True)
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-    if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
-        found = type(cache).__name__
-        if isinstance(cache, DynamicCache):
-            found += f" holding {cache.get_seq_length()} tokens"
-        raise BeagleGenerationError(f"the target's cache expected an empty DynamicCache, found {found}; do not pass a "
-                                    "cache (`cache` / `past_key_values`; for a later turn, pass the whole conversation's "
-                                    "ids) or a static one.")
     batch, prompt_len = input_ids.shape
     if streamer is not None and batch > 1:
         raise BeagleGenerationError(f"`streamer` expected batch size 1, found {batch}.")

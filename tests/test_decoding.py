@@ -884,7 +884,7 @@ def test_bad_input_to_the_loop():
         spec(target, beagle, ids, "chain", use_cache=False, max_new_tokens=4)
     cache = DynamicCache(config=target.config)
     first = target.generate(ids, do_sample=False, max_new_tokens=3, past_key_values=cache)
-    with pytest.raises(BeagleGenerationError, match="DynamicCache holding 5 tokens.*whole conversation"):
+    with pytest.raises(BeagleGenerationError, match="DynamicCache holding 5 cached tokens.*whole conversation"):
         spec(target, beagle, torch.cat([first, ids], 1), "chain", past_key_values=cache, max_new_tokens=4)
     with pytest.raises(BeagleGenerationError, match="total_tokens"):
         TreeShape(depth=2, top_k=2, total_tokens=50)

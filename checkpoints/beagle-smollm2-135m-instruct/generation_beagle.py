@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from packaging import version
+from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.stopping_criteria import (
@@ -226,17 +227,19 @@ def check_assisted_generation_config(generation_config) -> None:
         )
 
 
-def check_empty_target_cache(model_kwargs: dict) -> None:
+def check_empty_target_cache(model_kwargs: dict, dynamic_only: bool = False) -> None:
     """Refuse a target cache that already holds tokens (a conversation's earlier turns): Beagle reads the target's
     states of every prompt token, and transformers 5.25's assisted decoding would also feed the whole prompt on top
-    of the cached tokens (its own assistants then diverge from plain decoding too)."""
+    of the cached tokens (its own assistants then diverge from plain decoding too). `dynamic_only` (Beagle's own
+    loop, which rolls the cache back itself) also refuses any cache but an empty `DynamicCache`."""
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     cached = cache.get_seq_length() if callable(getattr(cache, "get_seq_length", None)) else 0
-    if cached:
+    if cached or (dynamic_only and not isinstance(cache, DynamicCache)):
+        found = type(cache).__name__ + (f" holding {cached} cached tokens" if cached else "")
         raise BeagleGenerationError(
-            f"the target's cache (`past_key_values`) expected empty with a Beagle assistant, found {cached} cached "
-            "tokens: pass the whole conversation as input_ids without a cache; Beagle reads the target's states of "
-            "every prompt token."
+            f"the target's cache (`cache` / `past_key_values`) expected empty{' (a DynamicCache)' if dynamic_only else ''}"
+            f" with a Beagle draft, found {found}: do not pass a cache; for a later turn of a conversation, pass the "
+            "whole conversation as input_ids. Beagle reads the target's states of every prompt token."
         )
 
 
