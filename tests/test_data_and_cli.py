@@ -395,6 +395,8 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, monkeypatch
     for option, value, expected in (("--stage2_steps", "0", "`stage2_steps` expected a positive integer"),
                                     ("--learning_rate", "-1", "`learning_rate` expected a float > 0"),
                                     ("--per_device_train_batch_size", "0", "`per_device_train_batch_size` expected"),
+                                    ("--label_smoothing_factor", "0.1", "`label_smoothing_factor` expected 0"),
+                                    ("--neftune_noise_alpha", "5", "`neftune_noise_alpha` expected None"),
                                     ("--nonsense_flag", "3", "Some specified arguments are not used by the HfArgumentParser: ['--nonsense_flag'")):
         assert main(train + [option, value]) == 1  # refused while parsing, before any model or data is loaded
         assert f"beagle train: error: {expected}" in capsys.readouterr().err

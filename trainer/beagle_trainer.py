@@ -101,6 +101,17 @@ class BeagleTrainingArguments(TrainingArguments):
             raise ValueError(f"`tv_weight` expected a float >= 0, found {self.tv_weight}.")
         if self.remove_unused_columns:
             raise ValueError("`remove_unused_columns` expected False for BeagleTrainer (it needs `loss_mask`).")
+        # Trainer options that act through its own loss or the model's input embedding, which Beagle's training
+        # replaces (soft labels from the target; the target's frozen embedding in eval mode): refused, not ignored.
+        if self.label_smoothing_factor:
+            raise ValueError(f"`label_smoothing_factor` expected 0 for BeagleTrainer, found "
+                             f"{self.label_smoothing_factor}: the draft learns the target's own distribution (soft "
+                             "labels), which smoothing would blur.")
+        if self.neftune_noise_alpha is not None:
+            raise ValueError(f"`neftune_noise_alpha` expected None for BeagleTrainer, found "
+                             f"{self.neftune_noise_alpha}: "
+                             "NEFTune perturbs a trained embedding; Beagle's is the target's, frozen (`noise_scale` "
+                             "sets the noise on the target's states).")
 
     def method_options(self) -> dict:
         """The options recorded into the Beagle config (and so into the saved checkpoint and model card)."""
