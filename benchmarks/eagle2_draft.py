@@ -514,8 +514,8 @@ class Eagle2CandidateGenerator(BeagleCandidateGenerator):
     forward); the rows of each round's drafted tokens are cropped at the start of the next round.
     """
 
-    def __init__(self, draft, generation_config, logits_processor, num_draft_tokens: int | None = None):
-        super().__init__(draft, generation_config, logits_processor, num_draft_tokens)
+    def __init__(self, draft, generation_config, logits_processor):
+        super().__init__(draft, generation_config, logits_processor)
         self.cache = DynamicCache()
         self.num_true = 0  # rows of the cache computed from true features
         self.stats = Eagle2GenerationStats()
@@ -568,6 +568,7 @@ class Eagle2CandidateGenerator(BeagleCandidateGenerator):
         self._last_drafted = 0
         if num_steps <= 0:
             return input_ids, None
+        threshold = self.settings.confidence_threshold
         sequence, processed_logits = input_ids, []
         hidden, logits = out.last_hidden_state[:, -1:], out.logits[:, -1]
         for step in range(num_steps):
@@ -586,9 +587,9 @@ class Eagle2CandidateGenerator(BeagleCandidateGenerator):
                 processed_logits.append(logits)
             else:
                 token = logits.argmax(-1, keepdim=True)
-                confidence = logits.softmax(-1).gather(-1, token) if self.confidence_threshold else None
+                confidence = logits.softmax(-1).gather(-1, token) if threshold else None
             sequence = torch.cat([sequence, token], dim=-1)
-            if self.confidence_threshold and step + 1 < num_steps and float(confidence) < self.confidence_threshold:
+            if threshold and step + 1 < num_steps and float(confidence) < threshold:
                 break
         self._last_drafted = sequence.shape[1] - cur_len
         return sequence, torch.stack(processed_logits, dim=1) if self.do_sample else None

@@ -366,9 +366,7 @@ class BeagleCandidateGenerator(CandidateGenerator):
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
         self.max_length = generation_config.max_length
-        self.num_draft_tokens = settings.num_draft_tokens
-        self.max_draft_tokens = settings.max_draft_tokens
-        self.confidence_threshold = settings.confidence_threshold
+        self.num_draft_tokens = settings.num_draft_tokens  # this round's length, moved by the schedule
         self.lookup = lookup
         self.cache = BeagleCache()
         self.stats = BeagleGenerationStats()
@@ -380,7 +378,7 @@ class BeagleCandidateGenerator(CandidateGenerator):
     @property
     def num_drafting_tokens(self) -> int:
         """The most tokens one round proposes (transformers >= 5.25 sizes the target cache's rollback record by it)."""
-        return max(self.max_draft_tokens, self.lookup.max_tokens if self.lookup is not None else 0)
+        return max(self.settings.max_draft_tokens, self.lookup.max_tokens if self.lookup is not None else 0)
 
     def get_candidates(
         self,
@@ -449,6 +447,7 @@ class BeagleCandidateGenerator(CandidateGenerator):
         num_steps = min(self.num_draft_tokens, budget)
         if num_steps <= 0:
             return input_ids, None
+        threshold = self.settings.confidence_threshold
         sequence = input_ids
         token = input_ids[:, -1:]
         position = positions[:, -1:]
@@ -470,10 +469,10 @@ class BeagleCandidateGenerator(CandidateGenerator):
                 processed_logits.append(logits)
             else:
                 token = logits.argmax(-1, keepdim=True)
-                confidence = logits.softmax(-1).gather(-1, token) if self.confidence_threshold else None
+                confidence = logits.softmax(-1).gather(-1, token) if threshold else None
             sequence = torch.cat([sequence, token], dim=-1)
             parent_state = out.last_hidden_state if beagle.config.concat_draft_states else None
-            if self.confidence_threshold and step + 1 < num_steps and float(confidence) < self.confidence_threshold:
+            if threshold and step + 1 < num_steps and float(confidence) < threshold:
                 break
         self._last_drafted = sequence.shape[1] - cur_len
         candidate_logits = torch.stack(processed_logits, dim=1) if self.do_sample else None
@@ -490,7 +489,7 @@ class BeagleCandidateGenerator(CandidateGenerator):
                 self.stats.copy_rounds += self._last_copied
         if self._last_drafted and not self._last_copied:
             if num_matches >= self._last_drafted:
-                self.num_draft_tokens = min(self.num_draft_tokens + self.settings.grow, self.max_draft_tokens)
+                self.num_draft_tokens = min(self.num_draft_tokens + self.settings.grow, self.settings.max_draft_tokens)
             else:
                 self.num_draft_tokens = max(1, self.num_draft_tokens - self.settings.shrink)
 
@@ -720,6 +719,11 @@ def _wrap(name: str, original):
 HOOK_UNAVAILABLE_REASON = ""
 
 
+def global_hook_installed() -> bool:
+    """Whether `install_generate_hook` has wrapped every method it wraps on `GenerationMixin`."""
+    return all(_hooked(getattr(GenerationMixin, name)) for name in GLOBAL_HOOKED_METHODS)
+
+
 def install_generate_hook() -> bool:
     """Install (once, idempotently) the dispatch that makes `target.generate(ids, assistant_model=beagle)` use Beagle.
 
@@ -727,7 +731,7 @@ def install_generate_hook() -> bool:
     the installed transformers is not a supported version; Beagle then refuses to run with a clear error.
     """
     global HOOK_UNAVAILABLE_REASON
-    if all(_hooked(getattr(GenerationMixin, name)) for name in GLOBAL_HOOKED_METHODS):
+    if global_hook_installed():
         return True
     if os.environ.get(DISABLE_HOOK_ENV, "") not in ("", "0"):
         HOOK_UNAVAILABLE_REASON = f"{DISABLE_HOOK_ENV} is set"
@@ -767,7 +771,7 @@ def unavailable_message() -> str:
         "(num_draft_tokens, max_draft_tokens, draft_schedule, draft_confidence_threshold) or by the call's "
         "num_assistant_tokens, num_assistant_tokens_schedule and assistant_confidence_threshold."
     )
-    if not all(_hooked(getattr(GenerationMixin, name)) for name in GLOBAL_HOOKED_METHODS):
+    if not global_hook_installed():
         reason = HOOK_UNAVAILABLE_REASON or "the generation hook is not installed"
         message += (
             f" If such a call led here, it did not reach Beagle's candidate generator ({reason}): use "

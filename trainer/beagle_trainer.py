@@ -168,6 +168,7 @@ class BeagleTrainer(Trainer):
             cache.check_target(self.target_model, self.beagle)
         self.beagle.config.update(self.args.method_options())
         self._train_stats: dict[str, torch.Tensor] = {}
+        self._saving_for_caller = False  # set by `save_model` around a save the caller asked for
 
     # ------------------------------------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -183,7 +184,7 @@ class BeagleTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         path = os.path.join(output_dir if output_dir is not None else self.args.output_dir, TRAINING_ARGS_NAME)
-        if getattr(self, "_saving_for_caller", False) and self.args.should_save and os.path.isfile(path):
+        if self._saving_for_caller and self.args.should_save and os.path.isfile(path):
             os.remove(path)
 
     # ------------------------------------------------------------------------------------------------ helpers
