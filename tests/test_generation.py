@@ -295,6 +295,26 @@ def test_own_loop_honours_stop_strings(tmp_path):
         assert torch.equal(folder, ref) and torch.equal(direct, ref), stop
     with pytest.raises(BeagleGenerationError, match="tokenizer"):
         generate_with_own_loop(target, beagle, ids, max_new_tokens=5, stop_strings=["a"])
+    # stop strings saved in the target's own generation config count too (as in plain generate), and the call's
+    # stop_strings (None included) override them
+    stop = stop_string_at(tokenizer, free, ids.shape[1], 9)
+    ref = target.generate(ids, do_sample=False, max_new_tokens=30, stop_strings=stop, tokenizer=tokenizer)
+    target.generation_config.stop_strings = stop
+    try:
+        saved_ref = target.generate(ids, do_sample=False, max_new_tokens=30, tokenizer=tokenizer)
+        assert torch.equal(saved_ref, ref)
+        for out in (generate_with_own_loop(target, beagle, ids, do_sample=False, max_new_tokens=30, tokenizer=tokenizer),
+                    generate_with_own_loop(target, beagle, ids, max_new_tokens=30, tokenizer=tokenizer,
+                                           generation_config=GenerationConfig(do_sample=False)),
+                    target.generate(ids, custom_generate=str(tmp_path), assistant_model=beagle, trust_remote_code=True,
+                                    do_sample=False, max_new_tokens=30, tokenizer=tokenizer)):
+            assert torch.equal(out, ref)
+        unstopped = generate_with_own_loop(target, beagle, ids, do_sample=False, max_new_tokens=30, stop_strings=None)
+        assert torch.equal(unstopped, free)
+        with pytest.raises(BeagleGenerationError, match="tokenizer"):
+            generate_with_own_loop(target, beagle, ids, max_new_tokens=5)
+    finally:
+        target.generation_config.stop_strings = None
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])

@@ -861,16 +861,23 @@ def generate_with_own_loop(target, beagle, *args, **kwargs):
     """`target.generate(*args, **kwargs)` through Beagle's own loop (`beagle_generate`): what a checkpoint's
     `custom_generate/generate.py` runs. transformers hands a `custom_generate` callable only the arguments it does not
     know itself, and builds stop strings' criterion from a tokenizer it then no longer has: the streamer goes on as
-    `beagle_streamer`, and `stop_strings` (from the call or the `generation_config` passed) become a
-    `StopStringCriteria` built here with `tokenizer`, which the loop checks after every token."""
+    `beagle_streamer`, and the stop strings transformers would use (the call's, else the passed `generation_config`'s,
+    else the target's saved `generation_config`'s) become a `StopStringCriteria` built here with `tokenizer`, which the
+    loop checks after every token."""
     streamer = kwargs.pop("streamer", None)
     tokenizer = kwargs.pop("tokenizer", None)
-    stop_strings = kwargs.pop("stop_strings", None)
     config = kwargs.get("generation_config")
-    if stop_strings is None and getattr(config, "stop_strings", None):
-        stop_strings = config.stop_strings
+    saved = getattr(getattr(target, "generation_config", None), "stop_strings", None)
+    if "stop_strings" in kwargs:
+        stop_strings = kwargs.pop("stop_strings")
+    else:
+        stop_strings = getattr(config, "stop_strings", None) or saved
+    if getattr(config, "stop_strings", None) is not None:
         kwargs["generation_config"] = config = copy.deepcopy(config)
         config.stop_strings = None
+    if saved is not None:
+        # transformers fills a setting left unset by the call from the target's saved config: only the call clears it
+        kwargs["stop_strings"] = None
     if stop_strings:
         if tokenizer is None:
             raise BeagleGenerationError(f"`stop_strings` ({stop_strings!r}) expected the target's tokenizer as "
