@@ -2,6 +2,7 @@
 bf16 in safetensors, without the target's embedding and head, the remote code and `custom_generate/`, and none of the
 Trainer's files (`training_args.bin` is a pickle and never ships)."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
     if not (source / "config.json").is_file():
         raise BeagleCardError(f"{source}: a Beagle checkpoint folder (config.json, model.safetensors) expected, "
                               f"found no config.json.")
+    check_replaceable(destination, source)
     model = BeagleModel.from_pretrained(source)
     if model.config.carry_target_embeddings:
         raise BeagleCardError(f"{source}: carry_target_embeddings expected False for a Hub export (the target's "
@@ -37,6 +39,34 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
             shutil.rmtree(destination)
         os.replace(staging, destination)
     return destination
+
+
+def check_replaceable(destination: Path, source: Path) -> None:
+    """Refuse a destination whose replacement would delete more than an earlier export: it must be missing, empty,
+    or a Beagle checkpoint folder (the source itself included) (a `config.json` of model_type "beagle") holding no folder
+    but `custom_generate/` and not holding the source."""
+    if not destination.exists():
+        return
+    if not destination.is_dir():
+        raise BeagleCardError(f"{destination}: the export's destination expected a folder, found a file.")
+    entries = sorted(entry.name for entry in destination.iterdir())
+    if not entries:
+        return
+    if destination.resolve() in source.resolve().parents:
+        raise BeagleCardError(f"{destination}: the export's destination holds the source {source}, and replacing it "
+                              f"would delete it: choose a new or empty folder.")
+    model_type = None
+    try:
+        with open(destination / "config.json", encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        pass
+    folders = [name for name in entries if (destination / name).is_dir() and name != "custom_generate"]
+    if model_type != "beagle" or folders:
+        found = f"the folders {folders}" if model_type == "beagle" else f"{entries[:8]} and no Beagle config.json"
+        raise BeagleCardError(f"{destination}: the export replaces its destination, which expected to be missing, "
+                              f"empty or an earlier Beagle export, found {found}: nothing was deleted; choose a new "
+                              f"or empty folder.")
 
 
 def card_files(folder: Path) -> list[str]:

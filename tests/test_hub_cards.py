@@ -20,7 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import make_target
-from hub_cards import BeagleCardError, push_checkpoint, render_model_card, write_model_card
+from hub_cards import BeagleCardError, export_checkpoint, push_checkpoint, render_model_card, write_model_card
 from modeling_beagle import BeagleModel
 from trainer.cli import main as cli_main
 
@@ -482,6 +482,22 @@ def test_export_writes_a_pushable_bf16_folder(tmp_path):
     assert (hub / "README.md").read_text() == card_text and (hub / "run-speedup.png").read_bytes() == b"old"
     assert not (hub / "unlinked.png").exists() and not (hub / "model-00002-of-00002.safetensors").exists()
     assert (hub / "model.safetensors").is_file()
+
+    # A destination that is not an earlier export (a training output folder, the source's parent, a git clone, a
+    # folder of other files) is refused before anything is deleted.
+    (tmp_path / "run" / "checkpoint-2").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    (hub / ".git").mkdir()
+    for destination in (tmp_path, tmp_path / "notes", hub, tmp_path / "notes" / "notes.txt", tmp_path / "run"):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        with pytest.raises(BeagleCardError):
+            export_checkpoint(tmp_path / "run", destination)
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, destination
+    (hub / ".git").rmdir()
+    (tmp_path / "run" / "checkpoint-2").rmdir()
+    assert export_checkpoint(tmp_path / "run", tmp_path / "run") == tmp_path / "run"  # in place: the source itself
+    assert export_checkpoint(tmp_path / "run", tmp_path / "notes" / "empty") and BeagleModel.from_pretrained(hub)
 
 
 def test_card_says_which_stages_and_input_options_the_draft_was_trained_with(checkpoint):

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_assets.set_defaults(func=_cmd_assets)
     p_export = sub.add_parser("export", help="write a trained Beagle as its Hub folder (bf16 safetensors, remote code)")
     p_export.add_argument("source", help="a saved Beagle folder (e.g. <output_dir>/beagle of beagle train)")
-    p_export.add_argument("destination", help="the folder to write (replaced)")
+    p_export.add_argument("destination", help="the folder to write: new, empty, or an earlier export (replaced; "
+                          "any other folder is refused)")
     p_export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p_export.set_defaults(func=_cmd_export)
     p_demo = sub.add_parser("demo", help="answer an MT-bench question with and without the shipped Beagle; print "
