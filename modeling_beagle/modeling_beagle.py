@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
@@ -867,9 +868,14 @@ class BeagleModel(BeaglePreTrainedModel):
                                         "True (a draft with re-initialised tensors would be silently wrong).")
         want_info = kwargs.pop("output_loading_info", False)
         # Load permissively to collect every problem with its shapes, then refuse the model if there is any.
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
+                **kwargs
+            )
+        except SafetensorError as error:  # a cut-off or corrupt weights file
+            raise BeagleCheckpointError(f"checkpoint {pretrained_model_name_or_path}: its weights expected a complete "
+                                        f"safetensors file, found an unreadable one ({error}).") from error
         problems = []
         for key, found, expected in sorted(info.get("mismatched_keys", [])):
             problems.append(f"tensor {key!r}: shape expected {tuple(expected)}, found {tuple(found)}")

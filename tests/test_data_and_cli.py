@@ -49,6 +49,37 @@ def test_truncated_json_array_keeps_every_complete_record(tmp_path):
     assert report.summary().startswith("1 of the first 1 (of 2) records kept; skipped: none;")
 
 
+def test_jsonl_of_arrays_gzip_and_non_utf8_lines_are_read_or_refused_by_name(tmp_path):
+    """A JSONL file whose lines are chat-message lists is JSON lines, not one array; text after a JSON array is
+    refused; gzip is read; a JSONL line that is not UTF-8 is skipped and counted; a JSON array that is not UTF-8 is
+    refused naming the file."""
+    import gzip
+
+    conversations = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+                     for i in range(3)]
+    path = tmp_path / "lists.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in conversations) + "\n")
+    assert read_records(path) == conversations
+    dataset, report = build_dataset(path, chat_tokenizer())
+    assert len(dataset) == 3 and report.kept == 3
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(sharegpt(2), indent=1) + "\n" + json.dumps(sharegpt(2), indent=1))
+    with pytest.raises(BeagleDataError, match="more text after the array"):
+        read_records(path)
+    path = tmp_path / "data.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(sharegpt(4)).encode()))
+    assert read_records(path) == sharegpt(4)
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(r).encode() for r in sharegpt(3)]
+    path.write_bytes(b"\n".join(lines[:1] + ['{"text": "caf\xe9"}'.encode("latin-1")] + lines[1:]))
+    report = DataReport()
+    assert read_records(path, report) == sharegpt(3) and report.skipped["JSONL lines that are not UTF-8"] == 1
+    path = tmp_path / "latin1.json"
+    path.write_bytes(('[{"text": "caf\xe9"}]').encode("latin-1"))
+    with pytest.raises(BeagleDataError, match="latin1.json: a JSON file expected UTF-8"):
+        read_records(path)
+
+
 def test_skip_records_takes_the_records_after_the_first_ones(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(sharegpt(5)))
@@ -143,6 +174,69 @@ def test_beagle_train_end_to_end(tmp_path):
     ref = target.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
     assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0,
                                        assistant_model=beagle), ref)
+    # The same command again (no resume) does not run over the finished run's folder, and deletes nothing
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    again = subprocess.run(command + ["train", str(tmp_path / "train.json")], capture_output=True, text=True,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=tmp_path)
+    assert again.returncode == 1 and "expected no earlier run" in again.stderr and "'beagle'" in again.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_a_fresh_run_refuses_or_overwrites_an_earlier_runs_output_dir(tmp_path):
+    """Without resuming, an earlier run's checkpoints, ledger, regenerated data, τ curve and final draft in the output
+    folder would be taken for the new run's (a later resume continuing the other run's latest checkpoint)."""
+    from types import SimpleNamespace
+
+    from trainer.train import BeagleArgumentError, check_fresh_output_dir
+
+    run = tmp_path / "run"
+
+    def args(resume=None, overwrite=False):
+        return SimpleNamespace(resume_from_checkpoint=resume, output_dir=str(run), overwrite_output_dir=overwrite)
+
+    check_fresh_output_dir(args(), "beagle", "[test]")  # no folder yet
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoint-x.txt").write_text("mine too")
+    check_fresh_output_dir(args(), "beagle", "[test]")  # nothing of a run in it
+    for name in ("checkpoint-3", "checkpoint-6", "beagle"):
+        (run / name).mkdir()
+    for name in ("compute_ledger.json", "regenerated.jsonl", "tau_curve.jsonl"):
+        (run / name).write_text("{}")
+    with pytest.raises(BeagleArgumentError, match=r"\['beagle', 'checkpoint-3', 'checkpoint-6', 'compute_ledger.json', "
+                                                  r"'regenerated.jsonl', 'tau_curve.jsonl'\]"):
+        check_fresh_output_dir(args(), "beagle", "[test]")
+    check_fresh_output_dir(args(resume="true"), "beagle", "[test]")  # continuing it is what they are for
+    assert len(list(run.iterdir())) == 8
+    check_fresh_output_dir(args(overwrite=True), "beagle", "[test]")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-x.txt", "notes.txt"]
+
+
+def test_option_values_are_checked_and_typed_as_on_the_command_line(tmp_path):
+    """Counts below their least value are refused (negative ones would slice records off the other end), and a
+    YAML file's values take the command line's types: YAML reads 1e-4 as a string, and "false" quoted is true."""
+    import yaml
+
+    from trainer.train import BeagleArgumentError, parse
+
+    base = ["--target_model", "t", "--dataset", "d", "--output_dir", str(tmp_path / "o")]
+    for option, value in (("max_records", "-5"), ("max_length", "-1"), ("max_length", "1"), ("eval_records", "-1"),
+                          ("tau_eval_prompts", "-1"), ("skip_records", "-2"), ("regenerate_batch_size", "0"),
+                          ("offline_topk", "0"), ("max_steps", "0"), ("max_steps", "-3")):
+        with pytest.raises(BeagleArgumentError, match=f"`{option}` expected"):
+            parse(base + [f"--{option}", value])
+    assert parse(base + ["--bf16", "auto"])[2].bf16 in (True, False)  # the default's name is accepted
+    config = {"target_model": "t", "dataset": "d", "output_dir": str(tmp_path / "o"), "learning_rate": "1e-4",
+              "recency_bias": "false", "stage2_steps": "3", "target_layer_ids": -1, "max_records": None}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    model_args, data_args, training_args = parse([str(tmp_path / "c.yaml")])
+    assert training_args.learning_rate == 1e-4 and model_args.recency_bias is False
+    assert training_args.stage2_steps == 3 and model_args.target_layer_ids == [-1] and data_args.max_records is None
+    for option, value in (("recency_bias", "maybe"), ("max_steps", 1.5), ("max_steps", True),
+                          ("target_layer_ids", ["top"]), ("learning_rate", "fast")):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, option: value}))
+        with pytest.raises(BeagleArgumentError, match=f"option `{option}` expected"):
+            parse([str(tmp_path / "c.yaml")])
 
 
 def test_regenerate_writes_target_replies_and_resumes(tmp_path, monkeypatch):
@@ -184,6 +278,16 @@ def test_regenerate_writes_target_replies_and_resumes(tmp_path, monkeypatch):
     assert first[-1]["content"] == tokenizer.decode(expected[0, prompt.shape[1] :], skip_special_tokens=True)
     dataset, _ = build_dataset(out, tokenizer)
     assert 0 < len(dataset) <= 7
+    # The finished file is not taken for another data set's (or a smaller record limit's) replies: refused, unchanged
+    written = out.read_bytes()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"other {i}"},
+                                                    {"from": "gpt", "value": "a"}]} for i in range(9)]))
+    for source, limit in ((other, None), (data, 5)):
+        with pytest.raises(BeagleDataError, match="another data set"):
+            regen.regenerate(target, tokenizer, source, str(out), batch_size=3, max_new_tokens=6, max_records=limit,
+                             progress=False)
+        assert out.read_bytes() == written
 
 
 def test_regenerate_skips_prompts_longer_than_the_limit(tmp_path):
@@ -272,11 +376,13 @@ def test_a_stopped_and_resumed_run_records_the_compute_of_both_processes(tmp_pat
     assert [p["step"] for p in curve] == [2, 4, 4, 6]
     assert all(p["train_wall_s"] > first[0]["train_wall_s"] for p in resumed)
 
-    # a fresh run into the same folder starts a new ledger; an unreadable ledger is refused on resume
+    # a fresh run into the same folder (told to delete the earlier run) starts a new ledger, and a later resume takes
+    # its own checkpoints only; an unreadable ledger is refused on resume
     config.update(max_steps=2, eval_strategy="no", tau_eval_prompts=0)
     (tmp_path / "fresh.json").write_text(json.dumps(config))
-    train_module.run_training([str(tmp_path / "fresh.json")])
+    train_module.run_training([str(tmp_path / "fresh.json"), "--overwrite_output_dir", "true"])
     assert len(json.loads((tmp_path / "run" / "compute_ledger.json").read_text())["segments"]) == 1
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
     (tmp_path / "run" / "compute_ledger.json").write_text('{"segments": ')
     with pytest.raises(ValueError, match="compute ledger .*expected a JSON object with a `segments` list"):
         train_module.run_training([str(tmp_path / "fresh.json"), "--resume_from_checkpoint", "true"])

@@ -53,6 +53,10 @@ class BeagleTrainingArguments(TrainingArguments):
         "help": "weight of the total variation 1 - Σ min(P, Q) added to the CE (the chance that sampling rejects "
                 "the draft's token); 0 (the default) trains CE + λ_v SmoothL1 only"})
     grad_through_draft_states: bool = field(default=False, metadata={"help": "stage 2 back-propagates through D"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "`beagle train` without --resume_from_checkpoint into an output_dir that holds an earlier run "
+                "(checkpoint-N folders, compute ledger, regenerated data, final draft): delete those first instead of "
+                "refusing the run"})
     # The method's optimizer settings (paper: AdamW betas (0.9, 0.95), clip 0.5); the loss mask column must survive.
     adam_beta2: float = 0.95
     max_grad_norm: float = 0.5
@@ -80,6 +84,9 @@ class BeagleTrainingArguments(TrainingArguments):
         elif self.bf16:
             warn_if_slow_bf16("training (--bf16)", device)
         super().__post_init__()
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"`max_steps` expected a positive integer (or -1: `num_train_epochs` decides), found "
+                             f"{self.max_steps}.")
         if not self.learning_rate > 0:
             raise ValueError(f"`learning_rate` expected a float > 0, found {self.learning_rate}.")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

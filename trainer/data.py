@@ -6,6 +6,7 @@ ShareGPT copy available here is) is decoded element by element and every complet
 records are skipped and counted, never a crash mid-run.
 """
 
+import gzip
 import json
 import logging
 import os
@@ -51,34 +52,77 @@ class DataReport:
                 f"{self.tokens} tokens, {self.supervised_tokens} supervised (assistant) tokens")
 
 
+def require_counts(options, least: dict[str, int], optional: tuple[str, ...] = ()) -> None:
+    """Refuse an integer option of `options` (a dataclass of command-line options) below its least value; the names
+    in `optional` may also be None (no limit). A negative count would otherwise slice records off the other end."""
+    for name, minimum in least.items():
+        value = getattr(options, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            allowed = " or None (no limit)" if name in optional else ""
+            raise ValueError(f"`{name}` expected an integer >= {minimum}{allowed}, found {value!r}.")
+
+
 # ------------------------------------------------------------------------------------------------- reading
 def read_records(source, report: DataReport | None = None) -> list:
-    """Records from a JSON/JSONL file path or a `datasets.Dataset` (rows as dicts)."""
+    """Records from a JSON/JSONL file path (gzip-compressed too) or a `datasets.Dataset` (rows as dicts).
+
+    A file is one JSON array (cut off mid-record, it keeps every complete record) or JSON lines, each a record (a
+    JSONL line may itself be an array, e.g. a conversation's chat messages). JSONL lines that are not UTF-8 or not
+    JSON are skipped and counted; a JSON array followed by more text is refused."""
     report = report if report is not None else DataReport()
     if isinstance(source, datasets.Dataset):
         return list(source)
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise BeagleDataError(f"dataset path expected an existing JSON or JSONL file, found {path!r}.")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return _decode_json_array(stripped, report)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise BeagleDataError(f"{path}: expected a readable gzip file, found {error}.") from error
+    stripped = data.lstrip()
+    if stripped.startswith(b"["):
+        records = _decode_json_array(path, stripped, report)
+        if records is not None:
+            return records
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError:
+            report.skipped["JSONL lines that are not UTF-8"] += 1
         except json.JSONDecodeError:
             report.skipped["unparsable JSONL lines"] += 1
     return records
 
 
-def _decode_json_array(text: str, report: DataReport) -> list:
-    """Decode `[rec, rec, ...` element by element, keeping every complete element even if the array is cut off."""
+def _decode_json_array(path: str, data: bytes, report: DataReport) -> list | None:
+    """Decode `[rec, rec, ...` element by element, keeping every complete element even if the array is cut off.
+    None when the file is JSON lines whose first line is an array (a complete first line with more lines after)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BeagleDataError(f"{path}: a JSON file expected UTF-8 text, found byte {data[error.start]:#04x} at offset "
+                              f"{error.start} (after leading whitespace).") from error
     decoder = json.JSONDecoder()
+    try:
+        whole, end = decoder.raw_decode(text)
+    except json.JSONDecodeError:
+        whole = end = None  # a cut-off array: read below up to its last complete element
+    if end is not None:
+        if not text[end:].strip():
+            return whole
+        if len(text.split("\n", 1)[0].strip()) == end:
+            return None  # JSON lines, the first of them an array
+        line = text.count("\n", 0, end) + 1
+        raise BeagleDataError(f"{path}: expected one JSON array or JSON lines, found more text after the array that "
+                              f"ends on line {line}.")
     records, index = [], 1
     while True:
         while index < len(text) and text[index] in " \t\r\n,":
@@ -172,6 +216,11 @@ def build_dataset(source, tokenizer, max_length: int = 2048, max_records: int | 
     report = report if report is not None else DataReport()
     if skip_records < 0:
         raise BeagleDataError(f"skip_records expected a non-negative integer, found {skip_records}.")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise BeagleDataError(f"max_length expected an integer >= 2 (tokens per example), found {max_length!r}.")
+    if max_records is not None and (isinstance(max_records, bool) or not isinstance(max_records, int)
+                                    or max_records < 1):
+        raise BeagleDataError(f"max_records expected None or an integer >= 1, found {max_records!r}.")
     records = read_records(source, report)
     if skip_records:
         if skip_records >= len(records):

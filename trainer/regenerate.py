@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataReport, read_records, render_chat, to_messages
+from .data import BeagleDataError, DataReport, read_records, render_chat, require_counts, to_messages
 
 
 @dataclass
@@ -31,6 +31,12 @@ class RegenerateArguments:
     attn_implementation: str = field(default="auto", metadata={
         "help": "the target's attention kernel; auto: eager on CPU (left-padded batches run ~5x faster than with "
                 "sdpa's masked CPU path, measured with SmolLM2-135M), transformers' default elsewhere"})
+
+    def __post_init__(self):
+        require_counts(self, {"batch_size": 1, "max_new_tokens": 1, "max_prompt_tokens": 1, "max_records": 1},
+                       optional=("max_records",))
+        if not self.temperature >= 0:
+            raise ValueError(f"`temperature` expected a float >= 0, found {self.temperature}.")
 
 
 def _completed_rows(path: str) -> list[dict]:
@@ -70,6 +76,9 @@ def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max
     Returns what was kept and skipped.
     """
     report = DataReport()
+    if batch_size < 1 or (max_records is not None and max_records < 1):
+        raise ValueError(f"regenerate: batch_size expected >= 1 and max_records None or >= 1, found {batch_size} and "
+                         f"{max_records}.")
     prompts = []
     for record in read_records(source, report)[:max_records]:
         messages = to_messages(record)
@@ -91,6 +100,19 @@ def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max
     report.records = len(prompts)
     written = _completed_rows(output)
     done = len(written)
+    # Resuming appends to the file: its lines must answer this run's first prompts, in order (a file written for
+    # another data set, record limit or prompt-length limit would otherwise pass as this one's replies).
+    for number, (row, prompt) in enumerate(zip(written, prompts), start=1):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        asked = messages if isinstance(row, dict) and row.get("skipped") else (messages or [])[:-1]
+        if asked != prompt:
+            raise BeagleDataError(f"{output}: line {number} expected the reply to this data set's prompt {number} "
+                                  f"(resuming an interrupted run), found another prompt: the file was written from "
+                                  f"another data set or with other limits; delete it or choose another output.")
+    if done > len(prompts):
+        raise BeagleDataError(f"{output}: expected at most {len(prompts)} lines (this data set's prompts), found {done}: "
+                              f"the file was written from another data set or with other limits; delete it or choose "
+                              f"another output.")
     for row in written:  # a resumed run reports the replies an earlier run wrote too
         if row.get("skipped"):
             report.skipped["empty replies"] += 1

@@ -2,19 +2,22 @@
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import yaml
 from transformers import HfArgumentParser, IntervalStrategy
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from modeling_beagle import BeagleModel
 
@@ -22,7 +25,7 @@ from .allocator import heap_allocator, warn_if_page_faulting_allocator
 from .assets import load_prompts, load_target, resolve_dataset_arg
 from .beagle_trainer import BeagleTrainer, BeagleTrainingArguments
 from .callbacks import ComputeLedger, SpeculativeEvalCallback
-from .data import build_dataset, render_chat
+from .data import build_dataset, render_chat, require_counts
 from .offline_cache import build_offline_cache
 from .precision import resolve_dtype
 from .regenerate import regenerate
@@ -87,6 +90,12 @@ class BeagleDataArguments:
                 "--eval_strategy steps"})
     tau_eval_new_tokens: int = field(default=48, metadata={"help": "new tokens per τ-evaluation prompt"})
 
+    def __post_init__(self):
+        require_counts(self, {"max_length": 2, "max_records": 1, "skip_records": 0, "eval_records": 0,
+                              "regenerate_records": 1, "regenerate_batch_size": 1, "regenerate_max_new_tokens": 1,
+                              "regenerate_max_prompt_tokens": 1, "offline_topk": 1, "tau_eval_prompts": 0,
+                              "tau_eval_new_tokens": 1}, optional=("max_records", "regenerate_records"))
+
 
 class BeagleArgumentError(ValueError):
     """A `beagle train` / `regenerate` option that is unknown or out of range, with what was expected."""
@@ -108,6 +117,9 @@ def parse(argv: list[str]):
     options, each overridable on the command line (`beagle train recipe.yaml --resume_from_checkpoint true`). An
     unknown option or a value out of range raises `BeagleArgumentError`."""
     parser = HfArgumentParser((BeagleModelArguments, BeagleDataArguments, BeagleTrainingArguments))
+    for action in parser._actions:
+        if action.dest == "bf16":  # HfArgumentParser reads `bool | str` as a bool: `--bf16 auto` is the default's name
+            action.type = _bool_or_auto
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         with open(argv[0], encoding="utf-8") as handle:
             values = json.load(handle) if argv[0].endswith(".json") else yaml.safe_load(handle)
@@ -116,8 +128,74 @@ def parse(argv: list[str]):
         for action in parser._actions:  # the command line: only the options it names, to override the file's
             action.default, action.required = argparse.SUPPRESS, False
         overrides = vars(parser.parse_args(argv[1:]))
+        values = file_values_typed(values, argv[0])
         return parser.parse_dict({**values, **overrides})  # an unknown option in the file is an error here
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _bool_or_auto(value: str) -> bool | str:
+    """`--bf16`'s value: true / false words, or auto."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _typed(bool, value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, found {value!r}") from None
+
+
+def _option_types() -> dict[str, tuple[type, bool, bool]]:
+    """Each option's scalar type (bool, int or float), whether it is a list of them, and whether None is allowed; only
+    options of exactly those types (not `bf16: bool | str`, not strings or dicts)."""
+    kinds = {}
+    for options in (BeagleModelArguments, BeagleDataArguments, BeagleTrainingArguments):
+        hints = typing.get_type_hints(options)
+        for option in dataclasses.fields(options):
+            hint = hints.get(option.name)
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = type(None) in typing.get_args(hint)
+            if typing.get_origin(hint) is list and len(args) == 1 and args[0] in (bool, int, float):
+                kinds[option.name] = (args[0], True, False)
+            elif hint in (bool, int, float):
+                kinds[option.name] = (hint, False, False)
+            elif optional and len(args) == 1 and args[0] in (bool, int, float):
+                kinds[option.name] = (args[0], False, True)
+    return kinds
+
+
+def _typed(kind: type, value):
+    """`value` (from a YAML or JSON file) as `kind`, read as the command line reads it: YAML reads 1e-4 as the string
+    "1e-4", and a quoted "false" would be a true string."""
+    if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    if kind is bool:
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if isinstance(value, str) and value.strip().lower() in words:
+            return words[value.strip().lower()]
+    elif isinstance(value, str):
+        return kind(value.strip())  # ValueError when it does not read as one
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError
+
+
+def file_values_typed(values: dict, path: str) -> dict:
+    """A YAML/JSON file's options with the types the command line would give them, or a ValueError naming the option,
+    the expected type and the value found."""
+    kinds = _option_types()
+    typed = dict(values)
+    for name, value in values.items():
+        if name not in kinds:
+            continue  # an unknown option is refused by the parser; strings and dicts are checked by the options
+        kind, is_list, optional = kinds[name]
+        if value is None and optional:
+            continue
+        try:
+            typed[name] = [_typed(kind, v) for v in (value if isinstance(value, list) else [value])] if is_list \
+                else _typed(kind, value)
+        except (ValueError, TypeError):
+            expected = f"a list of {kind.__name__}" if is_list else kind.__name__ + (" or null" if optional else "")
+            raise ValueError(f"{path}: option `{name}` expected {expected}, found {value!r}.") from None
+    return typed
 
 
 def frequent_tokens(dataset, size: int, vocab_size: int) -> torch.Tensor:
@@ -244,6 +322,39 @@ def resume_checkpoint(training_args) -> str | None:
     return value
 
 
+EARLIER_RUN_FILES = ("compute_ledger.json", "regenerated.jsonl", "tau_curve.jsonl")
+
+
+def earlier_run(output_dir: str, name: str) -> list[str]:
+    """What an earlier `beagle train` into `output_dir` left there: checkpoints, ledger, regenerated data, τ curve and
+    the final draft folder `name`."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(entry for entry in os.listdir(output_dir)
+                  if entry in EARLIER_RUN_FILES or entry == name
+                  or (entry.startswith(PREFIX_CHECKPOINT_DIR + "-") and os.path.isdir(os.path.join(output_dir, entry))))
+
+
+def check_fresh_output_dir(training_args, name: str, tag: str) -> None:
+    """A run that does not resume starts from nothing: an earlier run's files in its output_dir would be taken for its
+    own (a later `--resume_from_checkpoint true` continuing the other run's latest checkpoint, its regenerated data
+    reused). Refused, or with `--overwrite_output_dir true` deleted first."""
+    if resume_requested(training_args):
+        return
+    found = earlier_run(training_args.output_dir, name)
+    if not found:
+        return
+    if not training_args.overwrite_output_dir:
+        raise BeagleArgumentError(
+            f"--output_dir {training_args.output_dir} expected no earlier run without --resume_from_checkpoint, found "
+            f"{found}: continue it with --resume_from_checkpoint true, choose a new --output_dir, or pass "
+            f"--overwrite_output_dir true to delete those first.")
+    for entry in found:
+        path = os.path.join(training_args.output_dir, entry)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    print(f"{tag} --overwrite_output_dir: deleted the earlier run's {found} from {training_args.output_dir}")
+
+
 def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTrainer, name: str = "beagle",
                  label: str = "Beagle", program: str = "beagle train") -> str:
     """Parse `beagle train`'s arguments, load the target and the data, build the draft with
@@ -259,6 +370,7 @@ def run_training(argv: list[str], make_draft=make_beagle, trainer_class=BeagleTr
     warn_if_page_faulting_allocator(f"`{name} train`", training_args.device.type)
     # Resolved (and a wrong folder refused) now, not after hours of regeneration and offline cache.
     checkpoint = resume_checkpoint(training_args)
+    check_fresh_output_dir(training_args, name, tag)
     # This process's share of the run's compute, on disk from now on (a resumed run adds a segment to the ledger).
     ledger = ComputeLedger(os.path.join(training_args.output_dir, "compute_ledger.json"),
                            run_entry(model_args, data_args, training_args, argv, program),
