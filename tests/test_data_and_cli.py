@@ -497,6 +497,21 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, monkeypatch
         with pytest.raises(SystemExit) as exit_:
             main(["bench", option, value])
         assert exit_.value.code == 2 and f"argument {option}: expected an integer" in capsys.readouterr().err
+    for option, value, expected in (("--temperatures", "abc", "`--temperatures` expected"),
+                                    ("--temperatures", "-1", "`--temperatures` expected"),
+                                    ("--temperatures", "", "`--temperatures` expected"),
+                                    ("--prompt-sets", "", "`--prompt-sets` expected at least one"),
+                                    *([("--device", "cuda", "expected a CUDA GPU")] if not torch.cuda.is_available()
+                                      else [])):
+        assert main(["bench", "--output-dir", str(tmp_path / "bench"), option, value]) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()  # refused before anything is measured or written
+    monkeypatch.setattr("trainer.assets.load_target", lambda *a, **k: (None, None))
+    for option, value, expected in (("--question", "80", "`--question` expected an MT-bench question index in 0..79"),
+                                    ("--question", "-1", "`--question` expected"),
+                                    ("--max-new-tokens", "0", "`--max-new-tokens` and `--repeats` expected")):
+        assert main(["demo", option, value]) == 1
+        assert f"beagle demo: error: {expected}" in capsys.readouterr().err
     train = ["train", "--target_model", "unused", "--dataset", "unused", "--output_dir", str(tmp_path / "run")]
     for option, value, expected in (("--stage2_steps", "0", "`stage2_steps` expected a positive integer"),
                                     ("--learning_rate", "-1", "`learning_rate` expected a float > 0"),

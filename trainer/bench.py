@@ -1081,8 +1081,24 @@ def run_from_args(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise BeagleBenchError(f"`--device` expected cpu, cuda or cuda:N, found {args.device!r}.") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BeagleBenchError(f"`--device {args.device}` expected a CUDA GPU, found none (torch "
+                               f"{torch.__version__}); leave it out or pass `--device cpu`.")
     split = lambda value: [v.strip() for v in value.split(",") if v.strip()]  # noqa: E731
+    if not split(args.prompt_sets):
+        raise BeagleBenchError(f"`--prompt-sets` expected at least one of mt-bench, humaneval, found "
+                               f"{args.prompt_sets!r}.")
+    try:
+        temperatures = tuple(float(t) for t in split(args.temperatures))
+    except ValueError:
+        temperatures = ()
+    if not temperatures or any(not t >= 0 for t in temperatures):
+        raise BeagleBenchError(f"`--temperatures` expected comma-separated numbers >= 0 (0 = greedy), found "
+                               f"{args.temperatures!r}.")
     # Default: bf16 and fp32 where bf16 is native, fp32 alone where torch only emulates bf16 (it would take hours).
     dtypes = split(args.dtypes) if args.dtypes else (["bfloat16", "float32"] if bf16_is_native(device) else ["float32"])
     for dtype in dtypes:
@@ -1121,7 +1137,6 @@ def run_from_args(args) -> int:
         methods = load_methods(target, tokenizer, names, args.beagle, tree_shapes, args.prompt_lookup_tokens, plugins)
         return target, tokenizer, methods
 
-    temperatures = tuple(float(t) for t in split(args.temperatures))
     settings = BenchSettings(max_new_tokens=args.max_new_tokens, temperatures=temperatures, dtypes=tuple(dtypes),
                              repeats=args.repeats, seed=args.seed, turns=args.turns, num_prompts=args.num_prompts,
                              progress=not args.no_progress)

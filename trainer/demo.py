@@ -60,11 +60,19 @@ def run(args: argparse.Namespace) -> int:
 
     from .assets import load_prompts, load_target
     from .bench import first_turn_ids
+    from .data import BeagleDataError
 
+    if args.max_new_tokens < 1 or args.repeats < 1:
+        raise BeagleDataError(f"`--max-new-tokens` and `--repeats` expected integers >= 1, found {args.max_new_tokens} "
+                              f"and {args.repeats}.")
     dtype = getattr(torch, args.dtype)
     print(f"[beagle demo] target {args.target} ({args.dtype}), draft {args.beagle}")
     target, tokenizer = load_target(args.target, dtype=dtype)
-    question = load_prompts("mt-bench")[args.question]
+    questions = load_prompts("mt-bench")
+    if not 0 <= args.question < len(questions):
+        raise BeagleDataError(f"`--question` expected an MT-bench question index in 0..{len(questions) - 1}, found "
+                              f"{args.question}.")
+    question = questions[args.question]
     ids = torch.tensor([first_turn_ids(tokenizer, question["turns"][0])])  # the bench's prompt for this question
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     if Path(args.beagle).is_dir() or "/" in args.beagle:
