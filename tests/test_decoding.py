@@ -158,6 +158,42 @@ def test_greedy_identity_batches_with_eos_inside_drafts():
             assert torch.equal(spec(target, beagle, ids, shape, **kwargs), target.generate(ids, **kwargs))
 
 
+def test_batches_with_row_dependent_processors_and_the_returned_cache():
+    """In a batch, processors built for the whole batch read each row's own settings (repetition_penalty's prompt
+    padding length per row, prefix_allowed_tokens_fn's batch_id); guidance is refused; the returned cache is laid out
+    as plain generate's, so a later call continuing from it gives plain generate's continuation."""
+    target, beagle = trained_pair()
+    g = torch.Generator().manual_seed(11)
+    shape = TreeShape(depth=4, top_k=2, total_tokens=8)
+    seen = set()
+
+    def allowed(batch_id, sentence):
+        seen.add(batch_id)
+        return list(range(3, 50)) if batch_id % 2 == 0 else list(range(40, 96))
+
+    for _ in range(4):
+        ids, mask = padded_batch(g, 3)
+        for kwargs in (dict(repetition_penalty=1.3), dict(prefix_allowed_tokens_fn=allowed)):
+            ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, **kwargs)
+            seen.clear()
+            out = spec(target, beagle, ids, shape, attention_mask=mask, do_sample=False, max_new_tokens=12, **kwargs)
+            assert torch.equal(out, ref), kwargs
+            assert "prefix_allowed_tokens_fn" not in kwargs or seen == {0, 1, 2}
+        ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, return_dict_in_generate=True)
+        out = spec(target, beagle, ids, shape, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                   return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref.sequences)
+        assert out.past_key_values.get_seq_length() == ref.past_key_values.get_seq_length()
+        more = torch.cat([ref.sequences, torch.randint(3, 96, (3, 2), generator=g)], dim=1)
+        # a row that ended early is padded after its end (the pad slots' states are not the same): masked out
+        more_mask = torch.cat([mask, (more[:, mask.shape[1] :] != 0).long()], dim=1)
+        continued = [target.generate(more, attention_mask=more_mask, do_sample=False, max_new_tokens=6, cache=cache)
+                     for cache in (ref.past_key_values, out.past_key_values)]
+        assert torch.equal(continued[0], continued[1])
+    with pytest.raises(BeagleGenerationError, match="`guidance_scale` expected batch size 1"):
+        spec(target, beagle, ids, shape, attention_mask=mask, do_sample=False, max_new_tokens=4, guidance_scale=1.5)
+
+
 def test_greedy_identity_with_classifier_free_guidance():
     """Classifier-free guidance's processor runs the target on its own cache, one new token per call: the own loop
     calls it once per emitted token, so it stays exact (the assisted path refuses it: test_generation)."""

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.nn import functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -437,6 +438,21 @@ def _keep_cache_rows(cache: DynamicCache, start: int, index: torch.Tensor) -> No
             setattr(layer, name, tensor[:, :, : start + width])
 
 
+def _compact_cache(cache: DynamicCache, kv_valid: torch.Tensor, prompt_len: int, length: int) -> None:
+    """Lay the cache out as the returned sequences are (plain `generate`'s cache for them): each row's prompt slots,
+    then its valid generated slots in order, `length` slots in all. In a batch, rows that accepted fewer tokens in a
+    round leave masked slots behind, which a later call continuing from the cache would otherwise read as tokens.
+    Slots past a shorter row's end repeat its last one (its output is padded there)."""
+    rows = [list(range(prompt_len)) + (kv_valid[b, prompt_len:].nonzero().flatten() + prompt_len).tolist()
+            for b in range(kv_valid.shape[0])]
+    index = torch.tensor([row[:length] + [row[-1]] * (length - len(row)) for row in rows], device=kv_valid.device)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name)
+            setattr(layer, name, tensor.gather(2, index[:, None, :, None].expand(-1, tensor.shape[1], -1,
+                                                                               tensor.shape[-1])))
+
+
 # The target's cache arrives as `cache` from transformers 5.24 on, as `past_key_values` before.
 ALLOWED_MODEL_KWARGS = {"attention_mask", "cache", "past_key_values", "use_cache", "position_ids", "logits_to_keep",
                         "cache_position"}
@@ -663,6 +679,11 @@ def beagle_generate(
     batch, prompt_len = input_ids.shape
     if streamer is not None and batch > 1:
         raise BeagleGenerationError(f"`streamer` expected batch size 1, found {batch}.")
+    if batch > 1 and any(isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor) for p in logits_processor):
+        raise BeagleGenerationError(f"`guidance_scale` expected batch size 1 with Beagle's own loop, found {batch}: "
+                                    "the guidance processor runs the unconditional model over the whole batch one "
+                                    "step at a time, while the loop's rows advance by different numbers of tokens; "
+                                    "generate one prompt per call.")
     device = input_ids.device
     do_sample = bool(generation_config.do_sample)
     if sampled_drafts is None:
@@ -696,7 +717,10 @@ def beagle_generate(
     def processed(b: int, logits: torch.Tensor) -> torch.Tensor:
         logits = logits[None].float()
         if len(logits_processor) > 0:
-            logits = logits_processor(rows_seq[b][None], logits)
+            # Rows advance by different numbers of tokens, so each is processed on its own, as row b of a batch made
+            # of copies of it: processors built for the whole batch (one prompt padding length per row for
+            # repetition_penalty, prefix_allowed_tokens_fn's batch_id) read row b's settings.
+            logits = logits_processor(rows_seq[b][None].repeat(batch, 1), logits.repeat(batch, 1))[b : b + 1]
         return logits[0]
 
     def choose(b: int, logits: torch.Tensor) -> int:
@@ -849,6 +873,8 @@ def beagle_generate(
     if streamer is not None:
         streamer.end()
     longest = max(seq.shape[0] for seq in rows_seq)
+    if not bool(kv_valid[:, prompt_len:].all()):
+        _compact_cache(cache, kv_valid, prompt_len, longest - 1)
     sequences = torch.full((batch, longest), pad, dtype=input_ids.dtype, device=device)
     for b, seq in enumerate(rows_seq):
         sequences[b, : seq.shape[0]] = seq
