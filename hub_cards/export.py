@@ -2,7 +2,6 @@
 bf16 in safetensors, without the target's embedding and head, the remote code and `custom_generate/`, and none of the
 Trainer's files (`training_args.bin` is a pickle and never ships)."""
 
-import json
 import os
 import shutil
 import tempfile
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .card import BeagleCardError, card_images
+from .card import BeagleCardError, card_images, read_beagle_config
 
 
 def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
@@ -42,9 +41,9 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
 
 
 def check_replaceable(destination: Path, source: Path) -> None:
-    """Refuse a destination whose replacement would delete more than an earlier export: it must be missing, empty,
-    or a Beagle checkpoint folder (the source itself included) (a `config.json` of model_type "beagle") holding no folder
-    but `custom_generate/` and not holding the source."""
+    """Refuse a destination whose replacement would delete more than an earlier export. It must be missing, empty, or
+    a Beagle checkpoint folder (`read_beagle_config`; the source itself too) that holds no folder but
+    `custom_generate/` and does not hold the source."""
     if not destination.exists():
         return
     if not destination.is_dir():
@@ -55,15 +54,14 @@ def check_replaceable(destination: Path, source: Path) -> None:
     if destination.resolve() in source.resolve().parents:
         raise BeagleCardError(f"{destination}: the export's destination holds the source {source}, and replacing it "
                               f"would delete it: choose a new or empty folder.")
-    model_type = None
     try:
-        with open(destination / "config.json", encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        pass
+        read_beagle_config(destination)
+        is_beagle = True
+    except BeagleCardError:
+        is_beagle = False
     folders = [name for name in entries if (destination / name).is_dir() and name != "custom_generate"]
-    if model_type != "beagle" or folders:
-        found = f"the folders {folders}" if model_type == "beagle" else f"{entries[:8]} and no Beagle config.json"
+    if not is_beagle or folders:
+        found = f"the folders {folders}" if is_beagle else f"{entries[:8]} and no Beagle config.json"
         raise BeagleCardError(f"{destination}: the export replaces its destination, which expected to be missing, "
                               f"empty or an earlier Beagle export, found {found}: nothing was deleted; choose a new "
                               f"or empty folder.")

@@ -52,16 +52,21 @@ class DataReport:
                 f"{self.tokens} tokens, {self.supervised_tokens} supervised (assistant) tokens")
 
 
+def check_count(name: str, value, least: int, optional: bool = False, error: type[ValueError] = ValueError) -> None:
+    """Refuse a count below its least value (or not an integer); with `optional`, None (no limit) passes. A negative
+    count would otherwise slice records off the other end."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        allowed = " or None (no limit)" if optional else ""
+        raise error(f"`{name}` expected an integer >= {least}{allowed}, found {value!r}.")
+
+
 def require_counts(options, least: dict[str, int], optional: tuple[str, ...] = ()) -> None:
-    """Refuse an integer option of `options` (a dataclass of command-line options) below its least value; the names
-    in `optional` may also be None (no limit). A negative count would otherwise slice records off the other end."""
+    """`check_count` for integer options of `options` (a dataclass of command-line options); the names in `optional`
+    may also be None."""
     for name, minimum in least.items():
-        value = getattr(options, name)
-        if value is None and name in optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            allowed = " or None (no limit)" if name in optional else ""
-            raise ValueError(f"`{name}` expected an integer >= {minimum}{allowed}, found {value!r}.")
+        check_count(name, getattr(options, name), minimum, optional=name in optional)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -216,11 +221,8 @@ def build_dataset(source, tokenizer, max_length: int = 2048, max_records: int | 
     report = report if report is not None else DataReport()
     if skip_records < 0:
         raise BeagleDataError(f"skip_records expected a non-negative integer, found {skip_records}.")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise BeagleDataError(f"max_length expected an integer >= 2 (tokens per example), found {max_length!r}.")
-    if max_records is not None and (isinstance(max_records, bool) or not isinstance(max_records, int)
-                                    or max_records < 1):
-        raise BeagleDataError(f"max_records expected None or an integer >= 1, found {max_records!r}.")
+    check_count("max_length", max_length, 2, error=BeagleDataError)
+    check_count("max_records", max_records, 1, optional=True, error=BeagleDataError)
     records = read_records(source, report)
     if skip_records:
         if skip_records >= len(records):

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .data import BeagleDataError, DataReport, read_records, render_chat, require_counts, to_messages
+from .data import (BeagleDataError, DataReport, check_count, read_records, render_chat, require_counts,
+                   to_messages)
 
 
 @dataclass
@@ -76,9 +77,8 @@ def regenerate(target, tokenizer, source, output: str, batch_size: int = 16, max
     Returns what was kept and skipped.
     """
     report = DataReport()
-    if batch_size < 1 or (max_records is not None and max_records < 1):
-        raise ValueError(f"regenerate: batch_size expected >= 1 and max_records None or >= 1, found {batch_size} and "
-                         f"{max_records}.")
+    check_count("batch_size", batch_size, 1)
+    check_count("max_records", max_records, 1, optional=True)
     prompts = []
     for record in read_records(source, report)[:max_records]:
         messages = to_messages(record)

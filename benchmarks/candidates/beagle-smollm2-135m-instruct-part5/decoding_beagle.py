@@ -446,11 +446,7 @@ def _compact_cache(cache: DynamicCache, kv_valid: torch.Tensor, prompt_len: int,
     rows = [list(range(prompt_len)) + (kv_valid[b, prompt_len:].nonzero().flatten() + prompt_len).tolist()
             for b in range(kv_valid.shape[0])]
     index = torch.tensor([row[:length] + [row[-1]] * (length - len(row)) for row in rows], device=kv_valid.device)
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name)
-            setattr(layer, name, tensor.gather(2, index[:, None, :, None].expand(-1, tensor.shape[1], -1,
-                                                                               tensor.shape[-1])))
+    _keep_cache_rows(cache, 0, index)
 
 
 # The target's cache arrives as `cache` from transformers 5.24 on, as `past_key_values` before.
